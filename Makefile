@@ -1,0 +1,51 @@
+# One-command set-up and entry points:
+#   make demo   the main job (installs what is missing on the way)
+#   make test   the whole test suite (what .ci/run runs)
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+MMCV_VERSION := 2.1.0
+TORCH_VERSION := 2.13.0
+MMDET_TOOLS = $$($(VPY) -c "import mmdet, os; print(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'tools'))")
+DATA := data/shapes/annotations/instances_val.json
+CKPT := checkpoints/detr_tiny_shapes.pth
+
+.PHONY: demo test data train eval venv
+
+venv: $(VENV)/.stamp
+
+# The stamp is written only once everything imports, so a second run does
+# nothing. torch is pinned here (CPU build), not in setup.py: GPU users bring
+# their own. mmcv 2.1.0 has no wheel for this platform: it builds from the
+# sdist once (~10-15 min on 2 cores) and pip caches the wheel. The build needs
+# torch and pkg_resources (setuptools < 81; torch asks for >= 77).
+$(VENV)/.stamp: requirements.txt setup.py
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip wheel ninja
+	$(VPY) -m pip install --quiet torch==$(TORCH_VERSION) numpy
+	$(VPY) -m pip install --quiet 'setuptools>=77,<81'
+	$(VPY) -c "import mmcv.ops" 2>/dev/null || \
+	  MMCV_WITH_OPS=1 MAX_JOBS=2 $(VPY) -m pip install --no-build-isolation mmcv==$(MMCV_VERSION)
+	$(VPY) -m pip install --quiet -r requirements.txt
+	$(VPY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(VPY) -c "import mmcv.ops, mmdet, mmdet_hawq, scipy, matplotlib, pycocotools"
+	touch $@
+
+data: $(DATA)
+$(DATA): | $(VENV)/.stamp
+	$(VPY) tools/make_shapes_dataset.py --out-dir data/shapes
+
+# Evaluate the shipped small DETR with mmdet's own test script.
+eval: venv data
+	$(VPY) $(MMDET_TOOLS)/test.py configs/detr_tiny_shapes.py $(CKPT) --work-dir work_dirs/eval_float
+
+demo: venv data
+	$(VPY) $(MMDET_TOOLS)/test.py configs/detr_tiny_shapes.py $(CKPT) --work-dir work_dirs/eval_float
+
+test: venv data
+	$(VPY) -m pytest -q tests
+
+# Reproduce checkpoints/detr_tiny_shapes.pth (about 1.5 h on 2 CPU cores).
+train: venv data
+	$(VPY) $(MMDET_TOOLS)/train.py configs/detr_tiny_shapes.py --work-dir work_dirs/detr_tiny_shapes --resume
+	$(VPY) tools/export_checkpoint.py work_dirs/detr_tiny_shapes $(CKPT)

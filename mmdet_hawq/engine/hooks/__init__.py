@@ -1,0 +1,3 @@
+from .quantization_hook import DistillSensitivityHook
+
+__all__ = ['DistillSensitivityHook']

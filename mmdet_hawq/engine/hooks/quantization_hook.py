@@ -1,0 +1,172 @@
+"""``DistillSensitivityHook``: post-training weight quantization in mmdet.
+
+The hook runs in ``before_test``, after the Runner has loaded the checkpoint
+and before mmdet's test loop evaluates with the config's ``CocoMetric``. It
+only orchestrates; each step lives in its own module:
+
+1. unwrap the model (``is_model_wrapper``);
+2. pick a precision plan: ``metric='uniform'`` (``bits`` everywhere),
+   ``plan_file`` (a JSON plan), or a sensitivity metric (see
+   :mod:`mmdet_hawq.engine.pipeline`);
+3. fake-quantize the weights in place (:func:`~mmdet_hawq.quant.apply_plan`);
+4. write the plan, the per-layer report, the summary and optionally a packed
+   low-bit checkpoint to ``<work_dir>/<out_subdir>/``.
+"""
+import os
+import os.path as osp
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+
+from mmdet.registry import HOOKS
+from ...errors import HawqUserError
+from ...quant import (DEFAULT_EXCLUDE, apply_plan, check_bits, list_weights,
+                      load_plan, pack_state_dict, plan_stats,
+                      quantizable_weights, save_plan, uniform_plan)
+from ...quant.selection import weight_group
+from ...report import plot_bits, write_layer_report
+
+METRICS = ('uniform', 'plan', 'losssen', 'outfloat', 'outquant')
+
+
+@HOOKS.register_module()
+class DistillSensitivityHook(Hook):
+    """Quantize the model's weights before the test loop.
+
+    Args:
+        metric (str): How bit-widths are chosen: ``'uniform'`` (``bits`` for
+            every weight), ``'plan'`` (read ``plan_file``), ``'losssen'``
+            (Hessian of the DETR loss), ``'outfloat'`` (distillation Hessian
+            at the float weights) or ``'outquant'`` (distillation Hessian at
+            the 8-bit weights, the paper's method). Defaults to 'outquant'.
+        bits (int, optional): Bit-width of ``'uniform'``. Defaults to None.
+        plan_file (str, optional): JSON plan for ``'plan'``. Defaults to None.
+        target_bits (float, optional): Average bit-width budget of the
+            sensitivity metrics. Defaults to None.
+        bit_range (Sequence[int]): Smallest and largest bit-width a layer may
+            get. Defaults to (3, 6), the paper's range for 4 and 5 bits.
+        sensitivity (dict, optional): Settings of the sensitivity analysis
+            (estimator, calibration set, tolerances); see
+            :func:`mmdet_hawq.engine.pipeline.sensitivity_plan`. Defaults to
+            None (the defaults there).
+        include (Sequence[str], optional): Only weights matching these glob
+            patterns are quantized. Defaults to None (all candidates).
+        exclude (Sequence[str]): Weights kept in float. Defaults to the head's
+            final class and box FFNs.
+        per_channel (bool): Per-output-channel scales instead of the paper's
+            per-tensor ones. Defaults to False.
+        save_packed (bool): Also save a packed low-bit checkpoint.
+            Defaults to True.
+        out_subdir (str): Folder under the work dir for the outputs.
+            Defaults to 'hawq'.
+    """
+
+    priority = 'LOW'
+
+    def __init__(self,
+                 metric: str = 'outquant',
+                 bits: Optional[int] = None,
+                 plan_file: Optional[str] = None,
+                 target_bits: Optional[float] = None,
+                 bit_range: Sequence[int] = (3, 6),
+                 sensitivity: Optional[dict] = None,
+                 include: Optional[Sequence[str]] = None,
+                 exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                 per_channel: bool = False,
+                 save_packed: bool = True,
+                 out_subdir: str = 'hawq') -> None:
+        if metric not in METRICS:
+            raise HawqUserError(
+                f'DistillSensitivityHook: metric {metric!r} is unknown: use '
+                f'one of {", ".join(METRICS)}')
+        if metric == 'uniform':
+            if bits is None:
+                raise HawqUserError(
+                    "DistillSensitivityHook: metric='uniform' needs bits=N "
+                    '(2 to 8)')
+            check_bits(bits, 'DistillSensitivityHook bits')
+        if metric == 'plan' and not plan_file:
+            raise HawqUserError(
+                "DistillSensitivityHook: metric='plan' needs plan_file=PATH")
+        if metric in ('losssen', 'outfloat', 'outquant'):
+            if target_bits is None:
+                raise HawqUserError(
+                    f"DistillSensitivityHook: metric='{metric}' needs "
+                    'target_bits (the average bit-width budget)')
+            lo, hi = bit_range
+            check_bits(lo, 'bit_range low end')
+            check_bits(hi, 'bit_range high end')
+        self.metric = metric
+        self.bits = bits
+        self.plan_file = plan_file
+        self.target_bits = target_bits
+        self.bit_range = tuple(bit_range)
+        self.sensitivity = dict(sensitivity or {})
+        self.include = include
+        self.exclude = tuple(exclude)
+        self.axis = 0 if per_channel else None
+        self.save_packed = save_packed
+        self.out_subdir = out_subdir
+        self.summary: Dict = {}
+
+    def before_test(self, runner) -> None:
+        """Quantize ``runner.model`` in place and write the reports."""
+        model = runner.model.module if is_model_wrapper(
+            runner.model) else runner.model
+        out_dir = osp.join(runner.work_dir, self.out_subdir)
+        os.makedirs(out_dir, exist_ok=True)
+        start = time.time()
+        weights = quantizable_weights(model, self.include, self.exclude)
+        rows_extra: Dict[str, Dict] = {}
+        if self.metric == 'uniform':
+            plan = uniform_plan(weights, self.bits)
+        elif self.metric == 'plan':
+            plan = load_plan(self.plan_file)
+        else:
+            from ..pipeline import sensitivity_plan
+            plan, rows_extra = sensitivity_plan(
+                runner, model, weights, self.metric, self.target_bits,
+                self.bit_range, self.axis, self.sensitivity, out_dir)
+        quantized = apply_plan(model, plan, self.axis, self.include,
+                               self.exclude)
+        numels = {n: p.numel() for n, p in weights.items()}
+        stats = plan_stats(plan, numels)
+        self.summary = dict(
+            metric=self.metric, per_channel=self.axis is not None,
+            num_weights=len(plan), num_quantized=len(quantized),
+            seconds=round(time.time() - start, 2), **stats)
+        if self.save_packed:
+            path = osp.join(out_dir, 'packed.pth')
+            torch.save(pack_state_dict(model, quantized, plan), path)
+            self.summary['packed_file'] = path
+            self.summary['packed_bytes'] = osp.getsize(path)
+        save_plan(plan, osp.join(out_dir, 'plan.json'))
+        rows = self._rows(model, plan, rows_extra)
+        write_layer_report(out_dir, rows, self.summary)
+        names = list(weights)
+        plot_bits(osp.join(out_dir, 'bits_per_layer.png'), names,
+                  {self.metric: plan},
+                  title=f'Bits per layer ({self.metric}, '
+                  f'{stats["avg_bits"]:.2f} bits on average)')
+        runner.logger.info(
+            f'DistillSensitivityHook: {self.metric}: {len(quantized)} of '
+            f'{len(plan)} weights quantized, {stats["avg_bits"]:.3f} bits on '
+            f'average, {stats["weight_bytes"] / 2**20:.2f} MiB of weights '
+            f'(fp32: {stats["fp32_bytes"] / 2**20:.2f} MiB); outputs in '
+            f'{out_dir}')
+
+    def _rows(self, model, plan: Dict[str, Optional[int]],
+              extra: Dict[str, Dict]) -> List[Dict]:
+        rows = []
+        for info in list_weights(model, self.include, self.exclude):
+            row = dict(
+                name=info.name, group=weight_group(info.name),
+                module_type=info.module_type, shape=list(info.shape),
+                numel=info.numel, included=info.included,
+                reason=info.reason, bits=plan.get(info.name))
+            row.update(extra.get(info.name, {}))
+            rows.append(row)
+        return rows

@@ -1,0 +1,229 @@
+"""Sensitivity → allocation for the hook: the mmengine-facing glue.
+
+Steps (each in its own module): calibration set (:mod:`..sensitivity.
+calibration`) → frozen float teacher → student at float or 8-bit weights →
+per-layer traces (:mod:`..sensitivity.hutchinson` or :mod:`..sensitivity.
+gauss_newton`, cached by :mod:`..sensitivity.cache`) → error terms
+(:mod:`..quant.quantizer`) → ILP (:mod:`..allocation.ilp`).
+"""
+import copy
+import json
+import os.path as osp
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from mmengine.dataset import pseudo_collate
+from torch.utils.data import DataLoader
+
+from mmdet.registry import DATASETS
+from ..allocation import sensitivities_from_traces, solve_allocation
+from ..errors import HawqUserError
+from ..quant import apply_plan, quantization_error, uniform_plan
+from ..report import plot_traces
+from ..sensitivity import (DetrLossObjective, DistillationObjective,
+                           TraceResult, cache_path, file_sha256,
+                           gauss_newton_traces, hessian_mode,
+                           hutchinson_traces, key_hash, load_cached,
+                           preprocess_batches, save_cached,
+                           select_calibration_indices)
+
+#: Defaults of the ``sensitivity`` dict of ``DistillSensitivityHook``.
+SENSITIVITY_DEFAULTS = dict(
+    estimator=None,  # None: 'gauss_newton' for outfloat/outquant,
+    #                  'hutchinson' for losssen (the only one it has)
+    num_images=100,
+    batch_size=4,
+    seed=0,
+    tol=0.05,
+    min_samples=10,
+    max_samples=100,
+    lambda_kl=0.05,
+    temperature=6.0,
+    decoder_layers=None,
+    negative_traces='zero',
+    use_cache=True,
+    dataset=None,  # None: the train split with the test pipeline
+)
+ESTIMATORS = ('hutchinson', 'hutchinson_per_layer', 'gauss_newton')
+
+
+def resolve_settings(metric: str, settings: Optional[dict]) -> dict:
+    """Defaults merged with the user's settings, checked."""
+    s = dict(SENSITIVITY_DEFAULTS)
+    unknown = set(settings or {}) - set(s)
+    if unknown:
+        raise HawqUserError(
+            f'unknown sensitivity setting(s) {sorted(unknown)}: the known '
+            f'ones are {sorted(s)}')
+    s.update(settings or {})
+    if s['estimator'] is None:
+        s['estimator'] = 'hutchinson' if metric == 'losssen' else \
+            'gauss_newton'
+    if s['estimator'] not in ESTIMATORS:
+        raise HawqUserError(
+            f"sensitivity estimator {s['estimator']!r} is unknown: use one "
+            f'of {", ".join(ESTIMATORS)}')
+    if metric == 'losssen' and s['estimator'] == 'gauss_newton':
+        raise HawqUserError(
+            "metric 'losssen' has no Gauss-Newton form (Hungarian matching, "
+            "GIoU): use estimator='hutchinson'")
+    if s['num_images'] < 1:
+        raise HawqUserError(
+            f"calibration num_images is {s['num_images']}: use at least 1")
+    return s
+
+
+def calibration_dataset_cfg(cfg) -> dict:
+    """The train split with the test pipeline (which loads annotations)."""
+    ds = copy.deepcopy(cfg.train_dataloader.dataset)
+    ds['pipeline'] = copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
+    ds.pop('filter_cfg', None)
+    ds['test_mode'] = False
+    return ds
+
+
+def build_calibration(cfg, settings: dict):
+    """Dataset subset with the class distribution of the split, and loader.
+
+    Returns:
+        tuple: (DataLoader, list of image ids chosen).
+    """
+    ds_cfg = settings['dataset'] or calibration_dataset_cfg(cfg)
+    dataset = DATASETS.build(ds_cfg)
+    dataset.full_init()
+    if len(dataset) == 0:
+        raise HawqUserError(
+            'the calibration dataset is empty: point the train split (or '
+            'sensitivity.dataset) at annotated images')
+    num_classes = len(dataset.metainfo['classes'])
+    cat_ids = [[inst['bbox_label'] for inst in dataset.get_data_info(i)
+                ['instances']] for i in range(len(dataset))]
+    indices = select_calibration_indices(cat_ids, settings['num_images'],
+                                         num_classes, settings['seed'])
+    img_ids = [dataset.get_data_info(i)['img_id'] for i in indices]
+    subset = dataset.get_subset(indices)
+    loader = DataLoader(subset, batch_size=settings['batch_size'],
+                        shuffle=False, collate_fn=pseudo_collate)
+    return loader, img_ids
+
+
+def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
+    ckpt = runner.cfg.get('load_from')
+    keep = {k: v for k, v in settings.items()
+            if k not in ('use_cache', 'max_samples', 'min_samples', 'tol')}
+    return dict(
+        metric=metric,
+        settings=keep,
+        model=key_hash(runner.cfg.model.to_dict()),
+        checkpoint=file_sha256(ckpt) if ckpt and osp.isfile(ckpt) else None,
+        calibration=key_hash(list(img_ids)))
+
+
+def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
+                   metric: str, settings: dict, out_dir: str) -> TraceResult:
+    """Per-layer traces of ``metric`` (from the cache when present).
+
+    The model's weights are float on entry and on exit; for ``outquant`` the
+    student is put at the uniform 8-bit weights in between.
+    """
+    loader, img_ids = build_calibration(runner.cfg, settings)
+    batches = preprocess_batches(model, loader)
+    estimator = settings['estimator']
+    key = _cache_key(runner, metric, settings, img_ids)
+    path = cache_path(osp.join(out_dir, 'cache'), metric, estimator, key)
+    previous = load_cached(path, key) if settings['use_cache'] else None
+    if previous is not None:
+        runner.logger.info(f'sensitivity: {previous.num_samples} cached '
+                           f'samples from {path}')
+    float_state = {n: p.detach().clone() for n, p in weights.items()}
+    teacher = None
+    if metric in ('outfloat', 'outquant'):
+        teacher = copy.deepcopy(model)
+    if metric == 'outquant':
+        apply_plan(model, uniform_plan(weights, 8))
+
+    def on_sample(result: TraceResult) -> None:
+        save_cached(path, key, result)
+        rel = result.rel_stderr()
+        runner.logger.info(
+            f'sensitivity {metric}/{estimator}: sample '
+            f'{result.num_samples}, median rel. SE '
+            f'{float(np.median(rel)):.3f}, max {float(np.max(rel)):.3f}, '
+            f'{result.seconds:.1f} s')
+
+    common = dict(tol=settings['tol'], min_samples=settings['min_samples'],
+                  max_samples=settings['max_samples'], seed=settings['seed'],
+                  result=previous, on_sample=on_sample, objective=metric)
+    index = list(range(len(batches)))
+    try:
+        with hessian_mode(model, weights):
+            if metric == 'losssen':
+                objective = DetrLossObjective(model, batches)
+            else:
+                objective = DistillationObjective(
+                    model, teacher, batches, weights,
+                    settings['lambda_kl'], settings['temperature'],
+                    settings['decoder_layers'])
+            if estimator == 'gauss_newton':
+                result = gauss_newton_traces(
+                    weights, objective.gauss_newton_sample, index, **common)
+            else:
+                result = hutchinson_traces(
+                    weights, objective.loss, index,
+                    per_layer=estimator == 'hutchinson_per_layer', **common)
+    finally:
+        with torch.no_grad():
+            for n, p in weights.items():
+                p.copy_(float_state[n])
+    result.meta.update(key=key, calibration_img_ids=img_ids)
+    save_cached(path, key, result)
+    return result
+
+
+def sensitivity_plan(runner, model: nn.Module,
+                     weights: Dict[str, nn.Parameter], metric: str,
+                     target_bits: float, bit_range: Sequence[int],
+                     axis: Optional[int], settings: Optional[dict],
+                     out_dir: str) -> Tuple[Dict[str, int], Dict[str, Dict]]:
+    """Traces → error terms → ILP plan, plus per-layer report columns."""
+    s = resolve_settings(metric, settings)
+    result = compute_traces(runner, model, weights, metric, s, out_dir)
+    names = list(weights)
+    mean, se = result.mean(), result.stderr()
+    unconverged = [n for n, ok in zip(names, result.converged(s['tol']))
+                   if not ok]
+    if unconverged:
+        runner.logger.warning(
+            f'sensitivity: {len(unconverged)} of {len(names)} layers did not '
+            f"reach rel. SE {s['tol']} in {result.num_samples} samples, "
+            f'e.g. {unconverged[:3]}; they are marked in the report')
+    used, notes = sensitivities_from_traces(names, mean, se, s['tol'],
+                                            s['negative_traces'])
+    bits = list(range(bit_range[0], bit_range[1] + 1))
+    errors = {}
+    for n, p in weights.items():
+        ref = None
+        if metric == 'outquant':
+            from ..quant import fake_quantize
+            ref = fake_quantize(p.data, 8, axis)
+        errors[n] = {b: quantization_error(p.data, b, ref, axis)
+                     for b in bits}
+    numels = {n: p.numel() for n, p in weights.items()}
+    alloc = solve_allocation(used, errors, numels, target_bits, bits)
+    extra = {}
+    for i, n in enumerate(names):
+        extra[n] = dict(
+            trace_mean=float(mean[i]), trace_se=float(se[i]),
+            trace_used=used[n], trace_note=notes[n],
+            error_by_bits={str(b): errors[n][b] for b in bits})
+    plot_traces(osp.join(out_dir, 'traces.png'), names,
+                {f'{metric} ({result.estimator})':
+                 dict(mean=mean.tolist(), se=se.tolist())})
+    with open(osp.join(out_dir, 'traces.json'), 'w') as f:
+        json.dump(dict(result.to_dict(), tol=s['tol']), f, default=str)
+    runner.logger.info(
+        f'allocation: {alloc.avg_bits:.3f} bits on average (target '
+        f'{target_bits}), predicted perturbation {alloc.objective:.4g}')
+    return alloc.plan, extra

@@ -1,0 +1,145 @@
+"""Reports of a quantization run: per-layer tables (JSON + CSV) and figures.
+
+Figures follow the paper: Figure 1 (log averaged Hessian trace per layer,
+one line per metric, layers in model order) and Figure 2 (bits per layer).
+"""
+import csv
+import json
+import os
+import os.path as osp
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .quant.selection import weight_group
+
+
+def write_layer_report(out_dir: str, rows: List[Dict],
+                       summary: Mapping) -> Dict[str, str]:
+    """Write ``layers.csv``, ``layers.json`` and ``summary.json``.
+
+    Args:
+        out_dir (str): Folder, created if missing.
+        rows (list[dict]): One dict per weight (same keys in every row).
+        summary (Mapping): Run-level facts (bits, sizes, settings).
+
+    Returns:
+        dict: Kind → path of each file written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = dict(
+        csv=osp.join(out_dir, 'layers.csv'),
+        json=osp.join(out_dir, 'layers.json'),
+        summary=osp.join(out_dir, 'summary.json'))
+    with open(paths['json'], 'w') as f:
+        json.dump(rows, f, indent=1)
+    if rows:
+        keys = list(rows[0])
+        with open(paths['csv'], 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({
+                    k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                    for k, v in row.items()
+                })
+    with open(paths['summary'], 'w') as f:
+        json.dump(dict(summary), f, indent=1)
+    return paths
+
+
+def _group_spans(names: Sequence[str]):
+    spans, start = [], 0
+    for i in range(1, len(names) + 1):
+        if i == len(names) or weight_group(names[i]) != weight_group(
+                names[start]):
+            spans.append((weight_group(names[start]), start, i - 1))
+            start = i
+    return spans
+
+
+def _shade_groups(ax, names: Sequence[str]) -> None:
+    for k, (group, lo, hi) in enumerate(_group_spans(names)):
+        if k % 2:
+            ax.axvspan(lo - 0.5, hi + 0.5, color='0.92', zorder=0)
+        ax.text((lo + hi) / 2, 1.01, group, transform=ax.get_xaxis_transform(),
+                ha='center', va='bottom', fontsize=8)
+
+
+def plot_traces(path: str, names: Sequence[str],
+                traces: Mapping[str, Mapping[str, Sequence[float]]],
+                title: str = 'Averaged Hessian trace per layer') -> str:
+    """Figure 1: log10 averaged trace per layer, one line per metric.
+
+    Args:
+        path (str): PNG path.
+        names (Sequence[str]): Weight names in model order.
+        traces (Mapping): Metric label → dict with ``mean`` and ``se`` lists
+            aligned with ``names``. Non-positive means are drawn as gaps.
+        title (str): Figure title. Defaults to 'Averaged Hessian trace per
+            layer'.
+
+    Returns:
+        str: ``path``.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.12), 4))
+    x = np.arange(len(names))
+    for label, t in traces.items():
+        mean = np.asarray(t['mean'], dtype=float)
+        se = np.asarray(t['se'], dtype=float)
+        ok = mean > 0
+        y = np.where(ok, np.log10(np.where(ok, mean, 1)), np.nan)
+        lo = np.where(ok, y - np.log10(np.maximum(mean - se, 1e-30)), 0)
+        hi = np.where(ok, np.log10(mean + se) - y, 0)
+        ax.errorbar(x, y, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)],
+                    marker='.', lw=1, capsize=1.5, label=label)
+    _shade_groups(ax, names)
+    ax.set_xlabel('layer (model order)')
+    ax.set_ylabel('log10 averaged Hessian trace')
+    ax.set_title(title, pad=16)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bits(path: str, names: Sequence[str],
+              plans: Mapping[str, Mapping[str, Optional[int]]],
+              title: str = 'Bits per layer') -> str:
+    """Figure 2: bit-width per layer, one step line per plan.
+
+    Args:
+        path (str): PNG path.
+        names (Sequence[str]): Weight names in model order.
+        plans (Mapping): Label → plan (weight name → bits or None).
+        title (str): Figure title. Defaults to 'Bits per layer'.
+
+    Returns:
+        str: ``path``.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.12), 3.5))
+    x = np.arange(len(names))
+    for label, plan in plans.items():
+        bits = [plan.get(n) if plan.get(n) is not None else np.nan
+                for n in names]
+        ax.step(x, bits, where='mid', lw=1.2, label=label)
+    _shade_groups(ax, names)
+    ax.set_xlabel('layer (model order)')
+    ax.set_ylabel('bits')
+    ax.set_title(title, pad=16)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,60 @@
+"""On-disk cache of trace samples: resume an interrupted run, reuse a
+finished one.
+
+A cache file holds a :class:`~.traces.TraceResult` (every sample) and the key
+it was computed for: hashes of the model config, the checkpoint and the
+calibration set, the objective, the estimator, the seed and the settings.
+It is rewritten atomically after every sample.
+"""
+import hashlib
+import json
+import os
+import os.path as osp
+from typing import Any, Dict, Optional
+
+from .traces import TraceResult
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def key_hash(key: Dict[str, Any]) -> str:
+    """Short stable hash of a JSON-serialisable key."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_path(cache_dir: str, objective: str, estimator: str,
+               key: Dict[str, Any]) -> str:
+    """File of one (objective, estimator, key) run."""
+    return osp.join(cache_dir,
+                    f'traces_{objective}_{estimator}_{key_hash(key)}.json')
+
+
+def load_cached(path: str, key: Dict[str, Any]) -> Optional[TraceResult]:
+    """The saved samples at ``path`` if their key equals ``key``."""
+    if not osp.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None  # a truncated file is recomputed, never trusted
+    if data.get('key') != json.loads(json.dumps(key, default=str)):
+        return None
+    return TraceResult.from_dict(data['result'])
+
+
+def save_cached(path: str, key: Dict[str, Any], result: TraceResult) -> None:
+    """Write samples and key atomically."""
+    os.makedirs(osp.dirname(path) or '.', exist_ok=True)
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(dict(key=key, result=result.to_dict()), f, default=str)
+    os.replace(tmp, path)

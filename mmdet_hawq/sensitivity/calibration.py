@@ -1,0 +1,76 @@
+"""Calibration set: images whose class distribution approximates the split's.
+
+The paper uses 100 training images "sampled such that the class distribution
+of objects in the images roughly approximates that of the entire training
+set". :func:`select_calibration_indices` does this greedily and
+deterministically: from a seeded random pool it adds, one at a time, the
+image that brings the selected set's class histogram closest (L1) to the
+split's.
+"""
+from typing import List, Sequence
+
+import numpy as np
+
+
+def class_histogram(cat_ids: Sequence[Sequence[int]],
+                    num_classes: int) -> np.ndarray:
+    """Objects per class summed over images, shape (num_classes,)."""
+    hist = np.zeros(num_classes, dtype=np.float64)
+    for ids in cat_ids:
+        for c in ids:
+            hist[c] += 1
+    return hist
+
+
+def select_calibration_indices(cat_ids: Sequence[Sequence[int]],
+                               num_images: int, num_classes: int,
+                               seed: int = 0,
+                               pool_factor: int = 20) -> List[int]:
+    """Indices of ``num_images`` images matching the class distribution.
+
+    Args:
+        cat_ids (Sequence[Sequence[int]]): Per image, the 0-based class of
+            each object.
+        num_images (int): How many to pick.
+        num_classes (int): Number of classes.
+        seed (int): Seed of the random pool. Defaults to 0.
+        pool_factor (int): Pool size as a multiple of ``num_images``.
+            Defaults to 20.
+
+    Returns:
+        list[int]: Sorted image indices.
+    """
+    n = len(cat_ids)
+    if num_images < 1:
+        raise ValueError(f'num_images must be >= 1, got {num_images}')
+    if num_images >= n:
+        return list(range(n))
+    target = class_histogram(cat_ids, num_classes)
+    target = target / max(target.sum(), 1.0)
+    rng = np.random.RandomState(seed)
+    pool = rng.permutation(n)[:min(n, pool_factor * num_images)]
+    hists = np.stack([class_histogram([cat_ids[i]], num_classes)
+                      for i in pool])
+    chosen: List[int] = []
+    current = np.zeros(num_classes)
+    free = np.ones(len(pool), dtype=bool)
+    for _ in range(num_images):
+        cand = current[None] + hists
+        sums = np.maximum(cand.sum(1, keepdims=True), 1.0)
+        dist = np.abs(cand / sums - target[None]).sum(1)
+        dist[~free] = np.inf
+        k = int(np.argmin(dist))  # ties: the earliest in the seeded pool
+        free[k] = False
+        current += hists[k]
+        chosen.append(int(pool[k]))
+    return sorted(chosen)
+
+
+def distribution_distance(cat_ids: Sequence[Sequence[int]],
+                          indices: Sequence[int], num_classes: int) -> float:
+    """L1 distance between the subset's and the whole set's class
+    distributions (0 = identical, 2 = disjoint)."""
+    whole = class_histogram(cat_ids, num_classes)
+    part = class_histogram([cat_ids[i] for i in indices], num_classes)
+    return float(np.abs(part / max(part.sum(), 1) -
+                        whole / max(whole.sum(), 1)).sum())

@@ -1,0 +1,160 @@
+"""Hutchinson estimator of per-layer averaged Hessian traces (the paper's).
+
+For a loss ``f`` averaged over a calibration set, one sample draws a
+Rademacher vector ``v`` over all targeted weights, computes one
+Hessian-vector product ``Hv`` (double backward, accumulated batch by batch)
+and reads every layer's estimate ``v_l·(Hv)_l / numel_l`` from it. Each is
+unbiased for ``tr(H_ll) / numel_l``. The ``per_layer`` variant draws ``v``
+non-zero on one layer at a time (no cross-layer terms, ``L`` times the cost).
+
+The function knows nothing of mmengine: it takes a name → parameter mapping,
+a loss callable and a sequence of batches.
+"""
+import time
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+
+from ..errors import HawqUserError
+from .traces import TraceResult, check_finite, should_stop
+
+LossFn = Callable[[Any], torch.Tensor]
+
+
+def rademacher_like(params: Sequence[torch.Tensor],
+                    generator: torch.Generator) -> List[torch.Tensor]:
+    """One ±1 tensor per parameter, drawn on the CPU from ``generator``."""
+    return [(torch.randint(0, 2, p.shape, generator=generator,
+                           dtype=torch.int8) * 2 - 1).to(p.device, p.dtype)
+            for p in params]
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """Generator of sample ``index``: a resumed run draws the same vectors."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+
+
+def hessian_vector_product(params: Sequence[torch.Tensor], loss_fn: LossFn,
+                           batches: Iterable, vectors: Sequence[torch.Tensor],
+                           names: Optional[Sequence[str]] = None
+                           ) -> List[torch.Tensor]:
+    """``H v`` of ``Σ_batches loss_fn(batch)`` by double backward.
+
+    Args:
+        params (Sequence[Tensor]): Weights, each with ``requires_grad``.
+        loss_fn (Callable): ``batch → scalar`` share of the total loss.
+        batches (Iterable): The calibration batches.
+        vectors (Sequence[Tensor]): ``v``, one tensor per weight.
+        names (Sequence[str], optional): Weight names for error messages.
+            Defaults to None.
+
+    Returns:
+        list[Tensor]: ``Hv``, one tensor per weight.
+    """
+    names = list(names) if names is not None else [
+        f'param[{i}]' for i in range(len(params))
+    ]
+    hv = [torch.zeros_like(p) for p in params]
+    count = 0
+    for batch in batches:
+        count += 1
+        loss = loss_fn(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f'the loss is {loss.item()} on calibration batch {count}: '
+                'check the images and the checkpoint')
+        grads = torch.autograd.grad(
+            loss, params, create_graph=True, allow_unused=True)
+        unused = [n for n, g in zip(names, grads) if g is None]
+        if unused:
+            raise HawqUserError(
+                f'the loss does not depend on {len(unused)} targeted '
+                f'weight(s), e.g. {unused[:3]}: exclude them from the '
+                'quantized set (exclude patterns)')
+        dot = sum((g * v).sum() for g, v in zip(grads, vectors)
+                  if g.requires_grad)
+        if not torch.is_tensor(dot) or not dot.requires_grad:
+            continue  # the loss is linear in every weight: H = 0
+        hvs = torch.autograd.grad(dot, params, allow_unused=True)
+        for acc, h in zip(hv, hvs):
+            if h is not None:
+                acc.add_(h.detach())
+    if count == 0:
+        raise HawqUserError(
+            'the calibration set is empty: give at least one image '
+            '(calibration num_images >= 1)')
+    return hv
+
+
+def hutchinson_traces(params: Mapping[str, torch.Tensor],
+                      loss_fn: LossFn,
+                      batches: Sequence,
+                      tol: float = 0.05,
+                      min_samples: int = 10,
+                      max_samples: int = 100,
+                      per_layer: bool = False,
+                      seed: int = 0,
+                      result: Optional[TraceResult] = None,
+                      on_sample: Optional[Callable[[TraceResult],
+                                                   None]] = None,
+                      objective: str = '') -> TraceResult:
+    """Sample averaged per-layer Hessian traces until they converge.
+
+    Args:
+        params (Mapping[str, Tensor]): Targeted weights by name; gradients
+            are taken with respect to these only.
+        loss_fn (Callable): ``batch → scalar``; the sum over ``batches`` is
+            the calibration-set loss.
+        batches (Sequence): Calibration batches (iterated once per sample).
+        tol (float): Stop when every layer's relative SE is below this.
+            Defaults to 0.05.
+        min_samples (int): Fewest samples. Defaults to 10.
+        max_samples (int): Most samples. Defaults to 100.
+        per_layer (bool): One Hessian-vector product per layer with ``v``
+            non-zero on that layer only. Defaults to False.
+        seed (int): Seed of the Rademacher vectors. Defaults to 0.
+        result (TraceResult, optional): Samples of an interrupted run to
+            continue. Defaults to None.
+        on_sample (Callable, optional): Called with the result after each
+            sample (e.g. to save it). Defaults to None.
+        objective (str): Name recorded in the result. Defaults to ''.
+
+    Returns:
+        TraceResult: All samples; ``result.mean()`` is the trace estimate.
+    """
+    if len(batches) == 0:
+        raise HawqUserError(
+            'the calibration set is empty: give at least one image '
+            '(calibration num_images >= 1)')
+    names = list(params)
+    plist = [params[n] for n in names]
+    numels = [p.numel() for p in plist]
+    estimator = 'hutchinson_per_layer' if per_layer else 'hutchinson'
+    if result is None:
+        result = TraceResult(names, numels, estimator=estimator,
+                             objective=objective)
+    elif result.names != names or result.estimator != estimator:
+        raise ValueError('the saved samples are of other layers or of '
+                         'another estimator: start a new run')
+    while not should_stop(result, tol, min_samples, max_samples):
+        start = time.perf_counter()
+        vs = rademacher_like(plist,
+                             sample_generator(seed, result.num_samples))
+        if per_layer:
+            row = []
+            for i in range(len(plist)):
+                masked = [v if j == i else torch.zeros_like(v)
+                          for j, v in enumerate(vs)]
+                hv = hessian_vector_product(plist, loss_fn, batches, masked,
+                                            names)
+                row.append(float((vs[i] * hv[i]).sum()) / numels[i])
+        else:
+            hv = hessian_vector_product(plist, loss_fn, batches, vs, names)
+            row = [float((v * h).sum()) / n
+                   for v, h, n in zip(vs, hv, numels)]
+        check_finite(row, names, 'a Hutchinson trace sample')
+        result.samples.append(row)
+        result.seconds += time.perf_counter() - start
+        if on_sample is not None:
+            on_sample(result)
+    return result

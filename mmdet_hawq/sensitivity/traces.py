@@ -1,0 +1,120 @@
+"""Per-layer trace samples, their running statistics and the stopping rule.
+
+Both estimators (:mod:`.hutchinson`, :mod:`.gauss_newton`) produce, per
+sample, one unbiased estimate of every layer's averaged trace
+``tr(H_ll) / numel_l``. :class:`TraceResult` keeps every sample, so means and
+standard errors are exact functions of the samples, a run can be resumed from
+saved samples, and the stopping rule is one testable function.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+@dataclass
+class TraceResult:
+    """Samples of averaged per-layer traces and their statistics.
+
+    Attributes:
+        names (list[str]): Layer (weight) names, in model order.
+        numels (list[int]): Elements per layer.
+        samples (list[list[float]]): One row per sample, one column per layer.
+        estimator (str): Which estimator produced the samples.
+        objective (str): Which objective was differentiated.
+        seconds (float): Wall time spent on the samples.
+        meta (dict): Anything else worth keeping (seed, hashes, settings).
+    """
+
+    names: List[str]
+    numels: List[int]
+    samples: List[List[float]] = field(default_factory=list)
+    estimator: str = ''
+    objective: str = ''
+    seconds: float = 0.0
+    meta: Dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    def mean(self) -> np.ndarray:
+        """Per-layer mean, shape (L,)."""
+        return np.asarray(self.samples, dtype=np.float64).mean(0)
+
+    def stderr(self) -> np.ndarray:
+        """Per-layer standard error of the mean, shape (L,); inf if n < 2."""
+        s = np.asarray(self.samples, dtype=np.float64)
+        if len(s) < 2:
+            return np.full(len(self.names), np.inf)
+        return s.std(0, ddof=1) / math.sqrt(len(s))
+
+    def rel_stderr(self) -> np.ndarray:
+        """Per-layer ``stderr / |mean|`` (inf where the mean is 0)."""
+        mean = np.abs(self.mean())
+        with np.errstate(divide='ignore', invalid='ignore'):
+            return np.where(mean > 0, self.stderr() / mean, np.inf)
+
+    def converged(self, tol: float) -> np.ndarray:
+        """Per-layer flag: relative standard error ≤ ``tol``."""
+        return self.rel_stderr() <= tol
+
+    def to_dict(self) -> Dict:
+        """JSON-friendly dict (samples included)."""
+        return dict(
+            names=self.names, numels=self.numels, samples=self.samples,
+            estimator=self.estimator, objective=self.objective,
+            seconds=self.seconds, meta=self.meta)
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> 'TraceResult':
+        return cls(**d)
+
+    def summary_rows(self, tol: Optional[float] = None) -> List[Dict]:
+        """One dict per layer: mean, stderr, rel. stderr, converged."""
+        mean, se, rel = self.mean(), self.stderr(), self.rel_stderr()
+        rows = []
+        for i, name in enumerate(self.names):
+            row = dict(name=name, numel=self.numels[i],
+                       trace_mean=float(mean[i]), trace_se=float(se[i]),
+                       trace_rel_se=float(rel[i]),
+                       num_samples=self.num_samples)
+            if tol is not None:
+                row['converged'] = bool(rel[i] <= tol)
+            rows.append(row)
+        return rows
+
+
+def should_stop(result: TraceResult, tol: float, min_samples: int,
+                max_samples: int) -> bool:
+    """Stop once every layer's relative SE ≤ ``tol`` (after ``min_samples``)
+    or when ``max_samples`` are taken.
+
+    Args:
+        result (TraceResult): Samples so far.
+        tol (float): Relative standard error target.
+        min_samples (int): Never stop before this many samples (≥ 2).
+        max_samples (int): Always stop at this many samples.
+
+    Returns:
+        bool: Whether to stop.
+    """
+    n = result.num_samples
+    if n >= max_samples:
+        return True
+    if n < max(2, min_samples):
+        return False
+    return bool(result.converged(tol).all())
+
+
+def check_finite(values: Sequence[float], names: Sequence[str],
+                 what: str) -> None:
+    """Raise ``FloatingPointError`` naming the layers whose value is not
+    finite."""
+    bad = [n for n, v in zip(names, values) if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f'{what} is not finite for {len(bad)} layer(s), e.g. {bad[:3]}: '
+            'check the calibration images and the checkpoint (NaN/Inf '
+            'weights or outputs)')

@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='mmdet_hawq',
+    version='0.1.0',
+    description='Output-sensitivity-aware mixed-precision post-training '
+    'weight quantization of DETR detectors, as an MMDetection 3.x plugin',
+    packages=find_packages(include=['mmdet_hawq', 'mmdet_hawq.*']),
+    python_requires='>=3.8',
+    # torch is deliberately not listed: CPU and GPU users bring their own
+    # build (the set-up in the Makefile pins the CPU one).
+    install_requires=[
+        'mmengine==0.10.7', 'mmcv>=2.0.0rc4,<2.2.0', 'mmdet==3.3.0',
+        'pycocotools', 'scipy>=1.9', 'matplotlib', 'numpy', 'pillow'
+    ],
+)

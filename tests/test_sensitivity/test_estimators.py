@@ -1,0 +1,222 @@
+"""Estimators against exact Hessians of small models."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.sensitivity import (TraceResult, gauss_newton_traces,
+                                    hutchinson_traces, softmax_fisher_draw)
+
+T, LAM = 2.0, 0.5
+
+
+class MLP(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class AttnBlock(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(torch.tanh(y + x))
+
+
+def make(kind):
+    torch.manual_seed(0)
+    model = MLP() if kind == 'mlp' else AttnBlock()
+    shape = (3, 7, 4) if kind == 'mlp' else (3, 5, 4)
+    xs = [torch.randn(*shape) for _ in range(2)]  # two batches
+    return model.double(), [x.double() for x in xs]
+
+
+def targets(model):
+    return {
+        n: p for n, p in model.named_parameters()
+        if n.endswith('weight') or n.endswith('in_proj_weight')
+    }
+
+
+def objective(kind, model, teacher, xs, labels):
+    """Batch-share loss functions of the three kinds."""
+    n_total = sum(x[..., 0].numel() for x in xs)
+    t_out = [teacher(x).detach() for x in xs]
+
+    def distill(i, params=None):
+        out = model(xs[i]) if params is None else functional_call(
+            model, params, (xs[i], ))
+        ls = F.log_softmax(out / T, -1)
+        lt = F.log_softmax(t_out[i] / T, -1)
+        return LAM * (ls.exp() * (ls - lt)).sum() / n_total
+
+    def task(i, params=None):
+        out = model(xs[i]) if params is None else functional_call(
+            model, params, (xs[i], ))
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]),
+                               labels[i].reshape(-1),
+                               reduction='sum') / n_total
+
+    return distill if kind != 'task' else task
+
+
+def exact_traces(model, loss_fn, nb, names):
+    """Exact per-layer averaged traces of Σ_i loss_fn(i)."""
+    out = {}
+    base = dict(model.named_parameters())
+    for name in names:
+        def f(w, name=name):
+            params = dict(base)
+            params[name] = w
+            return sum(loss_fn(i, params) for i in range(nb))
+        H = torch.autograd.functional.hessian(f, base[name].detach())
+        k = base[name].numel()
+        out[name] = H.reshape(k, k).diagonal().sum().item() / k
+    return out
+
+
+def exact_gauss_newton(model, xs, names, n_total):
+    """Exact per-layer averaged traces of Jᵀ A J for the KL term, A at the
+    student's softmax."""
+    out = {n: 0.0 for n in names}
+    base = dict(model.named_parameters())
+    for x in xs:
+        z = model(x).detach()
+        p = torch.softmax(z / T, -1).reshape(-1, z.shape[-1])
+        for name in names:
+            def g(w, name=name):
+                params = dict(base)
+                params[name] = w
+                return functional_call(model, params, (x, )).reshape(-1)
+            J = torch.autograd.functional.jacobian(g, base[name].detach())
+            J = J.reshape(p.shape[0], p.shape[1], -1)
+            A = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) * (
+                LAM / (T * T * n_total))
+            out[name] += torch.einsum('qci,qcd,qdi->', J, A, J).item()
+    return {n: v / base[n].numel() for n, v in out.items()}
+
+
+def check(result, exact, k=3.0):
+    mean, se = result.mean(), result.stderr()
+    for i, name in enumerate(result.names):
+        tol = k * se[i] + 1e-9 + 1e-6 * abs(exact[name])
+        assert abs(mean[i] - exact[name]) <= tol, (name, mean[i], se[i],
+                                                   exact[name])
+
+
+@pytest.mark.parametrize('arch', ['mlp', 'attn'])
+@pytest.mark.parametrize('kind', ['task', 'distill_float', 'distill_quant'])
+@pytest.mark.parametrize('per_layer', [False, True])
+def test_hutchinson_matches_exact_hessian(arch, kind, per_layer):
+    model, xs = make(arch)
+    teacher = copy.deepcopy(model)
+    if kind == 'distill_quant':  # student off the teacher (e.g. quantized)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(1)
+    labels = [torch.randint(0, 3 if arch == 'attn' else 5, x.shape[:-1],
+                            generator=gen) for x in xs]
+    loss_fn = objective(kind, model, teacher, xs, labels)
+    names = list(targets(model))
+    exact = exact_traces(model, loss_fn, len(xs), names)
+    res = hutchinson_traces(targets(model), loss_fn, range(len(xs)),
+                            tol=0.0, max_samples=60, per_layer=per_layer,
+                            seed=3)
+    assert res.num_samples == 60
+    check(res, exact)
+
+
+@pytest.mark.parametrize('arch', ['mlp', 'attn'])
+@pytest.mark.parametrize('at_float', [True, False])
+def test_gauss_newton_matches_exact(arch, at_float):
+    model, xs = make(arch)
+    teacher = copy.deepcopy(model)
+    if not at_float:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    n_total = sum(x[..., 0].numel() for x in xs)
+    names = list(targets(model))
+
+    def sample(i, gen):
+        z = model(xs[i])
+        u = softmax_fisher_draw(z, T, LAM / n_total, gen)
+        return (u * z).sum()
+
+    res = gauss_newton_traces(targets(model), sample, range(len(xs)),
+                              tol=0.0, max_samples=200, seed=5)
+    gn = exact_gauss_newton(model, xs, names, n_total)
+    check(res, gn)
+    assert (res.mean() > 0).all()
+    if at_float:  # residual 0: the Gauss-Newton matrix is the Hessian
+        loss_fn = objective('distill_float', model, teacher, xs, None)
+        exact = exact_traces(model, loss_fn, len(xs), names)
+        for n in names:
+            assert gn[n] == pytest.approx(exact[n], rel=1e-6, abs=1e-12)
+
+
+def test_stopping_rule_and_reproducibility():
+    model, xs = make('mlp')
+    teacher = copy.deepcopy(model)
+    loss_fn = objective('task', model, teacher, xs,
+                        [torch.zeros(x.shape[:-1], dtype=torch.long)
+                         for x in xs])
+    a = hutchinson_traces(targets(model), loss_fn, range(2), tol=1e9,
+                          min_samples=4, max_samples=50, seed=7)
+    assert a.num_samples == 4  # converged at once, but not before min
+    b = hutchinson_traces(targets(model), loss_fn, range(2), tol=1e9,
+                          min_samples=4, max_samples=50, seed=7)
+    assert a.samples == b.samples
+    c = hutchinson_traces(targets(model), loss_fn, range(2), tol=0.0,
+                          min_samples=2, max_samples=6, seed=7)
+    assert c.num_samples == 6 and c.samples[:4] == a.samples
+    assert not c.converged(0.0).any()
+
+
+def test_resume_gives_the_same_samples():
+    model, xs = make('mlp')
+    loss_fn = objective('task', model, model, xs,
+                        [torch.zeros(x.shape[:-1], dtype=torch.long)
+                         for x in xs])
+    full = hutchinson_traces(targets(model), loss_fn, range(2), tol=0.0,
+                             max_samples=8, seed=2)
+    part = hutchinson_traces(targets(model), loss_fn, range(2), tol=0.0,
+                             max_samples=3, seed=2)
+    saved = TraceResult.from_dict(part.to_dict())
+    resumed = hutchinson_traces(targets(model), loss_fn, range(2), tol=0.0,
+                                max_samples=8, seed=2, result=saved)
+    assert resumed.samples == full.samples
+
+
+def test_bad_inputs_are_reported():
+    model, xs = make('mlp')
+    loss_fn = objective('task', model, model, xs,
+                        [torch.zeros(x.shape[:-1], dtype=torch.long)
+                         for x in xs])
+    with pytest.raises(HawqUserError, match='empty'):
+        hutchinson_traces(targets(model), loss_fn, [], max_samples=2)
+    extra = nn.Linear(2, 2).double()
+    params = dict(targets(model), unused=extra.weight)
+    with pytest.raises(HawqUserError, match='does not depend'):
+        hutchinson_traces(params, loss_fn, range(2), max_samples=2)
+
+    def nan_loss(i):
+        return loss_fn(i) * float('nan')
+
+    with pytest.raises(FloatingPointError, match='calibration batch'):
+        hutchinson_traces(targets(model), nan_loss, range(2), max_samples=2)

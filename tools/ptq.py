@@ -1,0 +1,168 @@
+"""Post-training quantization of an mmdet detector, then COCO evaluation.
+
+Like mmdet's ``tools/test.py``: config → cfg-options → Runner → test. The
+config's ``DistillSensitivityHook`` quantizes the weights after the checkpoint
+is loaded and before the test loop; mmdet's ``CocoMetric`` scores the result.
+
+Examples:
+    python tools/ptq.py configs/detr_tiny_shapes_uniform_4bit.py
+    python tools/ptq.py configs/detr_r50_outquant_5bit.py \
+        --checkpoint detr-r50-e632da11.pth
+    python tools/ptq.py configs/detr_tiny_shapes.py --list-layers
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+from copy import deepcopy
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+from mmdet_hawq.errors import HawqUserError
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='mmdet-hawq post-training quantization and evaluation')
+    parser.add_argument('config', help='config file path')
+    parser.add_argument(
+        '--checkpoint', help='checkpoint to quantize (default: load_from of '
+        'the config)')
+    parser.add_argument('--work-dir', help='folder for logs and outputs')
+    parser.add_argument(
+        '--float', action='store_true',
+        help='also evaluate the float model (without the hook) first')
+    parser.add_argument(
+        '--list-layers', action='store_true',
+        help='print the candidate weights (included or why not) and exit')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override settings of the config, xxx=yyy format')
+    parser.add_argument(
+        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """Config with the command line applied; checks the inputs exist."""
+    if not osp.isfile(args.config):
+        raise HawqUserError(
+            f'config file {args.config!r} does not exist: pass a config path '
+            'such as configs/detr_tiny_shapes_uniform_8bit.py')
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if args.checkpoint is not None:
+        cfg.load_from = args.checkpoint
+    if not cfg.get('load_from'):
+        raise HawqUserError(
+            f'{args.config}: no checkpoint to quantize: pass --checkpoint '
+            'PATH or set load_from in the config')
+    if not osp.isfile(cfg.load_from):
+        raise HawqUserError(
+            f'checkpoint file {cfg.load_from!r} does not exist: pass an '
+            'existing file with --checkpoint')
+    return cfg
+
+
+def hawq_hooks(cfg: Config) -> list:
+    return [
+        h for h in cfg.get('custom_hooks', [])
+        if h.get('type') == 'DistillSensitivityHook'
+    ]
+
+
+def list_layers(cfg: Config) -> None:
+    """Print the candidate weights of the config's model."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    from mmdet_hawq.quant import DEFAULT_EXCLUDE, list_weights
+    hooks = hawq_hooks(cfg)
+    opts = hooks[0] if hooks else {}
+    model = MODELS.build(cfg.model)
+    infos = list_weights(model, opts.get('include'),
+                         opts.get('exclude', DEFAULT_EXCLUDE))
+    width = max(len(i.name) for i in infos)
+    for i in infos:
+        state = 'quantized' if i.included else f'float ({i.reason})'
+        print(f'{i.name:<{width}}  {str(list(i.shape)):<20} '
+              f'{i.numel:>9}  {state}')
+    n_q = sum(i.numel for i in infos if i.included)
+    print(f'{sum(i.included for i in infos)} of {len(infos)} weights '
+          f'quantized: {n_q} of {sum(i.numel for i in infos)} elements')
+
+
+def run_test(cfg: Config) -> dict:
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    summary = {}
+    for hook in runner.hooks:
+        if type(hook).__name__ == 'DistillSensitivityHook':
+            summary = dict(hook.summary)
+    return dict(metrics=metrics, summary=summary)
+
+
+def main() -> int:
+    args = parse_args()
+    cfg = load_config(args)
+    if args.list_layers:
+        list_layers(cfg)
+        return 0
+    if not hawq_hooks(cfg):
+        raise HawqUserError(
+            f'{args.config} has no DistillSensitivityHook in custom_hooks: '
+            'use a configs/*_{uniform,losssen,outfloat,outquant}_*bit.py '
+            'config or add the hook (see README)')
+    results = {}
+    if args.float:
+        float_cfg = deepcopy(cfg)
+        float_cfg.custom_hooks = [
+            h for h in cfg.get('custom_hooks', [])
+            if h.get('type') != 'DistillSensitivityHook'
+        ]
+        float_cfg.work_dir = osp.join(cfg.work_dir, 'float')
+        results['float'] = run_test(float_cfg)
+    results['quantized'] = run_test(cfg)
+    q = results['quantized']
+    s = q['summary']
+    lines = ['', '== mmdet-hawq PTQ summary ==']
+    if 'float' in results:
+        lines.append(f"float      bbox mAP {results['float']['metrics'].get('coco/bbox_mAP', float('nan')):.4f}")  # noqa: E501
+    lines.append(
+        f"quantized  bbox mAP {q['metrics'].get('coco/bbox_mAP', float('nan')):.4f}"  # noqa: E501
+        f"  ({s.get('metric')}, avg {s.get('avg_bits', float('nan')):.3f} bits"
+        f" over quantized weights)")
+    lines.append(
+        f"weights    {s.get('weight_bytes', 0) / 2**20:.3f} MiB at these bits,"
+        f" fp32 {s.get('fp32_bytes', 0) / 2**20:.3f} MiB")
+    if 'packed_bytes' in s:
+        lines.append(f"packed     {s['packed_file']}: "
+                     f"{s['packed_bytes'] / 2**20:.3f} MiB on disk")
+    print('\n'.join(lines))
+    out = osp.join(cfg.work_dir, 'ptq_results.json')
+    with open(out, 'w') as f:
+        json.dump(results, f, indent=1, default=float)
+    print(f'results: {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except HawqUserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
