@@ -147,7 +147,9 @@ def quantize_weight(weight: torch.Tensor, bits: int,
     Returns:
         QuantizedWeight: Codes, scale, bits and axis.
     """
-    w = weight.detach().float()
+    w = weight.detach()
+    if w.dtype != torch.float64:
+        w = w.float()  # fp16/bf16 weights are quantized in fp32
     scale = choose_scale(w, bits, axis)
     return QuantizedWeight(quantize(w, scale, bits), scale, bits, axis)
 

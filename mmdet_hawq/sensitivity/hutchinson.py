@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import HawqUserError
 from .traces import TraceResult, check_finite, should_stop
@@ -58,32 +59,40 @@ def hessian_vector_product(params: Sequence[torch.Tensor], loss_fn: LossFn,
     count = 0
     for batch in batches:
         count += 1
-        loss = loss_fn(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f'the loss is {loss.item()} on calibration batch {count}: '
-                'check the images and the checkpoint')
-        grads = torch.autograd.grad(
-            loss, params, create_graph=True, allow_unused=True)
-        unused = [n for n, g in zip(names, grads) if g is None]
-        if unused:
-            raise HawqUserError(
-                f'the loss does not depend on {len(unused)} targeted '
-                f'weight(s), e.g. {unused[:3]}: exclude them from the '
-                'quantized set (exclude patterns)')
-        dot = sum((g * v).sum() for g, v in zip(grads, vectors)
-                  if g.requires_grad)
-        if not torch.is_tensor(dot) or not dot.requires_grad:
-            continue  # the loss is linear in every weight: H = 0
-        hvs = torch.autograd.grad(dot, params, allow_unused=True)
-        for acc, h in zip(hv, hvs):
-            if h is not None:
-                acc.add_(h.detach())
+        # fused attention kernels have no double backward: force the math one
+        with sdpa_kernel(SDPBackend.MATH):
+            _accumulate_hv(params, loss_fn(batch), vectors, hv, names, count)
     if count == 0:
         raise HawqUserError(
             'the calibration set is empty: give at least one image '
             '(calibration num_images >= 1)')
     return hv
+
+
+def _accumulate_hv(params: Sequence[torch.Tensor], loss: torch.Tensor,
+                   vectors: Sequence[torch.Tensor], hv: List[torch.Tensor],
+                   names: Sequence[str], count: int) -> None:
+    """Add one batch's ``H v`` to ``hv`` by double backward."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f'the loss is {loss.item()} on calibration batch {count}: '
+            'check the images and the checkpoint')
+    grads = torch.autograd.grad(
+        loss, params, create_graph=True, allow_unused=True)
+    unused = [n for n, g in zip(names, grads) if g is None]
+    if unused:
+        raise HawqUserError(
+            f'the loss does not depend on {len(unused)} targeted '
+            f'weight(s), e.g. {unused[:3]}: exclude them from the '
+            'quantized set (exclude patterns)')
+    dot = sum((g * v).sum() for g, v in zip(grads, vectors)
+              if g.requires_grad)
+    if not torch.is_tensor(dot) or not dot.requires_grad:
+        return  # the loss is linear in every weight: H = 0
+    hvs = torch.autograd.grad(dot, params, allow_unused=True)
+    for acc, h in zip(hv, hvs):
+        if h is not None:
+            acc.add_(h.detach())
 
 
 def hutchinson_traces(params: Mapping[str, torch.Tensor],

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.sensitivity import (TraceResult, gauss_newton_traces,
@@ -83,7 +84,8 @@ def exact_traces(model, loss_fn, nb, names):
             params = dict(base)
             params[name] = w
             return sum(loss_fn(i, params) for i in range(nb))
-        H = torch.autograd.functional.hessian(f, base[name].detach())
+        with sdpa_kernel(SDPBackend.MATH):  # fused kernels: no 2nd grad
+            H = torch.autograd.functional.hessian(f, base[name].detach())
         k = base[name].numel()
         out[name] = H.reshape(k, k).diagonal().sum().item() / k
     return out
