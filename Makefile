@@ -45,7 +45,10 @@ demo: venv data
 test: venv data
 	$(VPY) -m pytest -q tests
 
-# Reproduce checkpoints/detr_tiny_shapes.pth (about 1.5 h on 2 CPU cores).
+# Reproduce checkpoints/detr_tiny_shapes.pth (about 70 min on 2 CPU cores):
+# pretrain the backbone on the train split, then train DETR from it.
 train: venv data
+	$(VPY) $(MMDET_TOOLS)/train.py configs/shapes_backbone_pretrain.py --work-dir work_dirs/shapes_backbone_pretrain --resume
+	$(VPY) tools/export_checkpoint.py work_dirs/shapes_backbone_pretrain checkpoints/shapes_backbone.pth --fp32
 	$(VPY) $(MMDET_TOOLS)/train.py configs/detr_tiny_shapes.py --work-dir work_dirs/detr_tiny_shapes --resume
 	$(VPY) tools/export_checkpoint.py work_dirs/detr_tiny_shapes $(CKPT)

@@ -14,7 +14,11 @@ model = dict(
         depth=18, base_channels=32, num_stages=3, out_indices=(2, ),
         strides=(1, 2, 2), dilations=(1, 1, 1),
         frozen_stages=-1, norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=False, init_cfg=None),
+        norm_eval=False,
+        # pretrained by the project on the shapes train split (make train;
+        # configs/shapes_backbone_pretrain.py): no ImageNet weights here
+        init_cfg=dict(type='Pretrained', prefix='backbone.',
+                      checkpoint='checkpoints/shapes_backbone.pth')),
     neck=dict(in_channels=[128], out_channels=embed_dims),
     encoder=dict(
         num_layers=3,
@@ -62,16 +66,16 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-max_epochs = 70
-train_cfg = dict(max_epochs=max_epochs, val_interval=7)
+max_epochs = 50
+train_cfg = dict(max_epochs=max_epochs, val_interval=5)
 optim_wrapper = dict(
-    optimizer=dict(lr=3e-4),
-    paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=1.0)}))
+    optimizer=dict(lr=2e-4),
+    paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=0.5)}))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
          end=300),
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True,
-         milestones=[58], gamma=0.1)
+         milestones=[40], gamma=0.1)
 ]
 default_hooks = dict(
     checkpoint=dict(interval=2, max_keep_ckpts=2),

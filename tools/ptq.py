@@ -67,6 +67,8 @@ def load_config(args: argparse.Namespace) -> Config:
                                 osp.splitext(osp.basename(args.config))[0])
     if args.checkpoint is not None:
         cfg.load_from = args.checkpoint
+    if args.list_layers:
+        return cfg  # only the model's structure is needed
     if not cfg.get('load_from'):
         raise HawqUserError(
             f'{args.config}: no checkpoint to quantize: pass --checkpoint '

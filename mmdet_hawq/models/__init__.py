@@ -1,0 +1,3 @@
+from .backbone_pretrainer import BackbonePretrainer
+
+__all__ = ['BackbonePretrainer']

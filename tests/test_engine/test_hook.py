@@ -1,0 +1,136 @@
+"""The hook inside mmengine's Runner on a tiny DETR built from the real
+config; the distillation objective on mmdet's DETR."""
+import copy
+import json
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.runner import Runner
+
+from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.quant import quantizable_weights
+from mmdet_hawq.sensitivity import (DistillationObjective, detr_outputs,
+                                    gauss_newton_traces, hessian_mode,
+                                    hutchinson_traces)
+
+
+def batches_of(model, cfg, n=2):
+    from mmdet_hawq.engine.pipeline import build_calibration
+    loader, _ = build_calibration(cfg, dict(dataset=None, num_images=n * 2,
+                                            seed=0, batch_size=2))
+    from mmdet_hawq.sensitivity import preprocess_batches
+    return preprocess_batches(model, loader)
+
+
+def test_weight_selection_on_detr(build_tiny_model):
+    model = build_tiny_model()
+    weights = quantizable_weights(model)
+    names = list(weights)
+    assert 'backbone.conv1.weight' in names
+    assert 'query_embedding.weight' in names
+    assert any(n.endswith('attn.attn.in_proj_weight') for n in names)
+    assert any(n.endswith('attn.attn.out_proj.weight') for n in names)
+    assert not any(n.startswith('bbox_head.') for n in names)
+    assert not any('norm' in n or n.endswith('bias') for n in names)
+
+
+def test_distillation_loss_is_exactly_zero_at_the_float_student(
+        build_tiny_model, tiny_cfg):
+    model = build_tiny_model()
+    teacher = copy.deepcopy(model)
+    weights = quantizable_weights(model)
+    batches = batches_of(model, tiny_cfg)
+    with hessian_mode(model, weights):
+        obj = DistillationObjective(model, teacher, batches, weights)
+        for i in range(len(batches)):
+            loss = obj.loss(i)
+            assert loss.item() == 0.0
+        cls, box = detr_outputs(model, batches[0])
+    assert cls.shape[0] == 2 and cls.shape[2] == 6  # layers, queries
+    assert box.shape[-1] == 4
+    # the student's gradient is zero there; the Hessian is not
+    with hessian_mode(model, weights):
+        res = gauss_newton_traces(weights, obj.gauss_newton_sample,
+                                  range(len(batches)), tol=0.0,
+                                  max_samples=2)
+        hut = hutchinson_traces(weights, obj.loss, range(len(batches)),
+                                tol=0.0, max_samples=2)
+    assert (res.mean() >= 0).all() and res.mean().max() > 0
+    assert torch.isfinite(torch.tensor(hut.samples)).all()
+    # requires_grad and mode are restored
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model.training
+
+
+def test_uniform_hook_packs_and_reloads_identically(tiny_cfg, tmp_path):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.work_dir = str(tmp_path / 'q4')
+    cfg.custom_hooks = [dict(type='DistillSensitivityHook', metric='uniform',
+                             bits=4)]
+    runner = Runner.from_cfg(cfg)
+    m4 = runner.test()
+    hook = [h for h in runner.hooks
+            if type(h).__name__ == 'DistillSensitivityHook'][0]
+    summary = hook.summary
+    assert summary['avg_bits'] == 4.0
+    plan = json.load(open(osp.join(cfg.work_dir, 'hawq', 'plan.json')))
+    assert set(plan.values()) == {4}
+    quant_state = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    # reload the packed file through load_from, no hook: same weights
+    cfg2 = copy.deepcopy(tiny_cfg)
+    cfg2.work_dir = str(tmp_path / 'reload')
+    cfg2.load_from = summary['packed_file']
+    cfg2.custom_hooks = []
+    runner2 = Runner.from_cfg(cfg2)
+    m_reload = runner2.test()
+    for k, v in runner2.model.state_dict().items():
+        assert torch.equal(v, quant_state[k]), k
+    assert m_reload == m4
+    fp32_quant_bytes = 4 * sum(
+        quant_state[k].numel() for k in plan)
+    packed = torch.load(summary['packed_file'], weights_only=False)
+    packed_bytes = sum(e['data'].numel() for e in packed['packed'].values())
+    assert packed_bytes <= 0.15 * fp32_quant_bytes
+
+
+def test_hook_rejects_bad_settings():
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    with pytest.raises(HawqUserError, match='from 2 to 8'):
+        DistillSensitivityHook(metric='uniform', bits=9)
+    with pytest.raises(HawqUserError, match='needs bits'):
+        DistillSensitivityHook(metric='uniform')
+    with pytest.raises(HawqUserError, match='unknown'):
+        DistillSensitivityHook(metric='hessian')
+    with pytest.raises(HawqUserError, match='target_bits'):
+        DistillSensitivityHook(metric='outquant')
+
+
+@pytest.mark.parametrize('metric,estimator', [
+    ('losssen', 'hutchinson'), ('outfloat', 'gauss_newton'),
+    ('outquant', 'gauss_newton'), ('outquant', 'hutchinson')])
+def test_every_metric_runs_in_the_runner(tiny_cfg, tmp_path, metric,
+                                         estimator):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.work_dir = str(tmp_path / metric)
+    cfg.custom_hooks = [dict(
+        type='DistillSensitivityHook', metric=metric, target_bits=4,
+        bit_range=(3, 6), sensitivity=dict(
+            estimator=estimator, num_images=4, batch_size=2,
+            min_samples=2, max_samples=2))]
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    out = osp.join(cfg.work_dir, 'hawq')
+    plan = json.load(open(osp.join(out, 'plan.json')))
+    layers = json.load(open(osp.join(out, 'layers.json')))
+    assert all(3 <= b <= 6 for b in plan.values())
+    summary = json.load(open(osp.join(out, 'summary.json')))
+    assert summary['avg_bits'] <= 4 + 1e-9
+    rows = [r for r in layers if r['included']]
+    assert all('trace_mean' in r and 'error_by_bits' in r for r in rows)
+    assert osp.isfile(osp.join(out, 'traces.png'))
+    # a second run reuses the cache and gives the same plan, bit for bit
+    cfg.work_dir = cfg.work_dir  # same work dir: same cache
+    runner = Runner.from_cfg(copy.deepcopy(cfg))
+    runner.test()
+    assert json.load(open(osp.join(out, 'plan.json'))) == plan

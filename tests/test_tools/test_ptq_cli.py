@@ -1,0 +1,64 @@
+"""tools/ptq.py: bad input stops with one clear line; the layer listing."""
+import pytest
+
+from ..conftest import run_tool
+
+
+def one_error_line(proc):
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith('error: ')
+    return lines[0]
+
+
+def test_missing_checkpoint(tmp_path):
+    line = one_error_line(run_tool(
+        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_8bit.py',
+        '--checkpoint', str(tmp_path / 'missing.pth')))
+    assert 'missing.pth' in line and '--checkpoint' in line
+
+
+def test_corrupted_checkpoint(tmp_path, tiny_data):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint at all')
+    line = one_error_line(run_tool(
+        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_8bit.py',
+        '--checkpoint', str(bad), '--work-dir', str(tmp_path / 'w'),
+        '--cfg-options', f'test_dataloader.dataset.data_root={tiny_data}/',
+        f'test_evaluator.ann_file={tiny_data}/annotations/'
+        'instances_val.json'))
+    assert 'bad.pth' in line and 'corrupted' in line
+
+
+def test_missing_dataset_folder(tmp_path, tiny_cfg):
+    line = one_error_line(run_tool(
+        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_8bit.py',
+        '--checkpoint', tiny_cfg.load_from, '--work-dir',
+        str(tmp_path / 'w'), '--cfg-options',
+        f'test_dataloader.dataset.data_root={tmp_path}/nowhere/'))
+    assert 'nowhere' in line and 'make data' in line
+
+
+@pytest.mark.parametrize('plan,match', [
+    ('{"no.such.weight": 4}', 'does not have'),
+    ('{"backbone.conv1.weight": 4}', 'lacks'),
+])
+def test_bad_plans(tmp_path, tiny_cfg, plan, match):
+    path = tmp_path / 'plan.json'
+    path.write_text(plan)
+    line = one_error_line(run_tool(
+        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_8bit.py',
+        '--checkpoint', tiny_cfg.load_from, '--work-dir',
+        str(tmp_path / 'w'), '--cfg-options',
+        "custom_hooks=[dict(type='DistillSensitivityHook',metric='plan',"
+        f"plan_file='{path}')]"))
+    assert match in line
+
+
+def test_list_layers():
+    proc = run_tool('tools/ptq.py', 'configs/detr_tiny_shapes.py',
+                    '--list-layers')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'query_embedding.weight' in proc.stdout
+    assert "float (excluded by pattern 'bbox_head.fc_cls.*')" in proc.stdout

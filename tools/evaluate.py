@@ -1,0 +1,51 @@
+"""Evaluate a checkpoint with the config's test loop and save the metrics.
+
+Example:
+    python tools/evaluate.py configs/detr_tiny_shapes.py \
+        checkpoints/detr_tiny_shapes.pth --out checkpoints/detr_tiny_shapes.json
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+from mmdet_hawq.errors import HawqUserError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('--out', help='JSON file for the metrics')
+    parser.add_argument('--work-dir', default='work_dirs/evaluate')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    args = parser.parse_args()
+    if not osp.isfile(args.checkpoint):
+        raise HawqUserError(
+            f'checkpoint file {args.checkpoint!r} does not exist: pass an '
+            'existing .pth file')
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.load_from = args.checkpoint
+    cfg.work_dir = args.work_dir
+    metrics = Runner.from_cfg(cfg).test()
+    record = dict(metrics, config=args.config,
+                  checkpoint=osp.basename(args.checkpoint),
+                  command='python tools/evaluate.py ' + ' '.join(sys.argv[1:]))
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(record, f, indent=1)
+    print(json.dumps({k: v for k, v in metrics.items()}, indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except HawqUserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
