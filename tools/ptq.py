@@ -35,6 +35,9 @@ def parse_args() -> argparse.Namespace:
         '--float', action='store_true',
         help='also evaluate the float model (without the hook) first')
     parser.add_argument(
+        '--uniform-baseline', action='store_true',
+        help='also evaluate uniform quantization at the hook\'s target bits')
+    parser.add_argument(
         '--list-layers', action='store_true',
         help='print the candidate weights (included or why not) and exit')
     parser.add_argument(
@@ -118,6 +121,10 @@ def run_test(cfg: Config) -> dict:
     return dict(metrics=metrics, summary=summary)
 
 
+def _map(result: dict) -> float:
+    return result['metrics'].get('coco/bbox_mAP', float('nan'))
+
+
 def main() -> int:
     args = parse_args()
     cfg = load_config(args)
@@ -138,14 +145,32 @@ def main() -> int:
         ]
         float_cfg.work_dir = osp.join(cfg.work_dir, 'float')
         results['float'] = run_test(float_cfg)
+    hook = hawq_hooks(cfg)[0]
+    if args.uniform_baseline and hook.get('target_bits') is not None:
+        base_cfg = deepcopy(cfg)
+        base_cfg.custom_hooks = [
+            h for h in cfg.custom_hooks
+            if h.get('type') != 'DistillSensitivityHook'
+        ] + [dict(type='DistillSensitivityHook', metric='uniform',
+                  bits=int(hook['target_bits']),
+                  include=hook.get('include'),
+                  per_channel=hook.get('per_channel', False))]
+        if 'exclude' in hook:
+            base_cfg.custom_hooks[-1]['exclude'] = hook['exclude']
+        base_cfg.work_dir = osp.join(cfg.work_dir, 'uniform_baseline')
+        results['uniform'] = run_test(base_cfg)
     results['quantized'] = run_test(cfg)
     q = results['quantized']
     s = q['summary']
     lines = ['', '== mmdet-hawq PTQ summary ==']
     if 'float' in results:
-        lines.append(f"float      bbox mAP {results['float']['metrics'].get('coco/bbox_mAP', float('nan')):.4f}")  # noqa: E501
+        lines.append(f"float      bbox mAP {_map(results['float']):.4f}")
+    if 'uniform' in results:
+        u = results['uniform']['summary']
+        lines.append(f"uniform    bbox mAP {_map(results['uniform']):.4f}  "
+                     f"(avg {u['avg_bits']:.3f} bits)")
     lines.append(
-        f"quantized  bbox mAP {q['metrics'].get('coco/bbox_mAP', float('nan')):.4f}"  # noqa: E501
+        f"quantized  bbox mAP {_map(q):.4f}"
         f"  ({s.get('metric')}, avg {s.get('avg_bits', float('nan')):.3f} bits"
         f" over quantized weights)")
     lines.append(
@@ -154,6 +179,12 @@ def main() -> int:
     if 'packed_bytes' in s:
         lines.append(f"packed     {s['packed_file']}: "
                      f"{s['packed_bytes'] / 2**20:.3f} MiB on disk")
+    out_dir = osp.join(cfg.work_dir, hook.get('out_subdir', 'hawq'))
+    figures = [osp.join(out_dir, f) for f in ('bits_per_layer.png',
+                                              'traces.png')
+               if osp.isfile(osp.join(out_dir, f))]
+    if figures:
+        lines.append('figures    ' + '  '.join(figures))
     print('\n'.join(lines))
     out = osp.join(cfg.work_dir, 'ptq_results.json')
     with open(out, 'w') as f:

@@ -44,6 +44,7 @@ SENSITIVITY_DEFAULTS = dict(
     decoder_layers=None,
     negative_traces='zero',
     use_cache=True,
+    cache_dir=None,  # None: <work_dir>/<out_subdir>/cache
     dataset=None,  # None: the train split with the test pipeline
 )
 ESTIMATORS = ('hutchinson', 'hutchinson_per_layer', 'gauss_newton')
@@ -112,7 +113,8 @@ def build_calibration(cfg, settings: dict):
 def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
     ckpt = runner.cfg.get('load_from')
     keep = {k: v for k, v in settings.items()
-            if k not in ('use_cache', 'max_samples', 'min_samples', 'tol')}
+            if k not in ('use_cache', 'cache_dir', 'max_samples',
+                         'min_samples', 'tol')}
     return dict(
         metric=metric,
         settings=keep,
@@ -132,7 +134,8 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
     batches = preprocess_batches(model, loader)
     estimator = settings['estimator']
     key = _cache_key(runner, metric, settings, img_ids)
-    path = cache_path(osp.join(out_dir, 'cache'), metric, estimator, key)
+    path = cache_path(settings['cache_dir'] or osp.join(out_dir, 'cache'),
+                      metric, estimator, key)
     previous = load_cached(path, key) if settings['use_cache'] else None
     if previous is not None:
         runner.logger.info(f'sensitivity: {previous.num_samples} cached '

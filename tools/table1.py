@@ -1,0 +1,172 @@
+"""Reproduce the paper's Table 1 on a model: float, uniform and the three
+sensitivity metrics at 6/5/4 (and 3) average bits, all through
+``DistillSensitivityHook`` and mmdet's test loop.
+
+Traces are computed once per (metric, estimator) and reused across bit
+targets through the hook's cache. Writes ``table1.md``, ``table1.json``,
+``fig1_traces.png`` (log averaged trace per layer) and ``fig2_bits_5bit.png``
+(bits per layer at 5 bits) into the work dir.
+
+Example:
+    python tools/table1.py configs/detr_tiny_shapes.py \
+        --checkpoint checkpoints/detr_tiny_shapes.pth --work-dir results/table1
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import sys
+import time
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+from mmdet_hawq.engine.hooks import DistillSensitivityHook
+from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.report import plot_bits, plot_traces
+
+TARGETS = ((6, (4, 7)), (5, (3, 6)), (4, (3, 6)), (3, (2, 5)))
+METHODS = (  # label, metric, estimator
+    ('Loss Sen', 'losssen', 'hutchinson'),
+    ('Out Sen Float', 'outfloat', 'hutchinson'),
+    ('Out Sen Float', 'outfloat', 'gauss_newton'),
+    ('Out Sen Quant', 'outquant', 'hutchinson'),
+    ('Out Sen Quant', 'outquant', 'gauss_newton'),
+)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('config')
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--work-dir', default='results/table1')
+    p.add_argument('--num-images', type=int, default=100)
+    p.add_argument('--hutchinson-samples', type=int, default=30)
+    p.add_argument('--gn-samples', type=int, default=60)
+    p.add_argument('--tol', type=float, default=0.05)
+    p.add_argument('--targets', type=int, nargs='+', default=[6, 5, 4, 3])
+    p.add_argument('--cfg-options', nargs='+', action=DictAction)
+    return p.parse_args()
+
+
+def rows_to_run(args):
+    rows = [dict(precision='8-bit', label='Uniform', estimator='',
+                 hook=dict(metric='uniform', bits=8))]
+    for target, rng in TARGETS:
+        if target not in args.targets:
+            continue
+        rows.append(dict(precision=f'{target}-bit', label='Uniform',
+                         estimator='', hook=dict(metric='uniform',
+                                                 bits=target)))
+        for label, metric, est in METHODS:
+            samples = args.gn_samples if est == 'gauss_newton' else \
+                args.hutchinson_samples
+            rows.append(dict(
+                precision=f'{target}-bit', label=label, estimator=est,
+                hook=dict(metric=metric, target_bits=target, bit_range=rng,
+                          sensitivity=dict(
+                              estimator=est, num_images=args.num_images,
+                              tol=args.tol, min_samples=min(10, samples),
+                              cache_dir=osp.join(args.work_dir, 'cache'),
+                              max_samples=samples))))
+    return rows
+
+
+def main() -> int:
+    args = parse_args()
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if not osp.isfile(args.checkpoint):
+        raise HawqUserError(f'checkpoint file {args.checkpoint!r} does not '
+                            'exist: pass an existing .pth file')
+    cfg.load_from = args.checkpoint
+    cfg.work_dir = args.work_dir
+    cfg.custom_hooks = [h for h in cfg.get('custom_hooks', [])
+                        if h.get('type') != 'DistillSensitivityHook']
+    os.makedirs(args.work_dir, exist_ok=True)
+    runner = Runner.from_cfg(cfg)
+    float_metrics = runner.test()  # loads the checkpoint, float row
+    model = runner.model.module if hasattr(runner.model, 'module') else \
+        runner.model
+    float_state = copy.deepcopy(model.state_dict())
+    results = [dict(precision='Float', label='N/A', estimator='',
+                    mAP=float_metrics['coco/bbox_mAP'])]
+    for row in rows_to_run(args):
+        slug = (f"{row['precision']}_{row['hook']['metric']}_"
+                f"{row['estimator'] or 'none'}")
+        model.load_state_dict(float_state)
+        hook = DistillSensitivityHook(out_subdir=osp.join('rows', slug),
+                                      **row['hook'])
+        start = time.time()
+        hook.before_test(runner)
+        metrics = runner.test_loop.run()
+        record = dict(
+            precision=row['precision'], label=row['label'],
+            estimator=row['estimator'], mAP=metrics['coco/bbox_mAP'],
+            avg_bits=hook.summary['avg_bits'],
+            packed_mib=hook.summary['packed_bytes'] / 2**20,
+            seconds=round(time.time() - start, 1), out=slug)
+        results.append(record)
+        runner.logger.info(f'table1: {record}')
+        with open(osp.join(args.work_dir, 'table1.json'), 'w') as f:
+            json.dump(results, f, indent=1)
+    write_table(args.work_dir, results)
+    write_figures(args.work_dir, results, list(float_state))
+    return 0
+
+
+def write_table(work_dir: str, results) -> None:
+    uniform = {r['precision']: r['mAP'] for r in results
+               if r['label'] == 'Uniform'}
+    lines = ['| Precision | Quant scheme | Estimator | mAP (%) | Δ vs uniform '
+             '| avg bits | packed MiB |', '|---|---|---|---|---|---|---|']
+    for r in results:
+        delta = '-' if r['label'] in ('Uniform', 'N/A') else \
+            f"{100 * (r['mAP'] - uniform[r['precision']]):+.1f}"
+        bits = f"{r['avg_bits']:.2f}" if 'avg_bits' in r else '32'
+        size = f"{r['packed_mib']:.2f}" if 'packed_mib' in r else '-'
+        est = {'gauss_newton': 'Gauss-Newton', 'hutchinson': 'Hutchinson',
+               '': ''}[r['estimator']]
+        lines.append(f"| {r['precision']} | {r['label']} | {est} | "
+                     f"{100 * r['mAP']:.1f} | {delta} | {bits} | {size} |")
+    with open(osp.join(work_dir, 'table1.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+
+
+def write_figures(work_dir: str, results, state_names) -> None:
+    traces, plans = {}, {}
+    for r in results:
+        out = osp.join(work_dir, 'rows', r.get('out', ''))
+        if r.get('out') is None:
+            continue
+        tfile = osp.join(out, 'traces.json')
+        label = f"{r['label']} ({r['estimator']})" if r['estimator'] else \
+            r['label']
+        if osp.isfile(tfile) and label not in traces:
+            with open(tfile) as f:
+                t = json.load(f)
+            from mmdet_hawq.sensitivity import TraceResult
+            tr = TraceResult(t['names'], t['numels'], t['samples'])
+            traces[label] = dict(mean=tr.mean().tolist(),
+                                 se=tr.stderr().tolist(), names=t['names'])
+        if r['precision'] == '5-bit':
+            with open(osp.join(out, 'plan.json')) as f:
+                plans[label] = json.load(f)
+    if traces:
+        names = next(iter(traces.values()))['names']
+        plot_traces(osp.join(work_dir, 'fig1_traces.png'), names, traces)
+    if plans:
+        names = list(next(iter(plans.values())))
+        plot_bits(osp.join(work_dir, 'fig2_bits_5bit.png'), names, plans,
+                  title='Bits per layer at 5 bits on average')
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except HawqUserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
