@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 from mmdet.registry import DATASETS
 from ..allocation import sensitivities_from_traces, solve_allocation
 from ..errors import HawqUserError
-from ..quant import apply_plan, quantization_error, uniform_plan
+from ..quant import (apply_plan, fake_quantize, quantization_error,
+                     uniform_plan)
 from ..report import plot_traces
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            TraceResult, cache_path, file_sha256,
@@ -207,10 +208,7 @@ def sensitivity_plan(runner, model: nn.Module,
     bits = list(range(bit_range[0], bit_range[1] + 1))
     errors = {}
     for n, p in weights.items():
-        ref = None
-        if metric == 'outquant':
-            from ..quant import fake_quantize
-            ref = fake_quantize(p.data, 8, axis)
+        ref = fake_quantize(p.data, 8, axis) if metric == 'outquant' else None
         errors[n] = {b: quantization_error(p.data, b, ref, axis)
                      for b in bits}
     numels = {n: p.numel() for n, p in weights.items()}

@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .gauss_newton import softmax_fisher_draw
 
@@ -43,7 +44,6 @@ def hessian_mode(model: nn.Module,
         model (nn.Module): The student.
         params (dict): Weights that gradients are taken for.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.eval()

@@ -1,5 +1,4 @@
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -47,15 +46,14 @@ def test_ilp_equals_exhaustive_search(seed):
     assert set(alloc.plan.values()) <= set(bits)
 
 
-def test_detr_r50_sized_problem_is_fast_and_deterministic():
+def test_detr_r50_sized_problem_is_deterministic():
+    # its solve time is measured by tools/benchmark_ilp.py, not here
     rng = np.random.RandomState(0)
     names, sens, numels, errors = random_instance(rng, 130, [3, 4, 5, 6])
-    start = time.perf_counter()
     a = solve_allocation(sens, errors, numels, 5.0, [3, 4, 5, 6])
-    elapsed = time.perf_counter() - start
     b = solve_allocation(sens, errors, numels, 5.0, [3, 4, 5, 6])
     assert a.plan == b.plan
-    assert elapsed < 5.0  # the README benchmark states the measured time
+    assert 4.99 <= a.avg_bits <= 5.0 + 1e-9
 
 
 def test_memory_budget_binds():

@@ -28,6 +28,7 @@ from ...quant import (DEFAULT_EXCLUDE, apply_plan, check_bits, list_weights,
                       quantizable_weights, save_plan, uniform_plan)
 from ...quant.selection import weight_group
 from ...report import plot_bits, write_layer_report
+from ..pipeline import sensitivity_plan
 
 METRICS = ('uniform', 'plan', 'losssen', 'outfloat', 'outquant')
 
@@ -126,7 +127,6 @@ class DistillSensitivityHook(Hook):
         elif self.metric == 'plan':
             plan = load_plan(self.plan_file)
         else:
-            from ..pipeline import sensitivity_plan
             plan, rows_extra = sensitivity_plan(
                 runner, model, weights, self.metric, self.target_bits,
                 self.bit_range, self.axis, self.sensitivity, out_dir)
