@@ -102,6 +102,10 @@ def solve_allocation(sensitivity: Mapping[str, float],
                      activation_bits: int = 32) -> Allocation:
     """Solve the bit allocation ILP exactly.
 
+    Among plans of minimal predicted perturbation, the one with the most
+    bits is returned (a second ILP), so the budget is not left unused when
+    several layers' sensitivities are zero.
+
     Args:
         sensitivity (Mapping[str, float]): ``s_l`` per layer (≥ 0).
         errors (Mapping): ``e_l(b)`` per layer and candidate bit-width.
@@ -161,7 +165,15 @@ def solve_allocation(sensitivity: Mapping[str, float],
             f'the bit allocation is infeasible ({res.message}): with '
             f'bit-widths {bits} the achievable averages run from {lo_avg} to '
             f'{hi_avg}; loosen the memory/BOPs budget or widen the range')
-    choice = res.x.reshape(L, K).argmax(1)
+    # Among the optimal plans take one that uses the most bits: layers with
+    # zero sensitivity (e.g. a negative trace under the 'zero' policy) are
+    # otherwise left at arbitrary widths below the budget.
+    best = float(c @ res.x)
+    tie = milp(-bit_row, constraints=rows + [LinearConstraint(
+        c[None], -np.inf, best + 1e-9 * abs(best) + 1e-300)],
+        integrality=np.ones_like(c), bounds=Bounds(0, 1))
+    x = tie.x if tie.x is not None else res.x
+    choice = x.reshape(L, K).argmax(1)
     plan = {name: bits[k] for name, k in zip(names, choice)}
     avg = float(sum(n[i] * plan[name] for i, name in enumerate(names)) /
                 total)

@@ -94,3 +94,13 @@ def test_pareto_sweep_is_monotone():
     perturb = [p['perturbation'] for p in pts]
     assert len(pts) == 7
     assert all(a >= b - 1e-12 for a, b in zip(perturb, perturb[1:]))
+
+
+def test_zero_sensitivities_still_use_the_budget():
+    names = ['a', 'b', 'c']
+    sens = {'a': 0.0, 'b': 0.0, 'c': 1.0}
+    numels = {'a': 100, 'b': 300, 'c': 50}
+    errors = {n: {b: 4.0**-b for b in (3, 4, 5, 6)} for n in names}
+    alloc = solve_allocation(sens, errors, numels, 5.0, [3, 4, 5, 6])
+    assert alloc.plan['c'] == 6
+    assert alloc.avg_bits == pytest.approx(5.0, abs=0.25)

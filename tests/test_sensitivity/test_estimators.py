@@ -222,3 +222,36 @@ def test_bad_inputs_are_reported():
 
     with pytest.raises(FloatingPointError, match='calibration batch'):
         hutchinson_traces(targets(model), nan_loss, range(2), max_samples=2)
+
+
+def test_interrupted_run_resumes_from_the_cache_file(tmp_path):
+    from mmdet_hawq.sensitivity import cache_path, load_cached, save_cached
+    model, xs = make('mlp')
+    n_total = sum(x[..., 0].numel() for x in xs)
+
+    def sample(i, gen):
+        z = model(xs[i])
+        return (softmax_fisher_draw(z, T, LAM / n_total, gen) * z).sum()
+
+    key = dict(objective='distill', seed=4)
+    path = cache_path(str(tmp_path), 'outquant', 'gauss_newton', key)
+
+    class Interrupt(Exception):
+        pass
+
+    def save_then_stop(result):
+        save_cached(path, key, result)
+        if result.num_samples == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        gauss_newton_traces(targets(model), sample, range(2), tol=0.0,
+                            max_samples=7, seed=4, on_sample=save_then_stop)
+    saved = load_cached(path, key)
+    assert saved.num_samples == 3
+    assert load_cached(path, dict(key, seed=5)) is None  # other inputs
+    resumed = gauss_newton_traces(targets(model), sample, range(2), tol=0.0,
+                                  max_samples=7, seed=4, result=saved)
+    full = gauss_newton_traces(targets(model), sample, range(2), tol=0.0,
+                               max_samples=7, seed=4)
+    assert resumed.samples == full.samples
