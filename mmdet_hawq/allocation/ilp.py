@@ -19,27 +19,38 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..errors import HawqUserError
 
-NEGATIVE_POLICIES = ('zero', 'abs', 'error')
+NEGATIVE_POLICIES = ('ucb', 'zero', 'abs', 'error')
 
 
 def sensitivities_from_traces(
         names: Sequence[str], mean: Sequence[float], stderr: Sequence[float],
-        tol: float, negative: str = 'zero'
+        tol: float, negative: str = 'ucb'
 ) -> Tuple[Dict[str, float], Dict[str, str]]:
     """Trace estimates → the sensitivities the ILP uses, with notes.
 
-    Policy for a negative mean: ``'zero'`` (default) treats the layer as
-    insensitive (a negative curvature estimate says nothing supports a
-    positive one); ``'abs'`` uses its magnitude (HAWQ's implicit choice);
-    ``'error'`` stops. A mean whose relative standard error exceeds ``tol``
-    is used as it is but marked ``unconverged``.
+    Policies (``negative``):
+
+    * ``'ucb'`` (default): every layer uses the upper confidence bound
+      ``max(mean, 0) + stderr``. A converged trace is barely changed; a trace
+      indistinguishable from zero (or negative: the training-loss Hessian is
+      indefinite, and at the 8-bit student so is the distillation one) counts
+      as large as its uncertainty instead of being declared insensitive and
+      sent to the lowest bit-width.
+    * ``'zero'``: negative means become 0 (the layer is treated as
+      insensitive); others are used as they are.
+    * ``'abs'``: negative means are replaced by their magnitude (what
+      HAWQ-style code does implicitly).
+    * ``'error'``: a negative mean stops the run.
+
+    A mean whose relative standard error exceeds ``tol`` is marked
+    ``unconverged`` in the notes under every policy.
 
     Args:
         names (Sequence[str]): Layer names.
         mean (Sequence[float]): Averaged trace estimates.
         stderr (Sequence[float]): Their standard errors.
         tol (float): Relative SE above which a layer is marked unconverged.
-        negative (str): Policy for negative means. Defaults to 'zero'.
+        negative (str): Policy, see above. Defaults to 'ucb'.
 
     Returns:
         tuple: name → sensitivity used, name → note ('' when plain).
@@ -55,16 +66,20 @@ def sensitivities_from_traces(
             raise HawqUserError(
                 f'the trace of {name!r} is {m}: recompute the traces '
                 '(delete the cache) and check the model for NaN/Inf')
-        if m < 0:
+        rel = se / abs(m) if m else np.inf
+        if negative == 'ucb':
+            if m < 0:
+                note.append(f'negative mean {m:.3g}')
+            m = max(m, 0.0) + (se if np.isfinite(se) else 0.0)
+        elif m < 0:
             if negative == 'error':
                 raise HawqUserError(
                     f'the trace estimate of {name!r} is negative ({m:.3g} '
                     f'± {se:.2g}): take more samples, or set '
-                    "negative_traces='zero' or 'abs'")
+                    "negative_traces='ucb', 'zero' or 'abs'")
             note.append(f'negative mean {m:.3g} -> '
                         f'{"0" if negative == "zero" else "|mean|"}')
             m = 0.0 if negative == 'zero' else -m
-        rel = se / abs(m) if m else np.inf
         if not rel <= tol:
             note.append(f'unconverged (rel. SE {rel:.2f} > {tol})')
         used[name] = float(m)

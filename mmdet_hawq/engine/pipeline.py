@@ -43,7 +43,7 @@ SENSITIVITY_DEFAULTS = dict(
     lambda_kl=0.05,
     temperature=6.0,
     decoder_layers=None,
-    negative_traces='zero',
+    negative_traces='ucb',
     use_cache=True,
     cache_dir=None,  # None: <work_dir>/<out_subdir>/cache
     dataset=None,  # None: the train split with the test pipeline
@@ -115,7 +115,7 @@ def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
     ckpt = runner.cfg.get('load_from')
     keep = {k: v for k, v in settings.items()
             if k not in ('use_cache', 'cache_dir', 'max_samples',
-                         'min_samples', 'tol')}
+                         'min_samples', 'tol', 'negative_traces')}
     return dict(
         metric=metric,
         settings=keep,

@@ -76,6 +76,12 @@ def test_infeasible_target_names_the_range():
 def test_negative_and_unconverged_traces_policy():
     used, notes = sensitivities_from_traces(['a', 'b', 'c'], [2.0, -1.0, 1.0],
                                             [0.01, 0.1, 0.9], tol=0.2)
+    assert used == pytest.approx({'a': 2.01, 'b': 0.1, 'c': 1.9})
+    assert notes['a'] == ''
+    assert 'negative' in notes['b']
+    assert 'unconverged' in notes['c']
+    used, notes = sensitivities_from_traces(['a', 'b', 'c'], [2.0, -1.0, 1.0],
+                                            [0.01, 0.1, 0.9], 0.2, 'zero')
     assert used == {'a': 2.0, 'b': 0.0, 'c': 1.0}
     assert notes['a'] == ''
     assert 'negative' in notes['b']
