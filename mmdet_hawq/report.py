@@ -93,8 +93,11 @@ def plot_traces(path: str, names: Sequence[str],
         se = np.asarray(t['se'], dtype=float)
         ok = mean > 0
         y = np.where(ok, np.log10(np.where(ok, mean, 1)), np.nan)
-        lo = np.where(ok, y - np.log10(np.maximum(mean - se, 1e-30)), 0)
-        hi = np.where(ok, np.log10(mean + se) - y, 0)
+        with np.errstate(divide='ignore', invalid='ignore'):
+            # a lower bound at or below 0 has no log: draw 2 decades down
+            lo = np.where(ok & (mean > se),
+                          y - np.log10(np.abs(mean - se)), 2.0)
+            hi = np.where(ok, np.log10(np.abs(mean + se)) - y, 0)
         ax.errorbar(x, y, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)],
                     marker='.', lw=1, capsize=1.5, label=label)
     _shade_groups(ax, names)
