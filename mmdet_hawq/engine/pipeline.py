@@ -18,7 +18,8 @@ from mmengine.dataset import pseudo_collate
 from torch.utils.data import DataLoader
 
 from mmdet.registry import DATASETS
-from ..allocation import sensitivities_from_traces, solve_allocation
+from ..allocation import (pareto_sweep, plot_pareto, sensitivities_from_traces,
+                          solve_allocation)
 from ..errors import HawqUserError
 from ..quant import (apply_plan, fake_quantize, quantization_error,
                      uniform_plan)
@@ -219,6 +220,12 @@ def sensitivity_plan(runner, model: nn.Module,
             trace_mean=float(mean[i]), trace_se=float(se[i]),
             trace_used=used[n], trace_note=notes[n],
             error_by_bits={str(b): errors[n][b] for b in bits})
+    # the Pareto curve of the same traces: predicted perturbation vs bits
+    targets = np.round(np.arange(bits[0], bits[-1] + 1e-9, 0.25), 2)
+    curve = pareto_sweep(used, errors, numels, targets, bits)
+    with open(osp.join(out_dir, 'pareto.json'), 'w') as f:
+        json.dump(curve, f, indent=1)
+    plot_pareto(osp.join(out_dir, 'pareto.png'), {metric: curve})
     plot_traces(osp.join(out_dir, 'traces.png'), names,
                 {f'{metric} ({result.estimator})':
                  dict(mean=mean.tolist(), se=se.tolist())})

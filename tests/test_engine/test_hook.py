@@ -129,6 +129,9 @@ def test_every_metric_runs_in_the_runner(tiny_cfg, tmp_path, metric,
     rows = [r for r in layers if r['included']]
     assert all('trace_mean' in r and 'error_by_bits' in r for r in rows)
     assert osp.isfile(osp.join(out, 'traces.png'))
+    curve = json.load(open(osp.join(out, 'pareto.json')))
+    assert curve[0]['avg_bits'] <= curve[-1]['avg_bits']
+    assert curve[0]['perturbation'] >= curve[-1]['perturbation']
     # a second run reuses the cache and gives the same plan, bit for bit
     cfg.work_dir = cfg.work_dir  # same work dir: same cache
     runner = Runner.from_cfg(copy.deepcopy(cfg))
