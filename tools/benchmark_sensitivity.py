@@ -21,11 +21,9 @@ import time
 import numpy as np
 import torch
 from mmengine.config import Config
-from mmengine.runner import load_checkpoint
 
-from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
-from mmdet_hawq.engine.pipeline import build_calibration
+from mmdet_hawq.engine.pipeline import build_calibration, build_detector
 from mmdet_hawq.quant import apply_plan, quantizable_weights, uniform_plan
 from mmdet_hawq.sensitivity import (DistillationObjective,
                                     gauss_newton_traces, hessian_mode,
@@ -46,9 +44,7 @@ def main() -> int:
     args = p.parse_args()
     register_all_modules()
     cfg = Config.fromfile(args.config)
-    model = MODELS.build(copy.deepcopy(cfg.model))
-    load_checkpoint(model, args.checkpoint, strict=True)
-    model.eval()
+    model = build_detector(cfg, args.checkpoint)
     loader, _ = build_calibration(cfg, dict(
         dataset=None, num_images=args.num_images, seed=0,
         batch_size=args.batch_size))

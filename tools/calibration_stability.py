@@ -18,11 +18,9 @@ import sys
 import numpy as np
 import torch
 from mmengine.config import Config
-from mmengine.runner import load_checkpoint
 
-from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
-from mmdet_hawq.engine.pipeline import build_calibration
+from mmdet_hawq.engine.pipeline import build_calibration, build_detector
 from mmdet_hawq.quant import apply_plan, quantizable_weights, uniform_plan
 from mmdet_hawq.sensitivity import (DistillationObjective, hessian_mode,
                                     preprocess_batches)
@@ -38,9 +36,7 @@ def main() -> int:
     args = p.parse_args()
     register_all_modules()
     cfg = Config.fromfile(args.config)
-    model = MODELS.build(copy.deepcopy(cfg.model))
-    load_checkpoint(model, args.checkpoint, strict=True)
-    model.eval()
+    model = build_detector(cfg, args.checkpoint)
     teacher = copy.deepcopy(model)
     weights = quantizable_weights(model)
     apply_plan(model, uniform_plan(weights, 8))

@@ -12,7 +12,7 @@ import sys
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.errors import HawqUserError, run_cli
 
 
 def main() -> int:
@@ -44,8 +44,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except HawqUserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -11,12 +11,11 @@ Example:
 import argparse
 import os
 import os.path as osp
-import sys
 
 import torch
 
 from mmdet_hawq.engine import load_checkpoint_file
-from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.errors import HawqUserError, run_cli
 
 
 def resolve(src: str) -> str:
@@ -55,8 +54,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except HawqUserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 import os.path as osp
-import sys
 from copy import deepcopy
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.errors import HawqUserError, run_cli
 
 
 def parse_args() -> argparse.Namespace:
@@ -194,8 +193,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except HawqUserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -16,14 +16,13 @@ import copy
 import json
 import os
 import os.path as osp
-import sys
 import time
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 from mmdet_hawq.engine.hooks import DistillSensitivityHook
-from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.report import plot_bits, plot_traces
 
 TARGETS = ((6, (4, 7)), (5, (3, 6)), (4, (3, 6)), (3, (2, 5)))
@@ -165,8 +164,4 @@ def write_figures(work_dir: str, results, state_names) -> None:
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except HawqUserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -52,6 +52,16 @@ SENSITIVITY_DEFAULTS = dict(
 ESTIMATORS = ('hutchinson', 'hutchinson_per_layer', 'gauss_newton')
 
 
+def build_detector(cfg, checkpoint: str) -> nn.Module:
+    """The config's model with ``checkpoint`` loaded strictly, in eval mode.
+    """
+    from mmengine.runner import load_checkpoint
+    from mmdet.registry import MODELS
+    model = MODELS.build(copy.deepcopy(cfg.model))
+    load_checkpoint(model, checkpoint, strict=True)
+    return model.eval()
+
+
 def resolve_settings(metric: str, settings: Optional[dict]) -> dict:
     """Defaults merged with the user's settings, checked."""
     s = dict(SENSITIVITY_DEFAULTS)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import HawqUserError
 from .hutchinson import sample_generator
-from .traces import TraceResult, check_finite, should_stop
+from .traces import TraceResult, check_finite, check_used, should_stop
 
 SampleFn = Callable[[Any, torch.Generator], torch.Tensor]
 
@@ -75,12 +75,7 @@ def gauss_newton_traces(params: Mapping[str, torch.Tensor],
         for batch in batches:
             s = sample_fn(batch, gen)
             grads = torch.autograd.grad(s, plist, allow_unused=True)
-            unused = [n for n, g in zip(names, grads) if g is None]
-            if unused:
-                raise HawqUserError(
-                    f'the outputs do not depend on {len(unused)} targeted '
-                    f'weight(s), e.g. {unused[:3]}: exclude them from the '
-                    'quantized set (exclude patterns)')
+            check_used(names, grads, 'the output')
             sq += torch.stack([g.detach().double().pow(2).sum().cpu()
                                for g in grads])
         row = (sq / torch.tensor(numels, dtype=torch.float64)).tolist()

@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import HawqUserError
-from .traces import TraceResult, check_finite, should_stop
+from .traces import TraceResult, check_finite, check_used, should_stop
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -79,12 +79,7 @@ def _accumulate_hv(params: Sequence[torch.Tensor], loss: torch.Tensor,
             'check the images and the checkpoint')
     grads = torch.autograd.grad(
         loss, params, create_graph=True, allow_unused=True)
-    unused = [n for n, g in zip(names, grads) if g is None]
-    if unused:
-        raise HawqUserError(
-            f'the loss does not depend on {len(unused)} targeted '
-            f'weight(s), e.g. {unused[:3]}: exclude them from the '
-            'quantized set (exclude patterns)')
+    check_used(names, grads, 'the loss')
     dot = sum((g * v).sum() for g, v in zip(grads, vectors)
               if g.requires_grad)
     if not torch.is_tensor(dot) or not dot.requires_grad:

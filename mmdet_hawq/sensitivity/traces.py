@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import HawqUserError
+
 
 @dataclass
 class TraceResult:
@@ -118,3 +120,14 @@ def check_finite(values: Sequence[float], names: Sequence[str],
             f'{what} is not finite for {len(bad)} layer(s), e.g. {bad[:3]}: '
             'check the calibration images and the checkpoint (NaN/Inf '
             'weights or outputs)')
+
+
+def check_used(names: Sequence[str], grads: Sequence, what: str) -> None:
+    """Raise if a targeted weight got no gradient (``None``) from ``what``.
+    """
+    unused = [n for n, g in zip(names, grads) if g is None]
+    if unused:
+        raise HawqUserError(
+            f'{what} does not depend on {len(unused)} targeted weight(s), '
+            f'e.g. {unused[:3]}: exclude them from the quantized set '
+            '(exclude patterns)')

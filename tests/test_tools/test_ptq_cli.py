@@ -1,7 +1,7 @@
 """tools/ptq.py: bad input stops with one clear line; the layer listing."""
 import pytest
 
-from ..conftest import run_tool
+from ..conftest import ROOT, run_tool
 
 
 def one_error_line(proc):
@@ -31,11 +31,10 @@ def test_corrupted_checkpoint(tmp_path, tiny_data):
     assert 'bad.pth' in line and 'corrupted' in line
 
 
-def test_missing_dataset_folder(tmp_path, tiny_cfg):
+def test_missing_dataset_folder(tmp_path):
     line = one_error_line(run_tool(
         'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_8bit.py',
-        '--checkpoint', tiny_cfg.load_from, '--work-dir',
-        str(tmp_path / 'w'), '--cfg-options',
+        '--work-dir', str(tmp_path / 'w'), '--cfg-options',
         f'test_dataloader.dataset.data_root={tmp_path}/nowhere/'))
     assert 'nowhere' in line and 'make data' in line
 
@@ -44,15 +43,16 @@ def test_missing_dataset_folder(tmp_path, tiny_cfg):
     ('{"no.such.weight": 4}', 'does not have'),
     ('{"backbone.conv1.weight": 4}', 'lacks'),
 ])
-def test_bad_plans(tmp_path, tiny_cfg, plan, match):
+def test_bad_plans(tmp_path, plan, match):
     path = tmp_path / 'plan.json'
     path.write_text(plan)
+    cfg = tmp_path / 'plan_cfg.py'
+    cfg.write_text(
+        f"_base_ = '{ROOT}/configs/_base_/detr_tiny_shapes_hawq.py'\n"
+        "custom_hooks = [dict(type='DistillSensitivityHook', "
+        f"metric='plan', plan_file='{path}')]\n")
     line = one_error_line(run_tool(
-        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_8bit.py',
-        '--checkpoint', tiny_cfg.load_from, '--work-dir',
-        str(tmp_path / 'w'), '--cfg-options',
-        "custom_hooks=[dict(type='DistillSensitivityHook',metric='plan',"
-        f"plan_file='{path}')]"))
+        'tools/ptq.py', str(cfg), '--work-dir', str(tmp_path / 'w')))
     assert match in line
 
 

@@ -36,4 +36,6 @@ def test_ptq_and_mmdet_test_script_agree(tmp_path):
     plans = [(tmp_path / d / 'hawq' / 'plan.json').read_text()
              for d in ('a', 'b')]
     assert plans[0] == plans[1]
-    assert m_ptq > 0.05  # a trained model, not an untrained one
+    # CocoMetric scores the 60 images against all 500 val images' ground
+    # truth, so even the float model gets only ~60/500 of its full mAP
+    assert m_ptq > 0.02  # a trained model, not an untrained one
