@@ -45,6 +45,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--gn-samples', type=int, default=60)
     p.add_argument('--tol', type=float, default=0.05)
     p.add_argument('--targets', type=int, nargs='+', default=[6, 5, 4, 3])
+    p.add_argument('--negative-traces', default='ucb',
+                   help='trace policy of the ILP (ucb, zero, abs, error)')
+    p.add_argument('--cache-dir',
+                   help='trace cache to use (default: <work-dir>/cache)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     return p.parse_args()
 
@@ -67,7 +71,9 @@ def rows_to_run(args):
                           sensitivity=dict(
                               estimator=est, num_images=args.num_images,
                               tol=args.tol, min_samples=min(10, samples),
-                              cache_dir=osp.join(args.work_dir, 'cache'),
+                              negative_traces=args.negative_traces,
+                              cache_dir=args.cache_dir or osp.join(
+                                  args.work_dir, 'cache'),
                               max_samples=samples))))
     return rows
 

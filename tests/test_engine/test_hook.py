@@ -104,6 +104,9 @@ def test_hook_rejects_bad_settings():
         DistillSensitivityHook(metric='hessian')
     with pytest.raises(HawqUserError, match='target_bits'):
         DistillSensitivityHook(metric='outquant')
+    with pytest.raises(HawqUserError, match='empty'):
+        DistillSensitivityHook(metric='outquant', target_bits=4,
+                               bit_range=(6, 3))
 
 
 @pytest.mark.parametrize('metric,estimator', [

@@ -100,6 +100,10 @@ class DistillSensitivityHook(Hook):
             lo, hi = bit_range
             check_bits(lo, 'bit_range low end')
             check_bits(hi, 'bit_range high end')
+            if lo > hi:
+                raise HawqUserError(
+                    f'DistillSensitivityHook: bit_range {tuple(bit_range)} '
+                    'is empty: give (low, high) with low <= high')
         self.metric = metric
         self.bits = bits
         self.plan_file = plan_file
