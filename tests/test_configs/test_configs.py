@@ -1,0 +1,44 @@
+"""Every shipped config parses, and its DistillSensitivityHook builds with
+the paper's settings for its row."""
+import glob
+import os.path as osp
+import re
+
+import pytest
+from mmengine.config import Config
+
+from mmdet.registry import HOOKS
+
+from ..conftest import ROOT
+
+CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'detr_*bit.py')))
+
+
+def test_all_table1_rows_exist():
+    names = {osp.basename(c) for c in CONFIGS}
+    for model in ('detr_r50', 'detr_tiny_shapes'):
+        assert f'{model}_uniform_8bit.py' in names
+        for metric in ('uniform', 'losssen', 'outfloat', 'outquant'):
+            for bits in (6, 5, 4):
+                assert f'{model}_{metric}_{bits}bit.py' in names
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
+def test_config_builds_its_hook(path):
+    cfg = Config.fromfile(path)
+    assert 'mmdet_hawq' in cfg.custom_imports['imports']
+    hooks = [h for h in cfg.custom_hooks
+             if h['type'] == 'DistillSensitivityHook']
+    assert len(hooks) == 1
+    hook = HOOKS.build(dict(hooks[0]))
+    metric, bits = re.match(r'detr_\w+?_(uniform|losssen|outfloat|outquant)'
+                            r'_(\d)bit\.py', osp.basename(path)).groups()
+    assert hook.metric == metric
+    if metric == 'uniform':
+        assert hook.bits == int(bits)
+    else:
+        assert hook.target_bits == int(bits)
+        assert hook.bit_range == ((4, 7) if bits == '6' else (3, 6))
+    if 'detr_r50' in path:
+        assert cfg.model.backbone.depth == 50
+        assert cfg.model.backbone.init_cfg is None  # no download at build
