@@ -15,13 +15,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 from mmengine.dataset import pseudo_collate
+from mmengine.runner import load_checkpoint
 from torch.utils.data import DataLoader
 
-from mmdet.registry import DATASETS
+from mmdet.registry import DATASETS, MODELS
 from ..allocation import (pareto_sweep, plot_pareto, sensitivities_from_traces,
                           solve_allocation)
 from ..errors import HawqUserError
-from ..quant import (apply_plan, fake_quantize, quantization_error,
+from ..quant import (fake_quantize, quantization_error, quantize_weights_,
                      uniform_plan)
 from ..report import plot_traces
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
@@ -55,8 +56,6 @@ ESTIMATORS = ('hutchinson', 'hutchinson_per_layer', 'gauss_newton')
 def build_detector(cfg, checkpoint: str) -> nn.Module:
     """The config's model with ``checkpoint`` loaded strictly, in eval mode.
     """
-    from mmengine.runner import load_checkpoint
-    from mmdet.registry import MODELS
     model = MODELS.build(copy.deepcopy(cfg.model))
     load_checkpoint(model, checkpoint, strict=True)
     return model.eval()
@@ -136,7 +135,8 @@ def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
 
 
 def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
-                   metric: str, settings: dict, out_dir: str) -> TraceResult:
+                   metric: str, settings: dict, out_dir: str,
+                   axis: Optional[int] = None) -> TraceResult:
     """Per-layer traces of ``metric`` (from the cache when present).
 
     The model's weights are float on entry and on exit; for ``outquant`` the
@@ -157,7 +157,8 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
     if metric in ('outfloat', 'outquant'):
         teacher = copy.deepcopy(model)
     if metric == 'outquant':
-        apply_plan(model, uniform_plan(weights, 8))
+        # W_q8 on exactly the targeted weights (the user's include/exclude)
+        quantize_weights_(weights, uniform_plan(weights, 8), axis)
 
     def on_sample(result: TraceResult) -> None:
         save_cached(path, key, result)
@@ -204,7 +205,7 @@ def sensitivity_plan(runner, model: nn.Module,
                      out_dir: str) -> Tuple[Dict[str, int], Dict[str, Dict]]:
     """Traces → error terms → ILP plan, plus per-layer report columns."""
     s = resolve_settings(metric, settings)
-    result = compute_traces(runner, model, weights, metric, s, out_dir)
+    result = compute_traces(runner, model, weights, metric, s, out_dir, axis)
     names = list(weights)
     mean, se = result.mean(), result.stderr()
     unconverged = [n for n, ok in zip(names, result.converged(s['tol']))

@@ -73,6 +73,26 @@ def apply_plan(model: nn.Module,
     """
     weights = quantizable_weights(model, include, exclude)
     validate_plan(plan, weights)
+    return quantize_weights_(weights, plan, axis)
+
+
+@torch.no_grad()
+def quantize_weights_(weights: Mapping[str, nn.Parameter],
+                      plan: Mapping[str, Optional[int]],
+                      axis: Optional[int] = None
+                      ) -> Dict[str, QuantizedWeight]:
+    """Fake-quantize the given weights in place (no validation).
+
+    Args:
+        weights (Mapping[str, nn.Parameter]): Weights by name, e.g. from
+            :func:`quantizable_weights` with the user's patterns.
+        plan (Mapping): Weight name → bits, or None for float.
+        axis (int, optional): Channel axis; None for per tensor. Defaults to
+            None.
+
+    Returns:
+        dict[str, QuantizedWeight]: Codes and scale of each quantized weight.
+    """
     applied = {}
     for name, param in weights.items():
         bits = plan[name]

@@ -110,3 +110,18 @@ def test_zero_sensitivities_still_use_the_budget():
     alloc = solve_allocation(sens, errors, numels, 5.0, [3, 4, 5, 6])
     assert alloc.plan['c'] == 6
     assert alloc.avg_bits == pytest.approx(5.0, abs=0.25)
+
+
+def test_bops_budget_binds():
+    rng = np.random.RandomState(2)
+    names, sens, numels, errors = random_instance(rng, 5, [3, 4, 5, 6])
+    macs = {n: 10.0 * numels[n] for n in names}
+    free = solve_allocation(sens, errors, numels, 6, [3, 4, 5, 6])
+    budget = sum(macs.values()) * 4 * 32  # as if every layer had 4 bits
+    tight = solve_allocation(sens, errors, numels, 6, [3, 4, 5, 6],
+                             macs=macs, max_bops=budget)
+    bops = sum(macs[n] * b * 32 for n, b in tight.plan.items())
+    assert bops <= budget + 1e-6 and tight.avg_bits < free.avg_bits
+    with pytest.raises(HawqUserError, match='macs'):
+        solve_allocation(sens, errors, numels, 6, [3, 4, 5, 6],
+                         max_bops=budget)

@@ -109,15 +109,17 @@ def test_hook_rejects_bad_settings():
                                bit_range=(6, 3))
 
 
-@pytest.mark.parametrize('metric,estimator', [
-    ('losssen', 'hutchinson'), ('outfloat', 'gauss_newton'),
-    ('outquant', 'gauss_newton'), ('outquant', 'hutchinson')])
+@pytest.mark.parametrize('metric,estimator,include', [
+    ('losssen', 'hutchinson', None), ('outfloat', 'gauss_newton', None),
+    ('outquant', 'gauss_newton', None), ('outquant', 'hutchinson', None),
+    ('outquant', 'gauss_newton', ['backbone.*', 'encoder.*'])])
 def test_every_metric_runs_in_the_runner(tiny_cfg, tmp_path, metric,
-                                         estimator):
+                                         estimator, include):
     cfg = copy.deepcopy(tiny_cfg)
     cfg.work_dir = str(tmp_path / metric)
     cfg.custom_hooks = [dict(
         type='DistillSensitivityHook', metric=metric, target_bits=4,
+        include=include,
         bit_range=(3, 6), sensitivity=dict(
             estimator=estimator, num_images=4, batch_size=2,
             min_samples=2, max_samples=2))]
@@ -127,6 +129,8 @@ def test_every_metric_runs_in_the_runner(tiny_cfg, tmp_path, metric,
     plan = json.load(open(osp.join(out, 'plan.json')))
     layers = json.load(open(osp.join(out, 'layers.json')))
     assert all(3 <= b <= 6 for b in plan.values())
+    if include is not None:  # only the included weights are planned
+        assert all(n.startswith(('backbone.', 'encoder.')) for n in plan)
     summary = json.load(open(osp.join(out, 'summary.json')))
     assert summary['avg_bits'] <= 4 + 1e-9
     rows = [r for r in layers if r['included']]
@@ -135,8 +139,7 @@ def test_every_metric_runs_in_the_runner(tiny_cfg, tmp_path, metric,
     curve = json.load(open(osp.join(out, 'pareto.json')))
     assert curve[0]['avg_bits'] <= curve[-1]['avg_bits']
     assert curve[0]['perturbation'] >= curve[-1]['perturbation']
-    # a second run reuses the cache and gives the same plan, bit for bit
-    cfg.work_dir = cfg.work_dir  # same work dir: same cache
+    # a second run in the same work dir reuses the cache: same plan
     runner = Runner.from_cfg(copy.deepcopy(cfg))
     runner.test()
     assert json.load(open(osp.join(out, 'plan.json'))) == plan
