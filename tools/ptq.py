@@ -4,21 +4,32 @@ Like mmdet's ``tools/test.py``: config → cfg-options → Runner → test. The
 config's ``DistillSensitivityHook`` quantizes the weights after the checkpoint
 is loaded and before the test loop; mmdet's ``CocoMetric`` scores the result.
 
+With ``--launcher pytorch`` (``tools/dist_ptq.sh CONFIG N``) the
+calibration batches are shared among the processes, the traces all-reduced,
+the plan solved on rank 0 and mmdet's distributed test loop evaluates; on
+machines without CUDA the processes talk over gloo.
+
 Examples:
     python tools/ptq.py configs/detr_tiny_shapes_uniform_4bit.py
     python tools/ptq.py configs/detr_r50_outquant_5bit.py \
         --checkpoint detr-r50-e632da11.pth
     python tools/ptq.py configs/detr_tiny_shapes.py --list-layers
+    bash tools/dist_ptq.sh configs/detr_r50_outquant_5bit.py 8 \
+        --checkpoint detr_r50.pth
 """
 import argparse
 import json
 import os
 import os.path as osp
 from copy import deepcopy
+from typing import Optional
 
+import torch
 from mmengine.config import Config, DictAction
+from mmengine.dist import is_main_process
 from mmengine.runner import Runner
 
+from mmdet_hawq.engine.dist import DEFAULT_TIMEOUT_S, init_cpu_process_group
 from mmdet_hawq.errors import HawqUserError, run_cli
 
 
@@ -45,6 +56,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none', help='job launcher')
+    parser.add_argument(
+        '--dist-timeout', type=float, default=None,
+        help='seconds a collective waits for a rank before the run stops '
+        f'with an error (default: env_cfg.dist_cfg.timeout of the config, '
+        f'else {DEFAULT_TIMEOUT_S})')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args()
     if 'LOCAL_RANK' not in os.environ:
@@ -59,9 +75,9 @@ def load_config(args: argparse.Namespace) -> Config:
             f'config file {args.config!r} does not exist: pass a config path '
             'such as configs/detr_tiny_shapes_uniform_8bit.py')
     cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    setup_launcher(cfg, args.launcher, args.dist_timeout)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
@@ -80,6 +96,36 @@ def load_config(args: argparse.Namespace) -> Config:
             f'checkpoint file {cfg.load_from!r} does not exist: pass an '
             'existing file with --checkpoint')
     return cfg
+
+
+def setup_launcher(cfg: Config, launcher: str,
+                   timeout_s: Optional[float]) -> None:
+    """Launcher, backend and collective timeout of a distributed run.
+
+    mmengine starts the group on GPUs (NCCL); on machines without CUDA its
+    pytorch launcher cannot (it calls ``torch.cuda.set_device``), so the
+    gloo group is started here and the test loop's DDP wrapper is told to
+    stay on the CPU.
+    """
+    cfg.launcher = launcher
+    if launcher == 'none':
+        return
+    dist_cfg = cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
+    if timeout_s is not None:
+        dist_cfg['timeout'] = timeout_s
+    dist_cfg.setdefault('timeout', DEFAULT_TIMEOUT_S)
+    if torch.cuda.is_available():
+        return
+    if launcher != 'pytorch':
+        raise HawqUserError(
+            f'--launcher {launcher} needs CUDA on this machine: on CPUs use '
+            'torchrun with --launcher pytorch (tools/dist_ptq.sh CONFIG N)')
+    dist_cfg['backend'] = 'gloo'
+    if cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel', device_ids=None,
+            broadcast_buffers=False)
+    init_cpu_process_group(dist_cfg['timeout'])
 
 
 def hawq_hooks(cfg: Config) -> list:
@@ -159,6 +205,13 @@ def main() -> int:
         base_cfg.work_dir = osp.join(cfg.work_dir, 'uniform_baseline')
         results['uniform'] = run_test(base_cfg)
     results['quantized'] = run_test(cfg)
+    if is_main_process():
+        report(cfg, hook, results)
+    return 0
+
+
+def report(cfg: Config, hook: dict, results: dict) -> None:
+    """Print the summary lines and write ``ptq_results.json``."""
     q = results['quantized']
     s = q['summary']
     lines = ['', '== mmdet-hawq PTQ summary ==']
@@ -189,7 +242,6 @@ def main() -> int:
     with open(out, 'w') as f:
         json.dump(results, f, indent=1, default=float)
     print(f'results: {out}')
-    return 0
 
 
 if __name__ == '__main__':

@@ -5,6 +5,10 @@ calibration`) → frozen float teacher → student at float or 8-bit weights →
 per-layer traces (:mod:`..sensitivity.hutchinson` or :mod:`..sensitivity.
 gauss_newton`, cached by :mod:`..sensitivity.cache`) → error terms
 (:mod:`..quant.quantizer`) → ILP (:mod:`..allocation.ilp`).
+
+In a distributed run every rank takes its share of the calibration batches
+and the trace samples are all-reduced (:mod:`..sensitivity.sharding`); the
+cache is read and written, and the ILP solved, on rank 0 only (:mod:`.dist`).
 """
 import copy
 import json
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from mmengine.dataset import pseudo_collate
+from mmengine.dist import is_main_process
 from mmengine.runner import load_checkpoint
 from torch.utils.data import DataLoader
 
@@ -31,6 +36,7 @@ from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            hutchinson_traces, key_hash, load_cached,
                            preprocess_batches, save_cached,
                            select_calibration_indices)
+from .dist import process_shard, run_on_main
 
 #: Defaults of the ``sensitivity`` dict of ``DistillSensitivityHook``.
 SENSITIVITY_DEFAULTS = dict(
@@ -51,6 +57,9 @@ SENSITIVITY_DEFAULTS = dict(
     dataset=None,  # None: the train split with the test pipeline
 )
 ESTIMATORS = ('hutchinson', 'hutchinson_per_layer', 'gauss_newton')
+#: Version of how random draws are seeded (part of the cache key): 2 = one
+#: generator per (sample, batch), the same in every process.
+DRAWS_VERSION = 2
 
 
 def build_detector(cfg, checkpoint: str) -> nn.Module:
@@ -128,6 +137,7 @@ def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
                          'min_samples', 'tol', 'negative_traces')}
     return dict(
         metric=metric,
+        draws=DRAWS_VERSION,
         settings=keep,
         model=key_hash(runner.cfg.model.to_dict()),
         checkpoint=file_sha256(ckpt) if ckpt and osp.isfile(ckpt) else None,
@@ -148,7 +158,8 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
     key = _cache_key(runner, metric, settings, img_ids)
     path = cache_path(settings['cache_dir'] or osp.join(out_dir, 'cache'),
                       metric, estimator, key)
-    previous = load_cached(path, key) if settings['use_cache'] else None
+    previous = run_on_main(load_cached, path, key) \
+        if settings['use_cache'] else None
     if previous is not None:
         runner.logger.info(f'sensitivity: {previous.num_samples} cached '
                            f'samples from {path}')
@@ -161,7 +172,8 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
         quantize_weights_(weights, uniform_plan(weights, 8), axis)
 
     def on_sample(result: TraceResult) -> None:
-        save_cached(path, key, result)
+        if is_main_process():
+            save_cached(path, key, result)
         rel = result.rel_stderr()
         runner.logger.info(
             f'sensitivity {metric}/{estimator}: sample '
@@ -171,7 +183,8 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
 
     common = dict(tol=settings['tol'], min_samples=settings['min_samples'],
                   max_samples=settings['max_samples'], seed=settings['seed'],
-                  result=previous, on_sample=on_sample, objective=metric)
+                  result=previous, on_sample=on_sample, objective=metric,
+                  shard=process_shard())
     index = list(range(len(batches)))
     try:
         with hessian_mode(model, weights):
@@ -194,7 +207,8 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
             for n, p in weights.items():
                 p.copy_(float_state[n])
     result.meta.update(key=key, calibration_img_ids=img_ids)
-    save_cached(path, key, result)
+    if is_main_process():
+        save_cached(path, key, result)
     return result
 
 
@@ -203,9 +217,22 @@ def sensitivity_plan(runner, model: nn.Module,
                      target_bits: float, bit_range: Sequence[int],
                      axis: Optional[int], settings: Optional[dict],
                      out_dir: str) -> Tuple[Dict[str, int], Dict[str, Dict]]:
-    """Traces → error terms → ILP plan, plus per-layer report columns."""
+    """Traces → error terms → ILP plan, plus per-layer report columns.
+
+    Every rank computes its share of the traces; the plan is solved (and the
+    reports written) on rank 0 and given to every rank.
+    """
     s = resolve_settings(metric, settings)
     result = compute_traces(runner, model, weights, metric, s, out_dir, axis)
+    return run_on_main(_allocate, runner, result, weights, metric,
+                       target_bits, bit_range, axis, s, out_dir)
+
+
+def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
+              metric: str, target_bits: float, bit_range: Sequence[int],
+              axis: Optional[int], s: dict,
+              out_dir: str) -> Tuple[Dict[str, int], Dict[str, Dict]]:
+    """The ILP on the traces, the Pareto curve and the trace reports."""
     names = list(weights)
     mean, se = result.mean(), result.stderr()
     unconverged = [n for n, ok in zip(names, result.converged(s['tol']))

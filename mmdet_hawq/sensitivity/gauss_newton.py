@@ -10,7 +10,9 @@ At a distillation student equal to its teacher the residual is zero, so
 
 The objective supplies ``sample_fn(batch, generator) → s``; batches are
 independent, so squared norms are summed over batches (lower variance than
-squaring the summed gradient, same expectation).
+squaring the summed gradient, same expectation). Each (sample, batch) has
+its own generator, so a :class:`~.sharding.Shard` of the batches in another
+process draws the same ``u`` and the all-reduced sum equals one process's.
 """
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -18,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from ..errors import HawqUserError
-from .hutchinson import sample_generator
+from .sharding import Shard, batch_generator
 from .traces import TraceResult, check_finite, check_used, should_stop
 
 SampleFn = Callable[[Any, torch.Generator], torch.Tensor]
@@ -34,7 +36,8 @@ def gauss_newton_traces(params: Mapping[str, torch.Tensor],
                         result: Optional[TraceResult] = None,
                         on_sample: Optional[Callable[[TraceResult],
                                                      None]] = None,
-                        objective: str = '') -> TraceResult:
+                        objective: str = '',
+                        shard: Optional[Shard] = None) -> TraceResult:
     """Sample averaged per-layer Gauss–Newton traces until they converge.
 
     Args:
@@ -51,6 +54,8 @@ def gauss_newton_traces(params: Mapping[str, torch.Tensor],
         on_sample (Callable, optional): Called after each sample. Defaults
             to None.
         objective (str): Name recorded in the result. Defaults to ''.
+        shard (Shard, optional): This process's share of the batches and
+            the sum across processes. Defaults to None (one process).
 
     Returns:
         TraceResult: All samples.
@@ -68,17 +73,20 @@ def gauss_newton_traces(params: Mapping[str, torch.Tensor],
     elif result.names != names or result.estimator != 'gauss_newton':
         raise ValueError('the saved samples are of other layers or of '
                          'another estimator: start a new run')
+    shard = shard or Shard()
+    positions = shard.positions(len(batches))
     while not should_stop(result, tol, min_samples, max_samples):
         start = time.perf_counter()
-        gen = sample_generator(seed, result.num_samples)
         sq = torch.zeros(len(plist), dtype=torch.float64)
-        for batch in batches:
-            s = sample_fn(batch, gen)
+        for pos in positions:
+            gen = batch_generator(seed, result.num_samples, pos)
+            s = sample_fn(batches[pos], gen)
             grads = torch.autograd.grad(s, plist, allow_unused=True)
             check_used(names, grads, 'the output')
             sq += torch.stack([g.detach().double().pow(2).sum().cpu()
                                for g in grads])
-        row = (sq / torch.tensor(numels, dtype=torch.float64)).tolist()
+        total = shard.sum(sq)
+        row = (total / torch.tensor(numels, dtype=torch.float64)).tolist()
         check_finite(row, names, 'a Gauss-Newton trace sample')
         result.samples.append(row)
         result.seconds += time.perf_counter() - start

@@ -7,6 +7,10 @@ and reads every layer's estimate ``v_l·(Hv)_l / numel_l`` from it. Each is
 unbiased for ``tr(H_ll) / numel_l``. The ``per_layer`` variant draws ``v``
 non-zero on one layer at a time (no cross-layer terms, ``L`` times the cost).
 
+Each batch's ``v_l·(H_b v)_l`` is summed in float64; with a :class:`~.sharding.
+Shard`, every process takes its share of the batches (same ``v``) and the
+partial sums are added by one all-reduce per sample.
+
 The function knows nothing of mmengine: it takes a name → parameter mapping,
 a loss callable and a sequence of batches.
 """
@@ -17,6 +21,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import HawqUserError
+from .sharding import Shard
 from .traces import TraceResult, check_finite, check_used, should_stop
 
 LossFn = Callable[[Any], torch.Tensor]
@@ -59,9 +64,7 @@ def hessian_vector_product(params: Sequence[torch.Tensor], loss_fn: LossFn,
     count = 0
     for batch in batches:
         count += 1
-        # fused attention kernels have no double backward: force the math one
-        with sdpa_kernel(SDPBackend.MATH):
-            _accumulate_hv(params, loss_fn(batch), vectors, hv, names, count)
+        _accumulate_hv(params, loss_fn, batch, vectors, hv, names, count)
     if count == 0:
         raise HawqUserError(
             'the calibration set is empty: give at least one image '
@@ -69,25 +72,59 @@ def hessian_vector_product(params: Sequence[torch.Tensor], loss_fn: LossFn,
     return hv
 
 
-def _accumulate_hv(params: Sequence[torch.Tensor], loss: torch.Tensor,
+def _accumulate_hv(params: Sequence[torch.Tensor], loss_fn: LossFn, batch: Any,
                    vectors: Sequence[torch.Tensor], hv: List[torch.Tensor],
                    names: Sequence[str], count: int) -> None:
-    """Add one batch's ``H v`` to ``hv`` by double backward."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f'the loss is {loss.item()} on calibration batch {count}: '
-            'check the images and the checkpoint')
-    grads = torch.autograd.grad(
-        loss, params, create_graph=True, allow_unused=True)
-    check_used(names, grads, 'the loss')
-    dot = sum((g * v).sum() for g, v in zip(grads, vectors)
-              if g.requires_grad)
-    if not torch.is_tensor(dot) or not dot.requires_grad:
-        return  # the loss is linear in every weight: H = 0
-    hvs = torch.autograd.grad(dot, params, allow_unused=True)
+    """Add one batch's ``H v`` to ``hv`` by double backward (``count`` is the
+    batch's 1-based number, for messages)."""
+    # fused attention kernels have no double backward: force the math one
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = loss_fn(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f'the loss is {loss.item()} on calibration batch {count}: '
+                'check the images and the checkpoint')
+        grads = torch.autograd.grad(
+            loss, params, create_graph=True, allow_unused=True)
+        check_used(names, grads, 'the loss')
+        dot = sum((g * v).sum() for g, v in zip(grads, vectors)
+                  if g.requires_grad)
+        if not torch.is_tensor(dot) or not dot.requires_grad:
+            return  # the loss is linear in every weight: H = 0
+        hvs = torch.autograd.grad(dot, params, allow_unused=True)
     for acc, h in zip(hv, hvs):
         if h is not None:
             acc.add_(h.detach())
+
+
+def batch_dots(params: Sequence[torch.Tensor], loss_fn: LossFn,
+               batches: Sequence, positions: Sequence[int],
+               vectors: Sequence[torch.Tensor], names: Sequence[str],
+               layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``Σ_b v_l·(H_b v)_l`` over the batches at ``positions``, per layer.
+
+    Args:
+        params (Sequence[Tensor]): Weights, each with ``requires_grad``.
+        loss_fn (Callable): ``batch → scalar`` share of the total loss.
+        batches (Sequence): All calibration batches.
+        positions (Sequence[int]): Which of them to use.
+        vectors (Sequence[Tensor]): ``v``, one tensor per weight.
+        names (Sequence[str]): Weight names for error messages.
+        layers (Sequence[int], optional): Layers whose dot is read (others
+            stay 0). Defaults to None (all).
+
+    Returns:
+        Tensor: float64, shape (L,).
+    """
+    dots = torch.zeros(len(params), dtype=torch.float64)
+    layers = range(len(params)) if layers is None else layers
+    for pos in positions:
+        hv = [torch.zeros_like(p) for p in params]
+        _accumulate_hv(params, loss_fn, batches[pos], vectors, hv, names,
+                       pos + 1)
+        for i in layers:
+            dots[i] += (vectors[i] * hv[i]).double().sum().cpu()
+    return dots
 
 
 def hutchinson_traces(params: Mapping[str, torch.Tensor],
@@ -101,7 +138,8 @@ def hutchinson_traces(params: Mapping[str, torch.Tensor],
                       result: Optional[TraceResult] = None,
                       on_sample: Optional[Callable[[TraceResult],
                                                    None]] = None,
-                      objective: str = '') -> TraceResult:
+                      objective: str = '',
+                      shard: Optional[Shard] = None) -> TraceResult:
     """Sample averaged per-layer Hessian traces until they converge.
 
     Args:
@@ -122,6 +160,8 @@ def hutchinson_traces(params: Mapping[str, torch.Tensor],
         on_sample (Callable, optional): Called with the result after each
             sample (e.g. to save it). Defaults to None.
         objective (str): Name recorded in the result. Defaults to ''.
+        shard (Shard, optional): This process's share of the batches and
+            the sum across processes. Defaults to None (one process).
 
     Returns:
         TraceResult: All samples; ``result.mean()`` is the trace estimate.
@@ -140,22 +180,23 @@ def hutchinson_traces(params: Mapping[str, torch.Tensor],
     elif result.names != names or result.estimator != estimator:
         raise ValueError('the saved samples are of other layers or of '
                          'another estimator: start a new run')
+    shard = shard or Shard()
+    positions = shard.positions(len(batches))
     while not should_stop(result, tol, min_samples, max_samples):
         start = time.perf_counter()
         vs = rademacher_like(plist,
                              sample_generator(seed, result.num_samples))
         if per_layer:
-            row = []
+            dots = torch.zeros(len(plist), dtype=torch.float64)
             for i in range(len(plist)):
                 masked = [v if j == i else torch.zeros_like(v)
                           for j, v in enumerate(vs)]
-                hv = hessian_vector_product(plist, loss_fn, batches, masked,
-                                            names)
-                row.append(float((vs[i] * hv[i]).sum()) / numels[i])
+                dots += batch_dots(plist, loss_fn, batches, positions,
+                                   masked, names, layers=[i])
         else:
-            hv = hessian_vector_product(plist, loss_fn, batches, vs, names)
-            row = [float((v * h).sum()) / n
-                   for v, h, n in zip(vs, hv, numels)]
+            dots = batch_dots(plist, loss_fn, batches, positions, vs, names)
+        total = shard.sum(dots)
+        row = (total / torch.tensor(numels, dtype=torch.float64)).tolist()
         check_finite(row, names, 'a Hutchinson trace sample')
         result.samples.append(row)
         result.seconds += time.perf_counter() - start

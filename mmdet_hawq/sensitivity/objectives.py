@@ -90,10 +90,11 @@ def preprocess_batches(model: nn.Module, loader) -> List[Batch]:
 class DistillationObjective:
     """The multi-layer distillation loss of a student against a teacher.
 
-    The teacher's outputs are computed once, by the same code path as the
-    student's (gradients enabled, same attention kernel), so that a student
-    equal to its teacher gets the teacher's outputs bit for bit and the loss
-    is exactly 0.0.
+    The teacher's outputs of a batch are computed once, when the batch is
+    first used (a process of a distributed run computes only its share), by
+    the same code path as the student's (gradients enabled, same attention
+    kernel), so that a student equal to its teacher gets the teacher's
+    outputs bit for bit and the loss is exactly 0.0.
 
     Args:
         student (nn.Module): The model differentiated (its weights are the
@@ -121,14 +122,20 @@ class DistillationObjective:
         self.temperature = float(temperature)
         self.layers = None if layers is None else list(layers)
         self.num_images = sum(b['inputs'].shape[0] for b in self.batches)
-        teacher_params = {
+        self.teacher = teacher
+        self._teacher_params = {
             n: p for n, p in teacher.named_parameters() if n in params
         }
-        self.targets = []
-        with hessian_mode(teacher, teacher_params):
-            for batch in self.batches:
-                cls, box = self._select(*detr_outputs(teacher, batch))
-                self.targets.append((cls.detach(), box.detach()))
+        self._targets: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def target(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's (logits, boxes) of batch ``index`` (cached)."""
+        if index not in self._targets:
+            with hessian_mode(self.teacher, self._teacher_params):
+                cls, box = self._select(
+                    *detr_outputs(self.teacher, self.batches[index]))
+            self._targets[index] = (cls.detach(), box.detach())
+        return self._targets[index]
 
     def _select(self, cls: torch.Tensor,
                 box: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +152,7 @@ class DistillationObjective:
         """
         cls, box = self._select(*detr_outputs(self.student,
                                               self.batches[index]))
-        t_cls, t_box = self.targets[index]
+        t_cls, t_box = self.target(index)
         T = self.temperature
         log_s = F.log_softmax(cls / T, dim=-1)
         log_t = F.log_softmax(t_cls / T, dim=-1)

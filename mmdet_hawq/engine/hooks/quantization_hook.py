@@ -18,6 +18,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
@@ -142,6 +143,21 @@ class DistillSensitivityHook(Hook):
             metric=self.metric, per_channel=self.axis is not None,
             num_weights=len(plan), num_quantized=len(quantized),
             seconds=round(time.time() - start, 2), **stats)
+        if is_main_process():
+            self._write_outputs(model, out_dir, weights, quantized, plan,
+                                rows_extra, stats)
+        runner.logger.info(
+            f'DistillSensitivityHook: {self.metric}: {len(quantized)} of '
+            f'{len(plan)} weights quantized, {stats["avg_bits"]:.3f} bits on '
+            f'average, {stats["weight_bytes"] / 2**20:.2f} MiB of weights '
+            f'(fp32: {stats["fp32_bytes"] / 2**20:.2f} MiB); outputs in '
+            f'{out_dir}')
+
+    def _write_outputs(self, model, out_dir: str,
+                       weights: Dict[str, torch.nn.Parameter],
+                       quantized: Sequence[str], plan: Dict[str, int],
+                       rows_extra: Dict[str, Dict], stats: Dict) -> None:
+        """Packed checkpoint, plan, per-layer report and figure (rank 0)."""
         if self.save_packed:
             path = osp.join(out_dir, 'packed.pth')
             torch.save(pack_state_dict(model, quantized, plan), path)
@@ -155,12 +171,6 @@ class DistillSensitivityHook(Hook):
                   {self.metric: plan},
                   title=f'Bits per layer ({self.metric}, '
                   f'{stats["avg_bits"]:.2f} bits on average)')
-        runner.logger.info(
-            f'DistillSensitivityHook: {self.metric}: {len(quantized)} of '
-            f'{len(plan)} weights quantized, {stats["avg_bits"]:.3f} bits on '
-            f'average, {stats["weight_bytes"] / 2**20:.2f} MiB of weights '
-            f'(fp32: {stats["fp32_bytes"] / 2**20:.2f} MiB); outputs in '
-            f'{out_dir}')
 
     def _rows(self, model, plan: Dict[str, Optional[int]],
               extra: Dict[str, Dict]) -> List[Dict]:
