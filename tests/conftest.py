@@ -89,8 +89,9 @@ def build_tiny_model(tiny_cfg):
     return build
 
 
-def run_tool(*args, cwd=ROOT, timeout=600):
-    """Run a Python tool of the project; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
+def run_tool(*args, cwd=ROOT, timeout=600, env=None):
+    """Run a Python tool of the project (``env``: extra environment
+    variables); returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONWARNINGS='ignore', **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)

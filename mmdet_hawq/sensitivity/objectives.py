@@ -17,6 +17,7 @@ Batches are indices into preprocessed calibration batches; each objective's
 ``loss(i)`` returns batch ``i``'s share of the calibration-set loss, so the
 sum over batches is the loss on the whole set (what the estimators need).
 """
+import sys
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -172,6 +173,36 @@ class DistillationObjective:
         return (u * cls).sum()
 
 
+@contextmanager
+def local_normalisers(head: nn.Module) -> Iterator[None]:
+    """Normalise a batch's DETR loss by that batch alone.
+
+    In a distributed run mmdet's DETR heads average their normalisers (the
+    number of boxes) over the ranks with ``reduce_mean``, an all-reduce
+    inside the loss. The loss of a calibration batch — and its Hessian —
+    must not depend on which batches the other ranks hold (nor may a rank
+    with fewer batches leave the others waiting), so ``reduce_mean`` is the
+    identity here, as it is in one process.
+
+    Args:
+        head (nn.Module): The detector's ``bbox_head``.
+    """
+    modules = {sys.modules[c.__module__] for c in type(head).__mro__}
+    modules = [m for m in modules if hasattr(m, 'reduce_mean')]
+    saved = [m.reduce_mean for m in modules]
+    try:
+        for m in modules:
+            m.reduce_mean = _identity
+        yield
+    finally:
+        for m, fn in zip(modules, saved):
+            m.reduce_mean = fn
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class DetrLossObjective:
     """The DETR training loss (Hungarian matching), summed over its terms.
 
@@ -188,6 +219,7 @@ class DetrLossObjective:
     def loss(self, index: int) -> torch.Tensor:
         """Batch ``index``'s loss weighted by its share of the images."""
         batch = self.batches[index]
-        losses = self.model.loss(batch['inputs'], batch['data_samples'])
+        with local_normalisers(self.model.bbox_head):
+            losses = self.model.loss(batch['inputs'], batch['data_samples'])
         total = sum(v for k, v in losses.items() if 'loss' in k)
         return total * (batch['inputs'].shape[0] / self.num_images)
