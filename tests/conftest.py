@@ -3,6 +3,7 @@ project's real mmdet config, shrunk. Nothing here touches the network."""
 import copy
 import os
 import os.path as osp
+import socket
 import subprocess
 import sys
 
@@ -95,3 +96,10 @@ def run_tool(*args, cwd=ROOT, timeout=600, env=None):
     env = dict(os.environ, PYTHONWARNINGS='ignore', **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@
 errors reach every rank, and a silent rank makes the others stop."""
 import os
 import pickle
-import socket
 import time
 
 import pytest
@@ -16,20 +15,15 @@ from mmdet_hawq.engine.dist import (init_cpu_process_group, process_shard,
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.sensitivity import (Shard, gauss_newton_traces,
                                     hutchinson_traces, softmax_fisher_draw)
-from ..test_sensitivity.test_estimators import LAM, T, objective, targets
+from ..conftest import free_port
+from ..test_sensitivity.test_estimators import (LAM, MLP, T, objective,
+                                                targets)
 
 NUM_BATCHES = 5  # uneven: rank 0 gets 3, rank 1 gets 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def problem():
     """An MLP student off its teacher, 5 batches, the three estimators."""
-    from ..test_sensitivity.test_estimators import MLP
     torch.manual_seed(0)
     teacher = MLP().double()
     model = MLP().double()

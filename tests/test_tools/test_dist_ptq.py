@@ -7,14 +7,13 @@ process does: float32 reductions split over two threads round differently
 (about 1e-7 relative), which could flip a near-tie of the ILP."""
 import json
 import os.path as osp
-import socket
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from ..conftest import ROOT, run_tool
+from ..conftest import ROOT, free_port, run_tool
 
 VAL = osp.join(ROOT, 'data', 'shapes', 'annotations', 'instances_val.json')
 SMALL = ['test_dataloader.dataset.indices=40',
@@ -27,16 +26,11 @@ needs_data = pytest.mark.skipif(not osp.isfile(VAL),
                                 reason='run `make data` first')
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
-
-
 def torchrun(script, *args, env=None, timeout=600):
     return run_tool('-m', 'torch.distributed.run', '--nproc_per_node', '2',
                     '--master_addr', '127.0.0.1', '--master_port',
-                    free_port(), script, *args, env=env, timeout=timeout)
+                    str(free_port()), script, *args, env=env,
+                    timeout=timeout)
 
 
 def outputs(work):
@@ -60,7 +54,7 @@ def test_two_processes_match_one(tmp_path, config, estimator):
         '-c', 'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))',
         'bash', 'tools/dist_ptq.sh', config, '2', '--work-dir',
         str(tmp_path / '2'), '--cfg-options', *SMALL,
-        env=dict(PORT=free_port(), PYTHON=sys.executable))
+        env=dict(PORT=str(free_port()), PYTHON=sys.executable))
     assert two.returncode == 0, two.stderr[-3000:]
     s1, e1, plan1, m1 = outputs(tmp_path / '1')
     s2, e2, plan2, m2 = outputs(tmp_path / '2')
