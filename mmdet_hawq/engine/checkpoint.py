@@ -1,4 +1,5 @@
-"""Checkpoint loading that works with torch >= 2.6 and fails clearly.
+"""Checkpoint loading that works with torch >= 2.6, takes the official DETR
+checkpoint, and fails clearly.
 
 mmengine 0.10.7 calls ``torch.load(path)`` without ``weights_only``; since
 torch 2.6 that defaults to ``True`` and rejects the numpy and mmengine
@@ -8,16 +9,33 @@ re-registers mmengine's loader for local paths: it tries the safe
 mmengine was written for) only for files that need it. A missing or
 unreadable file raises :class:`~mmdet_hawq.errors.HawqUserError` naming the
 file and the fix.
+
+The loader also converts an official facebookresearch/detr checkpoint (e.g.
+``detr-r50-e632da11.pth``) to mmdet's names in memory, and says so in the
+log, so every load of the plugin's configs takes the file as it is
+(:mod:`mmdet_hawq.models.official_detr`). :func:`prepare_state_dict` (which
+``DistillSensitivityHook.after_load_checkpoint`` calls) makes a load strict:
+the state dict must have exactly the model's keys and shapes.
 """
 import os.path as osp
 import pickle
-from typing import Any, Callable, Optional, Union
+import re
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
+import torch.nn as nn
+from mmengine.logging import print_log
 from mmengine.runner import CheckpointLoader
 
-from ..errors import HawqUserError
+from ..errors import HawqUserError, short_list
+from ..models.official_detr import convert_official_detr, official_detr_state
 from ..quant.packing import is_packed, unpack_checkpoint
+
+#: The fix named by every key-mismatch error.
+_FIX = ('pass a checkpoint of this config\'s model: one trained with it by '
+        'mmdet, the official facebookresearch DETR file for the detr_r50 '
+        'configs, or a packed file written by DistillSensitivityHook')
 
 
 def load_checkpoint_file(filename: str,
@@ -73,4 +91,118 @@ def _load_from_local(filename: str,
     checkpoint = load_checkpoint_file(filename, map_location)
     if is_packed(checkpoint):
         checkpoint = unpack_checkpoint(checkpoint)
+    return convert_if_official(checkpoint, filename)
+
+
+def _name(source: Optional[str]) -> str:
+    return f'checkpoint {source!r}' if source else 'the checkpoint'
+
+
+def convert_if_official(checkpoint: Any, source: Optional[str] = None) -> Any:
+    """An official facebookresearch/detr checkpoint as an mmdet one.
+
+    Args:
+        checkpoint (Any): A loaded checkpoint.
+        source (str, optional): Its file, for the log. Defaults to None.
+
+    Returns:
+        Any: ``dict(state_dict=..., meta=...)`` in mmdet's names when
+        ``checkpoint`` is official (logged), else ``checkpoint`` unchanged.
+    """
+    official = official_detr_state(checkpoint)
+    if official is None:
+        return checkpoint
+    state = convert_official_detr(official)
+    head = ''
+    if 'bbox_head.fc_cls.bias' in state:
+        head = (f'; class head {len(official["class_embed.bias"])} -> '
+                f'{len(state["bbox_head.fc_cls.bias"])} rows: the COCO '
+                'category ids, then no-object')
+    print_log(
+        f'{_name(source)}: official facebookresearch/detr checkpoint, '
+        f'converted to mmdet DETR names in memory ({len(official)} tensors'
+        f'{head}); the file is unchanged', logger='current')
+    return dict(state_dict=state,
+                meta=dict(converted_from='facebookresearch/detr',
+                          source=osp.basename(source or '')))
+
+
+def _state_of(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The state dict as mmengine reads it (``state_dict`` or the checkpoint
+    itself), as a new dict without a ``module.`` prefix (a checkpoint saved
+    from a DDP wrapper); torch's ``_metadata`` is kept."""
+    state = checkpoint.get('state_dict', checkpoint)
+    strip = state and all(
+        isinstance(k, str) and k.startswith('module.') for k in state)
+
+    def name(key: str) -> str:
+        return re.sub(r'^module\.?', '', key) if strip else key
+
+    out = OrderedDict((name(k), v) for k, v in state.items())
+    if hasattr(state, '_metadata'):
+        out._metadata = OrderedDict(
+            (name(k), v) for k, v in state._metadata.items())
+    return out
+
+
+def check_state_dict(model: nn.Module, state: Dict[str, Any],
+                     source: Optional[str] = None) -> None:
+    """Require exactly the model's keys, with the model's shapes.
+
+    Args:
+        model (nn.Module): The model to load into.
+        state (dict): The state dict to load.
+        source (str, optional): The checkpoint's file, for the error.
+            Defaults to None.
+
+    Raises:
+        HawqUserError: One line listing the missing, unexpected and
+            mismatched keys (cut after a few) and the fix.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing and len(unexpected) == len(state):
+        raise HawqUserError(
+            f'{_name(source)} matches neither the model (none of its '
+            f'{len(state)} keys [{short_list(unexpected, 3)}] is one of the '
+            f'model\'s) nor the official facebookresearch DETR format: {_FIX}')
+    shapes = [f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+              for k, v in state.items() if k in own
+              and hasattr(v, 'shape') and v.shape != own[k].shape]
+    problems = [f'{len(items)} {what} ({short_list(items)})'
+                for what, items in (('missing key(s)', missing),
+                                    ('unexpected key(s)', unexpected),
+                                    ('shape mismatch(es)', shapes)) if items]
+    if problems:
+        raise HawqUserError(
+            f'{_name(source)} does not fit the model: {"; ".join(problems)}: '
+            f'{_FIX}')
+
+
+def prepare_state_dict(model: nn.Module, checkpoint: Dict[str, Any],
+                       source: Optional[str] = None) -> Dict[str, Any]:
+    """Make a loaded checkpoint load strictly into ``model``.
+
+    Converts an official facebookresearch/detr checkpoint (logged), strips a
+    ``module.`` prefix and checks keys and shapes. ``checkpoint`` is updated
+    in place (what mmengine's ``after_load_checkpoint`` needs): the result is
+    under ``checkpoint['state_dict']``.
+
+    Args:
+        model (nn.Module): The model it will be loaded into (unwrapped).
+        checkpoint (dict): The loaded checkpoint; the user's file is not
+            touched.
+        source (str, optional): The checkpoint's file, for messages.
+            Defaults to None.
+
+    Returns:
+        dict: ``checkpoint``.
+
+    Raises:
+        HawqUserError: The keys or shapes do not fit the model.
+    """
+    state = _state_of(convert_if_official(checkpoint, source))
+    check_state_dict(model, state, source)
+    checkpoint['state_dict'] = state
     return checkpoint

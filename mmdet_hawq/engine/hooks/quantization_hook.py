@@ -29,6 +29,7 @@ from ...quant import (DEFAULT_EXCLUDE, apply_plan, check_bits, list_weights,
                       quantizable_weights, save_plan, uniform_plan)
 from ...quant.selection import weight_group
 from ...report import plot_bits, write_layer_report
+from ..checkpoint import prepare_state_dict
 from ..pipeline import sensitivity_plan
 
 METRICS = ('uniform', 'plan', 'losssen', 'outfloat', 'outquant')
@@ -117,6 +118,18 @@ class DistillSensitivityHook(Hook):
         self.save_packed = save_packed
         self.out_subdir = out_subdir
         self.summary: Dict = {}
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Make the Runner's checkpoint load strict, before it loads.
+
+        An official facebookresearch/detr checkpoint is converted in place;
+        keys and shapes must then be exactly the model's, or one
+        :class:`~mmdet_hawq.errors.HawqUserError` names what differs (see
+        :func:`~mmdet_hawq.engine.checkpoint.prepare_state_dict`).
+        """
+        model = runner.model.module if is_model_wrapper(
+            runner.model) else runner.model
+        prepare_state_dict(model, checkpoint, runner.cfg.get('load_from'))
 
     def before_test(self, runner) -> None:
         """Quantize ``runner.model`` in place and write the reports."""
