@@ -18,10 +18,10 @@ applied before its modules load, and nothing else:
 Commands:
     ``keys OUT.json``: the official model's state-dict names and shapes, and
     torchvision's COCO category names by id.
-    ``run DIR --seed N``: reads ``DIR/images.pt`` (list of uint8 RGB images
-    (H, W, 3)), builds the official DETR-R50 with random weights, writes them
-    as an official checkpoint ``DIR/official.pth`` (``{'model': state}``) and
-    the outputs on the images, batched with padding, to ``DIR/outputs.pt``.
+    ``run DIR --seed N``: reads ``DIR/images.pt`` (batches: lists of uint8
+    RGB images (H, W, 3)), builds the official DETR-R50 with random weights,
+    writes them as an official checkpoint ``DIR/official.pth`` (``{'model':
+    state}``) and the outputs of each batch, padded, to ``DIR/outputs.pt``.
 """
 import argparse
 import json
@@ -117,24 +117,30 @@ def randomize_(model, samples, gen: torch.Generator) -> None:
         model.class_embed.bias[unused] = -1e4
 
 
-def run(out_dir: str, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    images = torch.load(f'{out_dir}/images.pt')
-    model, post = build_official()
+def infer(model, post, images) -> dict:
+    """One padded batch: logits (6, B, 100, 92) and boxes (6, B, 100, 4) of
+    every decoder layer, and ``PostProcess`` results at the image sizes."""
     samples = nested_tensor_from_tensor_list([normalize(i) for i in images])
-    randomize_(model, samples, gen)
     with torch.no_grad():
         out = model(samples)
         sizes = torch.tensor([list(i.shape[:2]) for i in images])
         results = post(out, sizes)
+    layers = [*out['aux_outputs'], out]
+    return dict(logits=torch.stack([o['pred_logits'] for o in layers]),
+                boxes=torch.stack([o['pred_boxes'] for o in layers]),
+                results=results)
+
+
+def run(out_dir: str, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    batches = torch.load(f'{out_dir}/images.pt')
+    model, post = build_official()
+    randomize_(model, nested_tensor_from_tensor_list(
+        [normalize(i) for i in batches[0]]), gen)
     torch.save({'model': model.state_dict()}, f'{out_dir}/official.pth')
-    torch.save(dict(
-        logits=torch.stack([a['pred_logits'] for a in out['aux_outputs']] +
-                           [out['pred_logits']]),
-        boxes=torch.stack([a['pred_boxes'] for a in out['aux_outputs']] +
-                          [out['pred_boxes']]),
-        results=results), f'{out_dir}/outputs.pt')
+    torch.save([infer(model, post, b) for b in batches],
+               f'{out_dir}/outputs.pt')
 
 
 def keys(out: str) -> None:

@@ -196,35 +196,40 @@ def test_key_list_is_what_the_original_code_writes():
 def test_outputs_match_the_original_detr(tmp_path):
     reference_or_skip()
     gen = torch.Generator().manual_seed(1)
-    sizes = [(200, 300), (240, 180)]  # one batch, padded: masks matter
-    images = [torch.randint(0, 256, (*s, 3), generator=gen,
-                            dtype=torch.uint8) for s in sizes]
+    # two sizes in one padded batch (masks matter), and one image alone
+    # (mmdet then uses no mask)
+    batches = [[(200, 300), (240, 180)], [(160, 224)]]
+    images = [[torch.randint(0, 256, (*s, 3), generator=gen,
+                             dtype=torch.uint8) for s in b] for b in batches]
     torch.save(images, tmp_path / 'images.pt')
     proc = subprocess.run(
         [osp.join(REF_VENV, 'bin', 'python'), RUNNER, 'run', str(tmp_path),
          '--seed', '0'], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = torch.load(tmp_path / 'outputs.pt', weights_only=True)
+    refs = torch.load(tmp_path / 'outputs.pt', weights_only=True)
 
     model = build_detr_r50()
     # the plugin's own path: the loader converts, the check is strict
     ckpt = CheckpointLoader.load_checkpoint(str(tmp_path / 'official.pth'))
     prepare_state_dict(model, ckpt)
     model.load_state_dict(ckpt['state_dict'], strict=True)
-    data = mmdet_inputs(model, images)
-    with torch.no_grad():
-        logits, boxes = model(**data, mode='tensor')  # all 6 decoder layers
-        preds = model(**data, mode='predict')
-    assert logits.shape == (6, 2, 100, 81) and boxes.shape == (6, 2, 100, 4)
-    diff = dict(
-        logits=(logits - ref['logits'][..., KEEP]).abs().max().item(),
-        probabilities=(logits.softmax(-1) -
-                       ref['logits'].softmax(-1)[..., KEEP]).abs().max().item(),
-        boxes=(boxes - ref['boxes']).abs().max().item())
-    for pred, res, size in zip(preds, ref['results'], sizes):
-        scores, pixels = match_detections(pred.pred_instances, res, size)
-        diff['scores'] = max(diff.get('scores', 0), scores)
-        diff['pixel_boxes / size'] = max(diff.get('pixel_boxes / size', 0),
-                                         pixels / max(size))
+    diff = {}
+    for batch, sizes, ref in zip(images, batches, refs):
+        data = mmdet_inputs(model, batch)
+        with torch.no_grad():
+            logits, boxes = model(**data, mode='tensor')  # 6 decoder layers
+            preds = model(**data, mode='predict')
+        assert logits.shape == (6, len(batch), 100, 81)
+        probs = ref['logits'].softmax(-1)[..., KEEP]  # softmax over all 92
+        found = dict(
+            logits=(logits - ref['logits'][..., KEEP]).abs().max().item(),
+            probabilities=(logits.softmax(-1) - probs).abs().max().item(),
+            boxes=(boxes - ref['boxes']).abs().max().item())
+        for pred, res, size in zip(preds, ref['results'], sizes):
+            scores, pixels = match_detections(pred.pred_instances, res, size)
+            found[f'scores {size}'] = scores
+            found[f'pixel boxes / size {size}'] = pixels / max(size)
+        for key, value in found.items():
+            diff[key] = max(diff.get(key, 0), value)
     print('max abs differences vs the original DETR:', diff)
     assert max(diff.values()) <= 1e-4, diff
