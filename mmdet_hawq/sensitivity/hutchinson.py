@@ -117,13 +117,13 @@ def batch_dots(params: Sequence[torch.Tensor], loss_fn: LossFn,
         Tensor: float64, shape (L,).
     """
     dots = torch.zeros(len(params), dtype=torch.float64)
-    layers = range(len(params)) if layers is None else layers
+    layers = list(range(len(params)) if layers is None else layers)
     for pos in positions:
         hv = [torch.zeros_like(p) for p in params]
         _accumulate_hv(params, loss_fn, batches[pos], vectors, hv, names,
                        pos + 1)
-        for i in layers:
-            dots[i] += (vectors[i] * hv[i]).double().sum().cpu()
+        dots[layers] += torch.stack([  # one device -> host copy per batch
+            (vectors[i] * hv[i]).double().sum() for i in layers]).cpu()
     return dots
 
 
