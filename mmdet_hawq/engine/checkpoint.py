@@ -10,10 +10,10 @@ mmengine was written for) only for files that need it. A missing or
 unreadable file raises :class:`~mmdet_hawq.errors.HawqUserError` naming the
 file and the fix.
 
-The loader also converts an official facebookresearch/detr checkpoint (e.g.
-``detr-r50-e632da11.pth``) to mmdet's names in memory, and says so in the
-log, so every load of the plugin's configs takes the file as it is
-(:mod:`mmdet_hawq.models.official_detr`). :func:`prepare_state_dict` (which
+The loader (and mmengine's URL loader, wrapped) also converts an official
+facebookresearch/detr checkpoint (e.g. ``detr-r50-e632da11.pth``) to mmdet's
+names in memory, and says so in the log, so every load of the plugin's
+configs takes the file as it is (:mod:`mmdet_hawq.models.official_detr`). :func:`prepare_state_dict` (which
 ``DistillSensitivityHook.after_load_checkpoint`` calls) makes a load strict:
 the state dict must have exactly the model's keys and shapes.
 """
@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.runner import CheckpointLoader
+from mmengine.runner import checkpoint as mm_checkpoint
 
 from ..errors import HawqUserError, short_list
 from ..models.official_detr import convert_official_detr, official_detr_state
@@ -96,6 +97,17 @@ def _load_from_local(filename: str,
 
 def _name(source: Optional[str]) -> str:
     return f'checkpoint {source!r}' if source else 'the checkpoint'
+
+
+@CheckpointLoader.register_scheme(prefixes=('http://', 'https://'),
+                                  force=True)
+def _load_from_http(filename: str,
+                    map_location: Optional[Union[str, Callable]] = None
+                    ) -> Any:
+    """mmengine's loader for URLs, plus the official format's conversion (so
+    the official download URL works like the downloaded file)."""
+    return convert_if_official(
+        mm_checkpoint.load_from_http(filename, map_location), filename)
 
 
 def convert_if_official(checkpoint: Any, source: Optional[str] = None) -> Any:

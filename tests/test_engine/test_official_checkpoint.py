@@ -130,3 +130,24 @@ def test_shipped_checkpoint_loads_strictly(tmp_path):
     state = torch.load(ckpt, weights_only=True)['state_dict']
     for name, tensor in runner.model.state_dict().items():
         assert torch.equal(tensor, state[name].to(tensor.dtype)), name
+
+
+def test_the_official_url_is_converted_like_the_file(monkeypatch, official):
+    from mmengine.runner import CheckpointLoader
+    from mmengine.runner import checkpoint as mm_checkpoint
+    path, state = official
+    urls = []
+
+    def fake_download(url, map_location=None):  # no network in tests
+        urls.append(url)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    monkeypatch.setattr(mm_checkpoint, 'load_from_http', fake_download)
+    url = 'https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth'
+    ckpt = CheckpointLoader.load_checkpoint(url)
+    assert urls == [url]
+    assert ckpt['meta']['converted_from'] == 'facebookresearch/detr'
+    expected = convert_official_detr(state)
+    assert set(ckpt['state_dict']) == set(expected)
+    assert torch.equal(ckpt['state_dict']['bbox_head.fc_cls.weight'],
+                       expected['bbox_head.fc_cls.weight'])
