@@ -3,6 +3,7 @@
 Tools catch :class:`HawqUserError` and print its message as one line; it
 always names the offending thing and what to change.
 """
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -18,7 +19,19 @@ def run_cli(main: Callable[[], int]) -> None:
         sys.exit(main())
     except HawqUserError as err:
         print(f'error: {err}', file=sys.stderr)
+        if _in_process_group():
+            # a failed collective leaves backend threads behind that abort
+            # ("terminate called ...") when the interpreter tears down
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(2)
         sys.exit(2)
+
+
+def _in_process_group() -> bool:
+    dist = sys.modules.get('torch.distributed')
+    return bool(dist is not None and dist.is_available()
+                and dist.is_initialized())
 
 
 def short_list(items: Sequence, limit: int = 5) -> str:
