@@ -229,7 +229,7 @@ def report(cfg: Config, hook: dict, results: dict) -> None:
         f"weights    {s.get('weight_bytes', 0) / 2**20:.3f} MiB at these bits,"
         f" fp32 {s.get('fp32_bytes', 0) / 2**20:.3f} MiB")
     if 'packed_bytes' in s:
-        lines.append(f"packed     {s['packed_file']}: "
+        lines.append(f"packed     {osp.relpath(s['packed_file'])}: "
                      f"{s['packed_bytes'] / 2**20:.3f} MiB on disk")
     out_dir = osp.join(cfg.work_dir, hook.get('out_subdir', 'hawq'))
     figures = [osp.join(out_dir, f) for f in ('bits_per_layer.png',
