@@ -128,6 +128,22 @@ def setup_launcher(cfg: Config, launcher: str,
     init_cpu_process_group(dist_cfg['timeout'])
 
 
+def check_checkpoint(cfg: Config) -> None:
+    """Fail fast, before any run: the checkpoint (mmdet's or the official
+    DETR format) must fit the config's model strictly. The ``--float`` and
+    ``--uniform-baseline`` runs rely on this check too."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.runner import CheckpointLoader
+
+    from mmdet_hawq.engine.checkpoint import prepare_state_dict
+    register_all_modules()
+    model = MODELS.build(deepcopy(cfg.model))
+    checkpoint = CheckpointLoader.load_checkpoint(cfg.load_from,
+                                                  map_location='cpu')
+    prepare_state_dict(model, checkpoint, cfg.load_from)
+
+
 def hawq_hooks(cfg: Config) -> list:
     return [
         h for h in cfg.get('custom_hooks', [])
@@ -181,6 +197,7 @@ def main() -> int:
             f'{args.config} has no DistillSensitivityHook in custom_hooks: '
             'use a configs/*_{uniform,losssen,outfloat,outquant}_*bit.py '
             'config or add the hook (see README)')
+    check_checkpoint(cfg)
     results = {}
     if args.float:
         float_cfg = deepcopy(cfg)

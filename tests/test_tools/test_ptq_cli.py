@@ -1,4 +1,6 @@
 """tools/ptq.py: bad input stops with one clear line; the layer listing."""
+import os.path as osp
+
 import pytest
 
 from ..conftest import ROOT, run_tool
@@ -62,3 +64,19 @@ def test_list_layers():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'query_embedding.weight' in proc.stdout
     assert "float (excluded by pattern 'bbox_head.fc_cls.*')" in proc.stdout
+
+
+def test_checkpoint_of_another_model_stops_before_the_float_run(tmp_path):
+    """--float has no hook: the strict check must come before any run."""
+    import torch
+    state = torch.load(osp.join(ROOT, 'checkpoints', 'detr_tiny_shapes.pth'),
+                       weights_only=False)['state_dict']
+    del state['query_embedding.weight']
+    bad = tmp_path / 'other.pth'
+    torch.save(dict(state_dict=state), bad)
+    work = tmp_path / 'w'
+    line = one_error_line(run_tool(
+        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_4bit.py', '--float',
+        '--checkpoint', str(bad), '--work-dir', str(work)))
+    assert 'other.pth' in line and 'query_embedding.weight' in line
+    assert not (work / 'float').exists()
