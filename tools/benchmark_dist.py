@@ -6,8 +6,9 @@ number of trace samples: one process with torch's default threads, one
 process with one thread, and N processes (torchrun gives each one thread).
 It prints the time of the sensitivity samples (rank 0's ``seconds`` in
 ``traces.json``), of the hook (calibration, traces, ILP, quantization) and of
-the whole run, the ratios to the first configuration, and how far the N
-process traces are from the one-thread traces (they should be equal).
+the whole run, the ratios to the first configuration, how far the N process
+traces are from the one-thread traces (they should be equal), and how far
+the default-thread traces and plan are from the one-thread ones.
 
 Example:
     python tools/benchmark_dist.py configs/detr_tiny_shapes_outquant_5bit.py \
@@ -46,13 +47,15 @@ def run(label: str, cmd: list, env: dict, work: str) -> dict:
         raise SystemExit(f'{label} failed (exit {proc.returncode})')
     with open(osp.join(work, 'hawq', 'traces.json')) as f:
         traces = json.load(f)
+    with open(osp.join(work, 'hawq', 'plan.json')) as f:
+        plan = json.load(f)
     with open(osp.join(work, 'ptq_results.json')) as f:
         results = json.load(f)['quantized']
     return dict(label=label, wall_s=wall, sensitivity_s=traces['seconds'],
                 hook_s=results['summary']['seconds'],
                 num_samples=len(traces['samples']),
                 bbox_mAP=results['metrics']['coco/bbox_mAP'],
-                samples=traces['samples'])
+                samples=traces['samples'], plan=plan)
 
 
 def main() -> int:
@@ -94,6 +97,9 @@ def main() -> int:
     ref, one_thread, dist = rows[0], rows[1], rows[2]
     a, b = np.array(one_thread['samples']), np.array(dist['samples'])
     rel = float((np.abs(b - a) / np.abs(a)).max())
+    threads = np.abs(np.array(ref['samples']) - a) / np.abs(a)
+    moved = [n for n, bits in one_thread['plan'].items()
+             if ref['plan'][n] != bits]
     print(f'\n{args.config}: {args.num_images} calibration images, '
           f'{args.samples} samples; speed-up = time of "{ref["label"]}" / '
           'time')
@@ -107,14 +113,21 @@ def main() -> int:
               f'{ref["wall_s"] / r["wall_s"]:.2f}x | {r["bbox_mAP"]:.4f} |')
     print(f'max relative difference of the {args.nprocs}-process traces '
           f'from the 1-thread ones: {rel:.2e}')
+    print(f'1 process, default vs 1 thread: traces differ by '
+          f'{np.median(threads):.1e} (median) / {threads.max():.1e} (max) '
+          f'relative; {len(moved)} of {len(ref["plan"])} layers get other '
+          f'bits ({", ".join(moved) or "none"})')
     if args.out:
         os.makedirs(osp.dirname(args.out) or '.', exist_ok=True)
         with open(args.out, 'w') as f:
             json.dump(dict(config=args.config, num_images=args.num_images,
                            samples=args.samples, nprocs=args.nprocs,
                            max_rel_diff=rel,
+                           threads_median_rel_diff=float(np.median(threads)),
+                           threads_plan_moved=moved,
                            rows=[{k: v for k, v in r.items()
-                                  if k != 'samples'} for r in rows]),
+                                  if k not in ('samples', 'plan')}
+                                 for r in rows]),
                       f, indent=1)
         print(f'results: {args.out}')
     return 0

@@ -132,16 +132,11 @@ def check_checkpoint(cfg: Config) -> None:
     """Fail fast, before any run: the checkpoint (mmdet's or the official
     DETR format) must fit the config's model strictly. The ``--float`` and
     ``--uniform-baseline`` runs rely on this check too."""
-    from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
-    from mmengine.runner import CheckpointLoader
 
-    from mmdet_hawq.engine.checkpoint import prepare_state_dict
+    from mmdet_hawq.engine.pipeline import build_detector
     register_all_modules()
-    model = MODELS.build(deepcopy(cfg.model))
-    checkpoint = CheckpointLoader.load_checkpoint(cfg.load_from,
-                                                  map_location='cpu')
-    prepare_state_dict(model, checkpoint, cfg.load_from)
+    build_detector(cfg, cfg.load_from)
 
 
 def hawq_hooks(cfg: Config) -> list:

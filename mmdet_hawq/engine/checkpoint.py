@@ -66,18 +66,18 @@ def load_checkpoint_file(filename: str,
     except pickle.UnpicklingError:
         pass  # needs full unpickling (mmengine meta objects); retried below
     except Exception as err:  # noqa: BLE001 - reported as one clear line
-        raise HawqUserError(
-            f'checkpoint file {filename!r} could not be read ({err}): it is '
-            'corrupted or not a torch checkpoint; re-download or re-export '
-            'it') from None
+        raise _unreadable(filename, err) from None
     try:
         return torch.load(filename, map_location=map_location,
                           weights_only=False)
     except Exception as err:  # noqa: BLE001
-        raise HawqUserError(
-            f'checkpoint file {filename!r} could not be read ({err}): it is '
-            'corrupted or not a torch checkpoint; re-download or re-export '
-            'it') from None
+        raise _unreadable(filename, err) from None
+
+
+def _unreadable(filename: str, err: Exception) -> HawqUserError:
+    return HawqUserError(
+        f'checkpoint file {filename!r} could not be read ({err}): it is '
+        'corrupted or not a torch checkpoint; re-download or re-export it')
 
 
 @CheckpointLoader.register_scheme(prefixes='', force=True)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from mmengine.dataset import pseudo_collate
 from mmengine.dist import is_main_process
-from mmengine.runner import load_checkpoint
+from mmengine.runner import CheckpointLoader
 from torch.utils.data import DataLoader
 
 from mmdet.registry import DATASETS, MODELS
@@ -36,6 +36,7 @@ from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            hutchinson_traces, key_hash, load_cached,
                            preprocess_batches, save_cached,
                            select_calibration_indices)
+from .checkpoint import prepare_state_dict
 from .dist import process_shard, run_on_main
 
 #: Defaults of the ``sensitivity`` dict of ``DistillSensitivityHook``.
@@ -64,9 +65,16 @@ DRAWS_VERSION = 2
 
 def build_detector(cfg, checkpoint: str) -> nn.Module:
     """The config's model with ``checkpoint`` loaded strictly, in eval mode.
+
+    The checkpoint goes through the plugin's loader and
+    :func:`~.checkpoint.prepare_state_dict`, as in the Runner: the official
+    DETR format is converted, and keys or shapes that do not fit stop with
+    one :class:`~mmdet_hawq.errors.HawqUserError` line.
     """
     model = MODELS.build(copy.deepcopy(cfg.model))
-    load_checkpoint(model, checkpoint, strict=True)
+    loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    state = prepare_state_dict(model, loaded, checkpoint)['state_dict']
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 

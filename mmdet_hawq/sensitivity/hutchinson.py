@@ -15,7 +15,7 @@ The function knows nothing of mmengine: it takes a name → parameter mapping,
 a loss callable and a sequence of batches.
 """
 import time
-from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -40,61 +40,39 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
 
 
-def hessian_vector_product(params: Sequence[torch.Tensor], loss_fn: LossFn,
-                           batches: Iterable, vectors: Sequence[torch.Tensor],
-                           names: Optional[Sequence[str]] = None
-                           ) -> List[torch.Tensor]:
-    """``H v`` of ``Σ_batches loss_fn(batch)`` by double backward.
+def batch_hvp(params: Sequence[torch.Tensor], loss_fn: LossFn, batch: Any,
+              vectors: Sequence[torch.Tensor], names: Sequence[str],
+              position: int = 0) -> List[torch.Tensor]:
+    """``H_b v`` of one batch's loss by double backward.
 
     Args:
         params (Sequence[Tensor]): Weights, each with ``requires_grad``.
         loss_fn (Callable): ``batch → scalar`` share of the total loss.
-        batches (Iterable): The calibration batches.
+        batch (Any): One calibration batch.
         vectors (Sequence[Tensor]): ``v``, one tensor per weight.
-        names (Sequence[str], optional): Weight names for error messages.
-            Defaults to None.
+        names (Sequence[str]): Weight names for error messages.
+        position (int): The batch's position, for messages. Defaults to 0.
 
     Returns:
-        list[Tensor]: ``Hv``, one tensor per weight.
+        list[Tensor]: ``H_b v``, one tensor per weight.
     """
-    names = list(names) if names is not None else [
-        f'param[{i}]' for i in range(len(params))
-    ]
-    hv = [torch.zeros_like(p) for p in params]
-    count = 0
-    for batch in batches:
-        count += 1
-        _accumulate_hv(params, loss_fn, batch, vectors, hv, names, count)
-    if count == 0:
-        raise HawqUserError(
-            'the calibration set is empty: give at least one image '
-            '(calibration num_images >= 1)')
-    return hv
-
-
-def _accumulate_hv(params: Sequence[torch.Tensor], loss_fn: LossFn, batch: Any,
-                   vectors: Sequence[torch.Tensor], hv: List[torch.Tensor],
-                   names: Sequence[str], count: int) -> None:
-    """Add one batch's ``H v`` to ``hv`` by double backward (``count`` is the
-    batch's 1-based number, for messages)."""
     # fused attention kernels have no double backward: force the math one
     with sdpa_kernel(SDPBackend.MATH):
         loss = loss_fn(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f'the loss is {loss.item()} on calibration batch {count}: '
-                'check the images and the checkpoint')
+                f'the loss is {loss.item()} on calibration batch '
+                f'{position + 1}: check the images and the checkpoint')
         grads = torch.autograd.grad(
             loss, params, create_graph=True, allow_unused=True)
         check_used(names, grads, 'the loss')
         dot = sum((g * v).sum() for g, v in zip(grads, vectors)
                   if g.requires_grad)
         if not torch.is_tensor(dot) or not dot.requires_grad:
-            return  # the loss is linear in every weight: H = 0
+            return [torch.zeros_like(p) for p in params]  # linear: H = 0
         hvs = torch.autograd.grad(dot, params, allow_unused=True)
-    for acc, h in zip(hv, hvs):
-        if h is not None:
-            acc.add_(h.detach())
+    return [torch.zeros_like(p) if h is None else h
+            for p, h in zip(params, hvs)]
 
 
 def batch_dots(params: Sequence[torch.Tensor], loss_fn: LossFn,
@@ -119,9 +97,7 @@ def batch_dots(params: Sequence[torch.Tensor], loss_fn: LossFn,
     dots = torch.zeros(len(params), dtype=torch.float64)
     layers = list(range(len(params)) if layers is None else layers)
     for pos in positions:
-        hv = [torch.zeros_like(p) for p in params]
-        _accumulate_hv(params, loss_fn, batches[pos], vectors, hv, names,
-                       pos + 1)
+        hv = batch_hvp(params, loss_fn, batches[pos], vectors, names, pos)
         dots[layers] += torch.stack([  # one device -> host copy per batch
             (vectors[i] * hv[i]).double().sum() for i in layers]).cpu()
     return dots
