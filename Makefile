@@ -10,7 +10,8 @@ MMDET_TOOLS = $$($(VPY) -c "import mmdet, os; print(os.path.join(os.path.dirname
 DATA := data/shapes/annotations/instances_val.json
 CKPT := checkpoints/detr_tiny_shapes.pth
 
-.PHONY: demo test data train eval venv detr-reference
+.PHONY: demo test data train eval venv detr-reference train-dino \
+	train-deformable
 
 venv: $(VENV)/.stamp
 
@@ -72,3 +73,17 @@ train: venv data
 	$(VPY) tools/export_checkpoint.py work_dirs/shapes_backbone_pretrain checkpoints/shapes_backbone.pth --fp32
 	$(VPY) $(MMDET_TOOLS)/train.py configs/detr_tiny_shapes.py --work-dir work_dirs/detr_tiny_shapes --resume
 	$(VPY) tools/export_checkpoint.py work_dirs/detr_tiny_shapes $(CKPT)
+
+# The small DETR-family models (configs/<name>_tiny_shapes.py), trained with
+# mmdet's own loop from checkpoints/shapes_backbone.pth. Resumable: run the
+# same target again after an interruption and it continues from the last
+# epoch saved in $(TRAIN_DIR)/<name> (checkpoints every epoch). Then the
+# checkpoint is exported (fp16) and its training log summarised.
+TRAIN_DIR ?= work_dirs
+train-%-family: venv data
+	$(VPY) $(MMDET_TOOLS)/train.py configs/$*_tiny_shapes.py --work-dir $(TRAIN_DIR)/$*_tiny_shapes --resume
+	$(VPY) tools/export_checkpoint.py $(TRAIN_DIR)/$*_tiny_shapes checkpoints/$*_tiny_shapes.pth
+	$(VPY) tools/train_log_summary.py $(TRAIN_DIR)/$*_tiny_shapes --config configs/$*_tiny_shapes.py \
+	    --command "make train-$*" > checkpoints/$*_tiny_shapes_train_log.md
+train-dino: train-dino-family
+train-deformable: train-deformable_detr-family

@@ -76,16 +76,111 @@ def tiny_cfg(tiny_data, tmp_path_factory) -> Config:
     return cfg
 
 
+def mmdet_config(rel: str) -> str:
+    """Path of one of mmdet's own configs (installed with the package)."""
+    import mmdet
+    return osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', rel)
+
+
+#: The DETR-family members the suite builds, shrunk: name → config (a
+#: project config or mmdet's own COCO one) and model overrides.
+FAMILY_CONFIGS = {
+    'deformable': (mmdet_config(
+        'deformable_detr/deformable-detr_r50_16xb2-50e_coco.py'), {}),
+    'deformable_refine': (mmdet_config(
+        'deformable_detr/deformable-detr-refine_r50_16xb2-50e_coco.py'), {}),
+    'deformable_twostage': (osp.join(ROOT, 'configs',
+                                     'deformable_detr_tiny_shapes.py'), {}),
+    'dino': (osp.join(ROOT, 'configs', 'dino_tiny_shapes.py'),
+             dict(dn_cfg=dict(group_cfg=dict(num_dn_queries=6)))),
+    'conditional': (mmdet_config(
+        'conditional_detr/conditional-detr_r50_8xb2-50e_coco.py'), {}),
+    'dab': (mmdet_config('dab_detr/dab-detr_r50_8xb2-50e_coco.py'), {}),
+}
+
+
+def shrink_family(name: str, tiny: Config) -> Config:
+    """A DETR-family config shrunk like the tiny DETR, on its data."""
+    path, extra = FAMILY_CONFIGS[name]
+    cfg = Config.fromfile(path)
+    # mmdet's DINO and Conditional decoders and two-stage proposals fix 128
+    # position features per coordinate: the width stays 256 (the rest shrinks)
+    d = 256
+    ffn = dict(embed_dims=d, feedforward_channels=64)
+    backbone = dict(type='ResNet', depth=18, base_channels=8, num_stages=2,
+                    strides=(1, 2), dilations=(1, 1), frozen_stages=-1,
+                    norm_cfg=dict(type='BN', requires_grad=True),
+                    norm_eval=False, init_cfg=None)
+    if cfg.model.type in ('DeformableDETR', 'DINO'):
+        msda = dict(embed_dims=d, num_heads=2, num_levels=2, num_points=2)
+        model = dict(
+            num_feature_levels=2,
+            backbone=dict(out_indices=(0, 1), **backbone),
+            neck=dict(in_channels=[8, 16], out_channels=d, num_outs=2,
+                      norm_cfg=dict(type='GN', num_groups=8)),
+            encoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=msda,
+                                                      ffn_cfg=ffn)),
+            decoder=dict(num_layers=2, layer_cfg=dict(
+                self_attn_cfg=dict(embed_dims=d, num_heads=2),
+                cross_attn_cfg=msda, ffn_cfg=ffn)))
+    else:
+        attn = dict(embed_dims=d, num_heads=2)
+        model = dict(
+            backbone=dict(out_indices=(1, ), **backbone),
+            neck=dict(in_channels=[16], out_channels=d),
+            encoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=attn,
+                                                      ffn_cfg=ffn)),
+            decoder=dict(num_layers=2, layer_cfg=dict(
+                self_attn_cfg=attn, cross_attn_cfg=attn, ffn_cfg=ffn)))
+    model.update(num_queries=6, positional_encoding=dict(num_feats=d // 2),
+                 bbox_head=dict(num_classes=4, embed_dims=d),
+                 test_cfg=dict(max_per_img=6), **extra)
+    cfg.merge_from_dict(dict(model=model))
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader',
+                'val_evaluator', 'test_evaluator'):
+        cfg[key] = copy.deepcopy(tiny[key])
+    cfg.default_scope = 'mmdet'
+    return cfg
+
+
+@pytest.fixture(scope='session')
+def family_cfg(tiny_cfg, tmp_path_factory):
+    """``family_cfg(name)``: the shrunk config of a DETR-family member with a
+    saved random-init checkpoint as ``load_from`` (built once per name)."""
+    from mmdet.registry import MODELS
+    built = {}
+
+    def get(name: str) -> Config:
+        if name not in built:
+            cfg = shrink_family(name, tiny_cfg)
+            torch.manual_seed(0)
+            model = MODELS.build(copy.deepcopy(cfg.model))
+            model.init_weights()
+            ckpt = str(tmp_path_factory.mktemp(name) / 'init.pth')
+            torch.save(dict(state_dict=model.state_dict(), meta={}), ckpt)
+            cfg.load_from = ckpt
+            cfg.work_dir = str(tmp_path_factory.mktemp(f'{name}_work'))
+            built[name] = cfg
+        return copy.deepcopy(built[name])
+
+    return get
+
+
+def build_from(cfg: Config) -> torch.nn.Module:
+    """The config's model with its ``load_from`` weights, in eval mode."""
+    from mmdet.registry import MODELS
+    model = MODELS.build(copy.deepcopy(cfg.model))
+    model.load_state_dict(torch.load(cfg.load_from)['state_dict'],
+                          strict=True)
+    return model.eval()
+
+
 @pytest.fixture
 def build_tiny_model(tiny_cfg):
     """Build the tiny DETR with the checkpoint's weights, in eval mode."""
-    from mmdet.registry import MODELS
 
     def build():
-        model = MODELS.build(copy.deepcopy(tiny_cfg.model))
-        state = torch.load(tiny_cfg.load_from)['state_dict']
-        model.load_state_dict(state, strict=True)
-        return model.eval()
+        return build_from(tiny_cfg)
 
     return build
 

@@ -24,6 +24,7 @@ from mmengine.config import Config
 
 from mmdet.utils import register_all_modules
 from mmdet_hawq.engine.pipeline import build_calibration, build_detector
+from mmdet_hawq.models import DISTILLATION_DEFAULTS, class_activation
 from mmdet_hawq.quant import apply_plan, quantizable_weights, uniform_plan
 from mmdet_hawq.sensitivity import (DistillationObjective,
                                     gauss_newton_traces, hessian_mode,
@@ -50,13 +51,16 @@ def main() -> int:
         batch_size=args.batch_size))
     batches = preprocess_batches(model, loader)
     weights = quantizable_weights(model)
+    activation = class_activation(model)
     teacher = copy.deepcopy(model)
     if args.metric == 'outquant':
         apply_plan(model, uniform_plan(weights, 8))
     index = range(len(batches))
     rows = []
     with hessian_mode(model, weights):
-        obj = DistillationObjective(model, teacher, batches, weights)
+        obj = DistillationObjective(
+            model, teacher, batches, weights,
+            *DISTILLATION_DEFAULTS[activation], activation=activation)
         plist = list(weights.values())
 
         def plain() -> float:

@@ -21,6 +21,7 @@ from mmengine.config import Config
 
 from mmdet.utils import register_all_modules
 from mmdet_hawq.engine.pipeline import build_calibration, build_detector
+from mmdet_hawq.models import DISTILLATION_DEFAULTS, class_activation
 from mmdet_hawq.quant import apply_plan, quantizable_weights, uniform_plan
 from mmdet_hawq.sensitivity import (DistillationObjective, hessian_mode,
                                     preprocess_batches)
@@ -39,6 +40,7 @@ def main() -> int:
     model = build_detector(cfg, args.checkpoint)
     teacher = copy.deepcopy(model)
     weights = quantizable_weights(model)
+    activation = class_activation(model)
     apply_plan(model, uniform_plan(weights, 8))
     losses = []
     for seed in range(args.sets):
@@ -47,7 +49,9 @@ def main() -> int:
             batch_size=8))
         batches = preprocess_batches(model, loader)
         with hessian_mode(model, weights):
-            obj = DistillationObjective(model, teacher, batches, weights)
+            obj = DistillationObjective(
+                model, teacher, batches, weights,
+                *DISTILLATION_DEFAULTS[activation], activation=activation)
             with torch.no_grad():
                 loss = sum(obj.loss(i).item() for i in range(len(batches)))
         losses.append(loss)

@@ -151,10 +151,14 @@ def list_layers(cfg: Config) -> None:
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     register_all_modules()
+    from mmdet_hawq.models import class_activation, detector_family
     from mmdet_hawq.quant import DEFAULT_EXCLUDE, list_weights
     hooks = hawq_hooks(cfg)
     opts = hooks[0] if hooks else {}
     model = MODELS.build(cfg.model)
+    print(f'{type(model).__name__}: {detector_family(model).name}, '
+          f'{class_activation(model)} class head '
+          f'({type(model.bbox_head).__name__})')
     infos = list_weights(model, opts.get('include'),
                          opts.get('exclude', DEFAULT_EXCLUDE))
     width = max(len(i.name) for i in infos)

@@ -114,7 +114,8 @@ def solve_allocation(sensitivity: Mapping[str, float],
                      max_weight_bytes: Optional[float] = None,
                      macs: Optional[Mapping[str, float]] = None,
                      max_bops: Optional[float] = None,
-                     activation_bits: int = 32) -> Allocation:
+                     activation_bits: int = 32,
+                     fixed: Optional[Mapping[str, int]] = None) -> Allocation:
     """Solve the bit allocation ILP exactly.
 
     Among plans of minimal predicted perturbation, the one with the most
@@ -135,6 +136,9 @@ def solve_allocation(sensitivity: Mapping[str, float],
             activation_bits``. Defaults to None.
         activation_bits (int): Activation bit-width for BOPs. Defaults to 32
             (activations stay float).
+        fixed (Mapping[str, int], optional): Layers whose bit-width is set
+            (e.g. gradient blind spots kept at the top of the range); each
+            must be one of ``bit_choices``. Defaults to None.
 
     Returns:
         Allocation: The optimal plan.
@@ -158,6 +162,14 @@ def solve_allocation(sensitivity: Mapping[str, float],
         for name in names
     }
     c = np.array([[costs[name][b] for b in bits] for name in names]).ravel()
+    upper = np.ones((L, K))
+    for name, b in (fixed or {}).items():
+        if b not in bits:
+            raise HawqUserError(
+                f'layer {name!r} is fixed at {b} bits, outside the '
+                f'candidate bit-widths {bits}')
+        upper[names.index(name)] = np.array(bits) == b
+    bounds = Bounds(0, upper.ravel())
     one_hot = np.kron(np.eye(L), np.ones((1, K)))
     rows = [LinearConstraint(one_hot, 1, 1)]
     bit_row = (n[:, None] * np.array(bits, dtype=np.float64)[None]).ravel()
@@ -174,7 +186,7 @@ def solve_allocation(sensitivity: Mapping[str, float],
                     activation_bits).ravel()
         rows.append(LinearConstraint(bops_row[None], -np.inf, max_bops))
     res = milp(c, constraints=rows, integrality=np.ones_like(c),
-               bounds=Bounds(0, 1))
+               bounds=bounds)
     if res.x is None:
         raise HawqUserError(
             f'the bit allocation is infeasible ({res.message}): with '
@@ -186,7 +198,7 @@ def solve_allocation(sensitivity: Mapping[str, float],
     best = float(c @ res.x)
     tie = milp(-bit_row, constraints=rows + [LinearConstraint(
         c[None], -np.inf, best + 1e-9 * abs(best) + 1e-300)],
-        integrality=np.ones_like(c), bounds=Bounds(0, 1))
+        integrality=np.ones_like(c), bounds=bounds)
     x = tie.x if tie.x is not None else res.x
     choice = x.reshape(L, K).argmax(1)
     plan = {name: bits[k] for name, k in zip(names, choice)}
@@ -199,7 +211,8 @@ def solve_allocation(sensitivity: Mapping[str, float],
 def pareto_sweep(sensitivity: Mapping[str, float],
                  errors: Mapping[str, Mapping[int, float]],
                  numels: Mapping[str, int], targets: Sequence[float],
-                 bit_choices: Sequence[int]) -> List[Dict]:
+                 bit_choices: Sequence[int],
+                 fixed: Optional[Mapping[str, int]] = None) -> List[Dict]:
     """Solve for many average-bit targets with one set of traces.
 
     Returns:
@@ -209,7 +222,8 @@ def pareto_sweep(sensitivity: Mapping[str, float],
     points = []
     for t in targets:
         try:
-            a = solve_allocation(sensitivity, errors, numels, t, bit_choices)
+            a = solve_allocation(sensitivity, errors, numels, t, bit_choices,
+                                 fixed=fixed)
         except HawqUserError:
             continue
         points.append(dict(target=float(t), avg_bits=a.avg_bits,

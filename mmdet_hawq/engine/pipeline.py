@@ -1,9 +1,11 @@
 """Sensitivity → allocation for the hook: the mmengine-facing glue.
 
-Steps (each in its own module): calibration set (:mod:`..sensitivity.
-calibration`) → frozen float teacher → student at float or 8-bit weights →
-per-layer traces (:mod:`..sensitivity.hutchinson` or :mod:`..sensitivity.
-gauss_newton`, cached by :mod:`..sensitivity.cache`) → error terms
+Steps (each in its own module): the detector's family facts (:mod:`..models.
+family`) → calibration set (:mod:`..sensitivity.calibration`) → frozen float
+teacher → student at float or 8-bit weights → per-layer traces
+(:mod:`..sensitivity.hutchinson` or :mod:`..sensitivity.gauss_newton`, cached
+by :mod:`..sensitivity.cache`) → which zero-trace weights still change the
+outputs (:mod:`..sensitivity.influence`) → error terms
 (:mod:`..quant.quantizer`) → ILP (:mod:`..allocation.ilp`).
 
 In a distributed run every rank takes its share of the calibration batches
@@ -27,6 +29,8 @@ from mmdet.registry import DATASETS, MODELS
 from ..allocation import (pareto_sweep, plot_pareto, sensitivities_from_traces,
                           solve_allocation)
 from ..errors import HawqUserError
+from ..models import (DISTILLATION_DEFAULTS, class_activation,
+                      decoder_outputs, detector_family)
 from ..quant import (fake_quantize, quantization_error, quantize_weights_,
                      uniform_plan)
 from ..report import plot_traces
@@ -34,7 +38,7 @@ from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            TraceResult, cache_path, file_sha256,
                            gauss_newton_traces, hessian_mode,
                            hutchinson_traces, key_hash, load_cached,
-                           preprocess_batches, save_cached,
+                           output_influence, preprocess_batches, save_cached,
                            select_calibration_indices)
 from .checkpoint import prepare_state_dict
 from .dist import process_shard, run_on_main
@@ -49,8 +53,8 @@ SENSITIVITY_DEFAULTS = dict(
     tol=0.05,
     min_samples=10,
     max_samples=100,
-    lambda_kl=0.05,
-    temperature=6.0,
+    lambda_kl=None,  # None: by the class head (models.DISTILLATION_DEFAULTS)
+    temperature=None,
     decoder_layers=None,
     negative_traces='ucb',
     use_cache=True,
@@ -59,8 +63,11 @@ SENSITIVITY_DEFAULTS = dict(
 )
 ESTIMATORS = ('hutchinson', 'hutchinson_per_layer', 'gauss_newton')
 #: Version of how random draws are seeded (part of the cache key): 2 = one
-#: generator per (sample, batch), the same in every process.
-DRAWS_VERSION = 2
+#: generator per (sample, batch), the same in every process; 3 = sigmoid
+#: heads' Rademacher draws, seeded loss inputs.
+DRAWS_VERSION = 3
+#: Calibration batches on which zero-trace weights are tested for influence.
+INFLUENCE_BATCHES = 2
 
 
 def build_detector(cfg, checkpoint: str) -> nn.Module:
@@ -78,8 +85,10 @@ def build_detector(cfg, checkpoint: str) -> nn.Module:
     return model.eval()
 
 
-def resolve_settings(metric: str, settings: Optional[dict]) -> dict:
-    """Defaults merged with the user's settings, checked."""
+def resolve_settings(metric: str, settings: Optional[dict],
+                     activation: str = 'softmax') -> dict:
+    """Defaults merged with the user's settings, checked; the distillation
+    defaults follow the class head's ``activation``."""
     s = dict(SENSITIVITY_DEFAULTS)
     unknown = set(settings or {}) - set(s)
     if unknown:
@@ -98,6 +107,11 @@ def resolve_settings(metric: str, settings: Optional[dict]) -> dict:
         raise HawqUserError(
             "metric 'losssen' has no Gauss-Newton form (Hungarian matching, "
             "GIoU): use estimator='hutchinson'")
+    lambda_kl, temperature = DISTILLATION_DEFAULTS[activation]
+    if s['lambda_kl'] is None:
+        s['lambda_kl'] = lambda_kl
+    if s['temperature'] is None:
+        s['temperature'] = temperature
     if s['num_images'] < 1:
         raise HawqUserError(
             f"calibration num_images is {s['num_images']}: use at least 1")
@@ -154,12 +168,18 @@ def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
 
 def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
                    metric: str, settings: dict, out_dir: str,
-                   axis: Optional[int] = None) -> TraceResult:
+                   axis: Optional[int] = None,
+                   influence_bits: Optional[int] = None) -> TraceResult:
     """Per-layer traces of ``metric`` (from the cache when present).
 
     The model's weights are float on entry and on exit; for ``outquant`` the
-    student is put at the uniform 8-bit weights in between.
+    student is put at the uniform 8-bit weights in between. With
+    ``influence_bits``, every weight whose trace is exactly 0 is then
+    quantized alone to that many bits and the largest change of the float
+    model's outputs is stored in ``result.meta['influence']``.
     """
+    family = detector_family(model)
+    activation = class_activation(model)
     loader, img_ids = build_calibration(runner.cfg, settings)
     batches = preprocess_batches(model, loader)
     estimator = settings['estimator']
@@ -197,12 +217,14 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
     try:
         with hessian_mode(model, weights):
             if metric == 'losssen':
-                objective = DetrLossObjective(model, batches)
+                objective = DetrLossObjective(
+                    model, batches, family.loss_needs_training_flag,
+                    settings['seed'])
             else:
                 objective = DistillationObjective(
                     model, teacher, batches, weights,
                     settings['lambda_kl'], settings['temperature'],
-                    settings['decoder_layers'])
+                    settings['decoder_layers'], activation)
             if estimator == 'gauss_newton':
                 result = gauss_newton_traces(
                     weights, objective.gauss_newton_sample, index, **common)
@@ -217,6 +239,13 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
     result.meta.update(key=key, calibration_img_ids=img_ids)
     if is_main_process():
         save_cached(path, key, result)
+    samples = np.asarray(result.samples)
+    zero = {n: weights[n] for i, n in enumerate(result.names)
+            if not samples[:, i].any()}
+    if influence_bits is not None and zero:
+        result.meta['influence'] = output_influence(
+            model, zero, decoder_outputs, batches[:INFLUENCE_BATCHES],
+            lambda w: fake_quantize(w, influence_bits, axis))
     return result
 
 
@@ -230,8 +259,14 @@ def sensitivity_plan(runner, model: nn.Module,
     Every rank computes its share of the traces; the plan is solved (and the
     reports written) on rank 0 and given to every rank.
     """
-    s = resolve_settings(metric, settings)
-    result = compute_traces(runner, model, weights, metric, s, out_dir, axis)
+    s = resolve_settings(metric, settings, class_activation(model))
+    runner.logger.info(
+        f'sensitivity: {detector_family(model).name} '
+        f'({class_activation(model)} class head), metric {metric}, '
+        f"estimator {s['estimator']}, lambda_kl {s['lambda_kl']}, "
+        f"temperature {s['temperature']}")
+    result = compute_traces(runner, model, weights, metric, s, out_dir, axis,
+                            influence_bits=bit_range[0])
     return run_on_main(_allocate, runner, result, weights, metric,
                        target_bits, bit_range, axis, s, out_dir)
 
@@ -253,13 +288,19 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
     used, notes = sensitivities_from_traces(names, mean, se, s['tol'],
                                             s['negative_traces'])
     bits = list(range(bit_range[0], bit_range[1] + 1))
+    fixed = blind_spots(result, bits, used, notes)
+    if fixed:
+        runner.logger.warning(
+            f'sensitivity: {len(fixed)} weight(s) have no gradient path but '
+            f'change the outputs, kept at {bits[-1]} bits: {sorted(fixed)}')
     errors = {}
     for n, p in weights.items():
         ref = fake_quantize(p.data, 8, axis) if metric == 'outquant' else None
         errors[n] = {b: quantization_error(p.data, b, ref, axis)
                      for b in bits}
     numels = {n: p.numel() for n, p in weights.items()}
-    alloc = solve_allocation(used, errors, numels, target_bits, bits)
+    alloc = solve_allocation(used, errors, numels, target_bits, bits,
+                             fixed=fixed)
     extra = {}
     for i, n in enumerate(names):
         extra[n] = dict(
@@ -268,7 +309,7 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
             error_by_bits={str(b): errors[n][b] for b in bits})
     # the Pareto curve of the same traces: predicted perturbation vs bits
     targets = np.round(np.arange(bits[0], bits[-1] + 1e-9, 0.25), 2)
-    curve = pareto_sweep(used, errors, numels, targets, bits)
+    curve = pareto_sweep(used, errors, numels, targets, bits, fixed)
     with open(osp.join(out_dir, 'pareto.json'), 'w') as f:
         json.dump(curve, f, indent=1)
     plot_pareto(osp.join(out_dir, 'pareto.png'), {metric: curve})
@@ -281,3 +322,30 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
         f'allocation: {alloc.avg_bits:.3f} bits on average (target '
         f'{target_bits}), predicted perturbation {alloc.objective:.4g}')
     return alloc.plan, extra
+
+
+def blind_spots(result: TraceResult, bits: Sequence[int],
+                used: Dict[str, float], notes: Dict[str, str]
+                ) -> Dict[str, int]:
+    """Zero-trace weights that change the outputs → fixed at the top bits.
+
+    Every weight tested by the influence check gets a note: 'no influence'
+    (its zero trace is right) or 'blind spot' (no gradient path, yet the
+    outputs move); its sensitivity is set to 0 either way, and blind spots
+    are returned for the ILP to fix at ``bits[-1]``.
+    """
+    no_grad = set(result.meta.get('no_gradient', []))
+    fixed = {}
+    for name, diff in result.meta.get('influence', {}).items():
+        how = 'no gradient path' if name in no_grad else 'zero gradient'
+        if diff > 0:
+            fixed[name] = bits[-1]
+            note = (f'blind spot: {how}, but {bits[0]}-bit weights change '
+                    f'the outputs by up to {diff:.3g}: kept at {bits[-1]} '
+                    'bits')
+        else:
+            note = (f'no influence: {how}, and {bits[0]}-bit weights leave '
+                    'the outputs unchanged')
+        used[name] = 0.0
+        notes[name] = '; '.join(x for x in (notes[name], note) if x)
+    return fixed

@@ -1,8 +1,13 @@
 from .backbone_pretrainer import BackbonePretrainer
+from .family import (DISTILLATION_DEFAULTS, FAMILIES, DetrFamily,
+                     class_activation, decoder_outputs, detector_family,
+                     final_head_weights)
 from .official_detr import (COCO_CATEGORY_IDS, convert_official_detr,
                             is_official_detr, official_detr_state)
 
 __all__ = [
     'BackbonePretrainer', 'COCO_CATEGORY_IDS', 'convert_official_detr',
-    'is_official_detr', 'official_detr_state'
+    'is_official_detr', 'official_detr_state', 'DISTILLATION_DEFAULTS',
+    'FAMILIES', 'DetrFamily', 'class_activation', 'decoder_outputs',
+    'detector_family', 'final_head_weights'
 ]

@@ -4,22 +4,24 @@ Weights are found by module type, not by name: convolutions, linear layers
 (attention output projections included), ``nn.MultiheadAttention``'s
 ``in_proj_weight`` (torch reads it directly, so it is rewritten as a
 parameter) and embeddings (DETR's query embedding). Biases and normalisation
-parameters are never candidates. Names matching an ``exclude`` pattern stay in
-float; by default those are the head's final class and box FFNs, whose
-quantization the paper found catastrophic.
+parameters are never candidates. The weights the detection head owns — the
+final class and box FFNs, whose quantization the paper found catastrophic —
+stay in float, found by parameter identity
+(:func:`~mmdet_hawq.models.family.final_head_weights`), not by name; names
+matching a user's ``exclude`` pattern stay in float too.
 """
 import fnmatch
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from ..errors import HawqUserError
+from ..errors import HawqUserError, short_list
+from ..models.family import final_head_weights
 
-#: Final class/box FFNs of ``DETRHead`` (and heads named alike) stay float.
-DEFAULT_EXCLUDE = ('bbox_head.fc_cls.*', 'bbox_head.reg_ffn.*',
-                   'bbox_head.fc_reg.*', 'bbox_head.cls_branches.*',
-                   'bbox_head.reg_branches.*')
+#: No user pattern by default: the head's final FFNs are kept float by
+#: structure (see the module docstring).
+DEFAULT_EXCLUDE: Tuple[str, ...] = ()
 
 _WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
 
@@ -68,14 +70,19 @@ def list_weights(model: nn.Module,
         model (nn.Module): The detector (unwrapped).
         include (Sequence[str], optional): If given, only names matching one
             of these glob patterns are quantized. Defaults to None (all).
-        exclude (Sequence[str]): Glob patterns of names kept in float.
-            Defaults to :data:`DEFAULT_EXCLUDE`.
+        exclude (Sequence[str]): Glob patterns of names kept in float, on
+            top of the head's final FFNs. Defaults to :data:`DEFAULT_EXCLUDE`.
 
     Returns:
         list[WeightInfo]: One entry per candidate weight.
+
+    Raises:
+        HawqUserError: An ``include`` or ``exclude`` pattern matches no
+            candidate weight (a typo would silently change the plan).
     """
     infos: List[WeightInfo] = []
     seen = set()
+    head = final_head_weights(model)
     for mod_name, module in model.named_modules():
         params = []
         if isinstance(module, _WEIGHT_TYPES):
@@ -93,13 +100,24 @@ def list_weights(model: nn.Module,
             name = f'{mod_name}.{pname}' if mod_name else pname
             reason = ''
             hit = _matches(name, exclude)
-            if hit is not None:
+            if id(param) in head:
+                reason = ('final class/box FFN of the head '
+                          f'({type(model.bbox_head).__name__})')
+            elif hit is not None:
                 reason = f'excluded by pattern {hit!r}'
             elif include is not None and _matches(name, include) is None:
                 reason = 'not matched by include patterns'
             infos.append(
                 WeightInfo(name, type(module).__name__, tuple(param.shape),
                            param.numel(), not reason, reason))
+    unused = [p for p in list(include or ()) + list(exclude)
+              if not any(_matches(i.name, [p]) for i in infos)]
+    if unused:
+        raise HawqUserError(
+            f'weight pattern(s) {short_list([repr(p) for p in unused])} '
+            f'match no quantizable weight of {type(model).__name__}: check '
+            'the include/exclude patterns against `tools/ptq.py CONFIG '
+            '--list-layers`')
     return infos
 
 

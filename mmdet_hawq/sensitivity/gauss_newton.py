@@ -14,14 +14,13 @@ squaring the summed gradient, same expectation). Each (sample, batch) has
 its own generator, so a :class:`~.sharding.Shard` of the batches in another
 process draws the same ``u`` and the all-reduced sum equals one process's.
 """
-import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from ..errors import HawqUserError
 from .sharding import Shard, batch_generator
-from .traces import TraceResult, check_finite, check_used, should_stop
+from .traces import TraceResult, note_unused, sample_traces, start_result
 
 SampleFn = Callable[[Any, torch.Generator], torch.Tensor]
 
@@ -39,6 +38,9 @@ def gauss_newton_traces(params: Mapping[str, torch.Tensor],
                         objective: str = '',
                         shard: Optional[Shard] = None) -> TraceResult:
     """Sample averaged per-layer Gauss–Newton traces until they converge.
+
+    A weight that gets no gradient (``None``) has trace 0 and is listed in
+    ``result.meta['no_gradient']``.
 
     Args:
         params (Mapping[str, Tensor]): Targeted weights by name.
@@ -66,33 +68,24 @@ def gauss_newton_traces(params: Mapping[str, torch.Tensor],
             '(calibration num_images >= 1)')
     names = list(params)
     plist = [params[n] for n in names]
-    numels = [p.numel() for p in plist]
-    if result is None:
-        result = TraceResult(names, numels, estimator='gauss_newton',
-                             objective=objective)
-    elif result.names != names or result.estimator != 'gauss_newton':
-        raise ValueError('the saved samples are of other layers or of '
-                         'another estimator: start a new run')
+    result = start_result(result, names, [p.numel() for p in plist],
+                          'gauss_newton', objective)
     shard = shard or Shard()
     positions = shard.positions(len(batches))
-    while not should_stop(result, tol, min_samples, max_samples):
-        start = time.perf_counter()
+
+    def sample_sums(index: int) -> torch.Tensor:
         sq = torch.zeros(len(plist), dtype=torch.float64)
         for pos in positions:
-            gen = batch_generator(seed, result.num_samples, pos)
-            s = sample_fn(batches[pos], gen)
+            s = sample_fn(batches[pos], batch_generator(seed, index, pos))
             grads = torch.autograd.grad(s, plist, allow_unused=True)
-            check_used(names, grads, 'the output')
-            sq += torch.stack([g.detach().double().pow(2).sum()
-                               for g in grads]).cpu()
-        total = shard.sum(sq)
-        row = (total / torch.tensor(numels, dtype=torch.float64)).tolist()
-        check_finite(row, names, 'a Gauss-Newton trace sample')
-        result.samples.append(row)
-        result.seconds += time.perf_counter() - start
-        if on_sample is not None:
-            on_sample(result)
-    return result
+            note_unused(result, names, grads)
+            sq += torch.stack([
+                torch.zeros((), dtype=torch.float64) if g is None else
+                g.detach().double().pow(2).sum().cpu() for g in grads])
+        return sq
+
+    return sample_traces(result, sample_sums, tol, min_samples, max_samples,
+                         on_sample, shard)
 
 
 def softmax_fisher_draw(logits: torch.Tensor, temperature: float,
@@ -115,4 +108,32 @@ def softmax_fisher_draw(logits: torch.Tensor, temperature: float,
     idx = torch.multinomial(flat, 1, generator=generator).squeeze(1)
     onehot = torch.zeros_like(flat).scatter_(1, idx[:, None], 1.0)
     u = (onehot - flat).reshape(p.shape) * (weight**0.5 / temperature)
+    return u.to(logits.device, logits.dtype)
+
+
+def sigmoid_fisher_draw(logits: torch.Tensor, temperature: float,
+                        weight: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """``u`` with ``E[u uᵀ] = weight · diag(p (1 − p)) / T²``, ``p =
+    σ(logits / T)``: the output Hessian of a per-class Bernoulli KL at
+    temperature ``T`` at equality.
+
+    The draw is ``u = ε · sqrt(weight · p (1 − p)) / T`` with Rademacher
+    ``ε``: its second moment is exactly the diagonal (``u²`` has no
+    variance), which gives lower-variance traces than ``(y − p)/T`` with
+    ``y ~ Bernoulli(p)``.
+
+    Args:
+        logits (Tensor): (..., C) logits (detached inside).
+        temperature (float): Temperature ``T``.
+        weight (float): Factor of the Hessian (e.g. ``λ_KL / N``).
+        generator (torch.Generator): CPU generator of the signs.
+
+    Returns:
+        Tensor: ``u``, shape of ``logits``.
+    """
+    p = torch.sigmoid(logits.detach().double() / temperature).cpu()
+    sign = torch.randint(0, 2, p.shape, generator=generator,
+                         dtype=torch.int8).double() * 2 - 1
+    u = sign * (weight * p * (1 - p)).sqrt() / temperature
     return u.to(logits.device, logits.dtype)

@@ -11,18 +11,22 @@ Each batch's ``v_l·(H_b v)_l`` is summed in float64; with a :class:`~.sharding.
 Shard`, every process takes its share of the batches (same ``v``) and the
 partial sums are added by one all-reduce per sample.
 
+Double backward runs with :func:`~.double_backward.double_backward_kernels`
+(the math attention kernel, mmcv's pure-PyTorch deformable attention), on
+any device. A weight that gets no gradient has trace 0 and is listed in
+``result.meta['no_gradient']``.
+
 The function knows nothing of mmengine: it takes a name → parameter mapping,
 a loss callable and a sequence of batches.
 """
-import time
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import HawqUserError
+from .double_backward import double_backward_kernels
 from .sharding import Shard
-from .traces import TraceResult, check_finite, check_used, should_stop
+from .traces import TraceResult, sample_traces, start_result
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -40,9 +44,13 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
 
 
-def batch_hvp(params: Sequence[torch.Tensor], loss_fn: LossFn, batch: Any,
-              vectors: Sequence[torch.Tensor], names: Sequence[str],
-              position: int = 0) -> List[torch.Tensor]:
+def batch_hvp(params: Sequence[torch.Tensor],
+              loss_fn: LossFn,
+              batch: Any,
+              vectors: Sequence[torch.Tensor],
+              names: Sequence[str],
+              position: int = 0,
+              unused: Optional[List[str]] = None) -> List[torch.Tensor]:
     """``H_b v`` of one batch's loss by double backward.
 
     Args:
@@ -50,14 +58,16 @@ def batch_hvp(params: Sequence[torch.Tensor], loss_fn: LossFn, batch: Any,
         loss_fn (Callable): ``batch → scalar`` share of the total loss.
         batch (Any): One calibration batch.
         vectors (Sequence[Tensor]): ``v``, one tensor per weight.
-        names (Sequence[str]): Weight names for error messages.
+        names (Sequence[str]): Weight names.
         position (int): The batch's position, for messages. Defaults to 0.
+        unused (list, optional): Names of weights without a gradient are
+            appended here. Defaults to None.
 
     Returns:
-        list[Tensor]: ``H_b v``, one tensor per weight.
+        list[Tensor]: ``H_b v``, one tensor per weight (zeros for a weight
+        the loss does not reach).
     """
-    # fused attention kernels have no double backward: force the math one
-    with sdpa_kernel(SDPBackend.MATH):
+    with double_backward_kernels():
         loss = loss_fn(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -65,9 +75,11 @@ def batch_hvp(params: Sequence[torch.Tensor], loss_fn: LossFn, batch: Any,
                 f'{position + 1}: check the images and the checkpoint')
         grads = torch.autograd.grad(
             loss, params, create_graph=True, allow_unused=True)
-        check_used(names, grads, 'the loss')
+        if unused is not None:
+            unused.extend(n for n, g in zip(names, grads)
+                          if g is None and n not in unused)
         dot = sum((g * v).sum() for g, v in zip(grads, vectors)
-                  if g.requires_grad)
+                  if g is not None and g.requires_grad)
         if not torch.is_tensor(dot) or not dot.requires_grad:
             return [torch.zeros_like(p) for p in params]  # linear: H = 0
         hvs = torch.autograd.grad(dot, params, allow_unused=True)
@@ -75,10 +87,14 @@ def batch_hvp(params: Sequence[torch.Tensor], loss_fn: LossFn, batch: Any,
             for p, h in zip(params, hvs)]
 
 
-def batch_dots(params: Sequence[torch.Tensor], loss_fn: LossFn,
-               batches: Sequence, positions: Sequence[int],
-               vectors: Sequence[torch.Tensor], names: Sequence[str],
-               layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+def batch_dots(params: Sequence[torch.Tensor],
+               loss_fn: LossFn,
+               batches: Sequence,
+               positions: Sequence[int],
+               vectors: Sequence[torch.Tensor],
+               names: Sequence[str],
+               layers: Optional[Sequence[int]] = None,
+               unused: Optional[List[str]] = None) -> torch.Tensor:
     """``Σ_b v_l·(H_b v)_l`` over the batches at ``positions``, per layer.
 
     Args:
@@ -90,6 +106,7 @@ def batch_dots(params: Sequence[torch.Tensor], loss_fn: LossFn,
         names (Sequence[str]): Weight names for error messages.
         layers (Sequence[int], optional): Layers whose dot is read (others
             stay 0). Defaults to None (all).
+        unused (list, optional): See :func:`batch_hvp`. Defaults to None.
 
     Returns:
         Tensor: float64, shape (L,).
@@ -97,7 +114,8 @@ def batch_dots(params: Sequence[torch.Tensor], loss_fn: LossFn,
     dots = torch.zeros(len(params), dtype=torch.float64)
     layers = list(range(len(params)) if layers is None else layers)
     for pos in positions:
-        hv = batch_hvp(params, loss_fn, batches[pos], vectors, names, pos)
+        hv = batch_hvp(params, loss_fn, batches[pos], vectors, names, pos,
+                       unused)
         dots[layers] += torch.stack([  # one device -> host copy per batch
             (vectors[i] * hv[i]).double().sum() for i in layers]).cpu()
     return dots
@@ -148,34 +166,25 @@ def hutchinson_traces(params: Mapping[str, torch.Tensor],
             '(calibration num_images >= 1)')
     names = list(params)
     plist = [params[n] for n in names]
-    numels = [p.numel() for p in plist]
     estimator = 'hutchinson_per_layer' if per_layer else 'hutchinson'
-    if result is None:
-        result = TraceResult(names, numels, estimator=estimator,
-                             objective=objective)
-    elif result.names != names or result.estimator != estimator:
-        raise ValueError('the saved samples are of other layers or of '
-                         'another estimator: start a new run')
+    result = start_result(result, names, [p.numel() for p in plist],
+                          estimator, objective)
+    unused = result.meta.setdefault('no_gradient', [])
     shard = shard or Shard()
     positions = shard.positions(len(batches))
-    while not should_stop(result, tol, min_samples, max_samples):
-        start = time.perf_counter()
-        vs = rademacher_like(plist,
-                             sample_generator(seed, result.num_samples))
-        if per_layer:
-            dots = torch.zeros(len(plist), dtype=torch.float64)
-            for i in range(len(plist)):
-                masked = [v if j == i else torch.zeros_like(v)
-                          for j, v in enumerate(vs)]
-                dots += batch_dots(plist, loss_fn, batches, positions,
-                                   masked, names, layers=[i])
-        else:
-            dots = batch_dots(plist, loss_fn, batches, positions, vs, names)
-        total = shard.sum(dots)
-        row = (total / torch.tensor(numels, dtype=torch.float64)).tolist()
-        check_finite(row, names, 'a Hutchinson trace sample')
-        result.samples.append(row)
-        result.seconds += time.perf_counter() - start
-        if on_sample is not None:
-            on_sample(result)
-    return result
+
+    def sample_sums(index: int) -> torch.Tensor:
+        vs = rademacher_like(plist, sample_generator(seed, index))
+        if not per_layer:
+            return batch_dots(plist, loss_fn, batches, positions, vs, names,
+                              unused=unused)
+        dots = torch.zeros(len(plist), dtype=torch.float64)
+        for i in range(len(plist)):
+            masked = [v if j == i else torch.zeros_like(v)
+                      for j, v in enumerate(vs)]
+            dots += batch_dots(plist, loss_fn, batches, positions, masked,
+                               names, layers=[i], unused=unused)
+        return dots
+
+    return sample_traces(result, sample_sums, tol, min_samples, max_samples,
+                         on_sample, shard)

@@ -1,34 +1,42 @@
-"""The three sensitivity objectives, built from an mmdet DETR model.
+"""The three sensitivity objectives, built from an mmdet DETR-family model.
 
-* :class:`DetrLossObjective` — the DETR training loss (Hungarian matching to
-  the ground truth), for Loss Sensitivity.
+* :class:`DetrLossObjective` — the detector's training loss (Hungarian
+  matching to the ground truth), for Loss Sensitivity.
 * :class:`DistillationObjective` — the paper's multi-layer distillation loss
   (Eq. 5) between the student and a frozen float teacher, for Output
   Sensitivity Float (student = float weights) and Quant (student = 8-bit
   weights)::
 
-      Σ_layers mean_{images, queries} [ λ_KL · KL(softmax(p_s/T) ‖
-                                        softmax(p_t/T)) + ||b_s − b_t||_1 ]
+      Σ_layers mean_{images, queries} [ λ_KL · KL_T(p_s ‖ p_t)
+                                        + ||b_s − b_t||_1 ]
 
-  Queries are matched by index (no Hungarian matching); every decoder layer's
-  output goes through the shared head.
+  with the paper's softmax KL at temperature T for a softmax head, and for a
+  sigmoid (focal) head the per-class Bernoulli KL between ``σ(z_s/T)`` and
+  ``σ(z_t/T)``, summed over classes. Queries are matched by index (no
+  Hungarian matching); every decoder layer's output goes through the head.
 
 Batches are indices into preprocessed calibration batches; each objective's
 ``loss(i)`` returns batch ``i``'s share of the calibration-set loss, so the
 sum over batches is the loss on the whole set (what the estimators need).
+The detector-specific parts (how to get the outputs, the class activation,
+whether the loss needs the detector's training flag) come from
+:mod:`mmdet_hawq.models.family` through the constructors' arguments.
 """
 import sys
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .gauss_newton import softmax_fisher_draw
+from ..models.family import decoder_outputs
+from .gauss_newton import sigmoid_fisher_draw, softmax_fisher_draw
 
-Batch = Dict  # {'inputs': Tensor (B, 3, H, W), 'data_samples': [DetDataSample]}
+Batch = Dict  # {'inputs': Tensor (B, 3, H, W), 'data_samples': [...]}
+OutputsFn = Callable[[nn.Module, Batch], Tuple[torch.Tensor, torch.Tensor]]
+ACTIVATIONS = ('softmax', 'sigmoid')
 
 
 @contextmanager
@@ -60,25 +68,6 @@ def hessian_mode(model: nn.Module,
         model.train(was_training)
 
 
-def detr_outputs(model: nn.Module,
-                 batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Class logits and boxes of every decoder layer.
-
-    Args:
-        model (nn.Module): An mmdet ``DETR`` (or a detector with the same
-            ``extract_feat`` / ``forward_transformer`` / ``bbox_head``).
-        batch (dict): Preprocessed ``inputs`` and ``data_samples``.
-
-    Returns:
-        tuple: logits (L, B, Q, C+1) and normalised (cx, cy, w, h) boxes
-        (L, B, Q, 4), L = number of decoder layers.
-    """
-    feats = model.extract_feat(batch['inputs'])
-    head_inputs = model.forward_transformer(feats, batch['data_samples'])
-    cls, box = model.bbox_head(**head_inputs)
-    return cls, box
-
-
 def preprocess_batches(model: nn.Module, loader) -> List[Batch]:
     """Run the model's data preprocessor over a dataloader, once."""
     batches = []
@@ -107,6 +96,11 @@ class DistillationObjective:
         temperature (float): Softmax temperature. Defaults to 6.0.
         layers (Sequence[int], optional): Decoder layers used (indices into
             L, negative allowed). Defaults to None (all).
+        activation (str): The class head's ``'softmax'`` (DETR) or
+            ``'sigmoid'`` (focal heads). Defaults to 'softmax'.
+        outputs (Callable, optional): ``(model, batch) → (scores (L, B, Q,
+            C), boxes (L, B, Q, 4))``. Defaults to None
+            (:func:`~mmdet_hawq.models.family.decoder_outputs`).
     """
 
     def __init__(self,
@@ -116,7 +110,14 @@ class DistillationObjective:
                  params: Dict[str, nn.Parameter],
                  lambda_kl: float = 0.05,
                  temperature: float = 6.0,
-                 layers: Optional[Sequence[int]] = None) -> None:
+                 layers: Optional[Sequence[int]] = None,
+                 activation: str = 'softmax',
+                 outputs: Optional[OutputsFn] = None) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f'activation must be one of {ACTIVATIONS}, '
+                             f'got {activation!r}')
+        self.activation = activation
+        self.outputs = outputs or decoder_outputs
         self.student = student
         self.batches = list(batches)
         self.lambda_kl = float(lambda_kl)
@@ -134,7 +135,7 @@ class DistillationObjective:
         if index not in self._targets:
             with hessian_mode(self.teacher, self._teacher_params):
                 cls, box = self._select(
-                    *detr_outputs(self.teacher, self.batches[index]))
+                    *self.outputs(self.teacher, self.batches[index]))
             self._targets[index] = (cls.detach(), box.detach())
         return self._targets[index]
 
@@ -151,26 +152,54 @@ class DistillationObjective:
     def loss(self, index: int) -> torch.Tensor:
         """Batch ``index``'s share of the calibration-set distillation loss.
         """
-        cls, box = self._select(*detr_outputs(self.student,
+        cls, box = self._select(*self.outputs(self.student,
                                               self.batches[index]))
         t_cls, t_box = self.target(index)
-        T = self.temperature
-        log_s = F.log_softmax(cls / T, dim=-1)
-        log_t = F.log_softmax(t_cls / T, dim=-1)
-        kl = (log_s.exp() * (log_s - log_t)).sum()
+        kl = temperature_kl(cls, t_cls, self.temperature, self.activation)
         l1 = (box - t_box).abs().sum()
         return (self.lambda_kl * kl + l1) * self._norm(cls)
 
     def gauss_newton_sample(self, index: int,
                             generator: torch.Generator) -> torch.Tensor:
         """``s = Σ u·z`` with ``E[uuᵀ]`` = the KL term's output Hessian at
-        the student's softmax (the L1 term has no curvature; at the 8-bit
-        student the residual terms are omitted)."""
-        cls, _ = self._select(*detr_outputs(self.student,
+        the student's probabilities (the L1 term has no curvature; at the
+        8-bit student the residual terms are omitted)."""
+        cls, _ = self._select(*self.outputs(self.student,
                                             self.batches[index]))
-        u = softmax_fisher_draw(cls, self.temperature,
-                                self.lambda_kl * self._norm(cls), generator)
+        draw = softmax_fisher_draw if self.activation == 'softmax' else \
+            sigmoid_fisher_draw
+        u = draw(cls, self.temperature, self.lambda_kl * self._norm(cls),
+                 generator)
         return (u * cls).sum()
+
+
+def temperature_kl(student: torch.Tensor, teacher: torch.Tensor,
+                   temperature: float, activation: str) -> torch.Tensor:
+    """``Σ KL(p_s ‖ p_t)`` at temperature ``T``, summed over all entries.
+
+    Softmax: ``p = softmax(z / T)`` over the last axis (the paper's Eq. 5).
+    Sigmoid: ``p = σ(z / T)`` per class, and the Bernoulli KL
+    ``p_s log(p_s/p_t) + (1 − p_s) log((1 − p_s)/(1 − p_t))``, summed over
+    classes; its Hessian in ``z_s`` at ``z_s = z_t`` is ``p(1 − p) / T²``
+    (no focal modulation: that would vanish there).
+
+    Args:
+        student (Tensor): Student logits (..., C).
+        teacher (Tensor): Teacher logits, same shape.
+        temperature (float): ``T``.
+        activation (str): ``'softmax'`` or ``'sigmoid'``.
+
+    Returns:
+        Tensor: Scalar; exactly 0.0 when the logits are equal.
+    """
+    zs, zt = student / temperature, teacher / temperature
+    if activation == 'softmax':
+        log_s = F.log_softmax(zs, dim=-1)
+        log_t = F.log_softmax(zt, dim=-1)
+        return (log_s.exp() * (log_s - log_t)).sum()
+    p = torch.sigmoid(zs)
+    return (p * (F.logsigmoid(zs) - F.logsigmoid(zt)) +
+            (1 - p) * (F.logsigmoid(-zs) - F.logsigmoid(-zt))).sum()
 
 
 @contextmanager
@@ -203,23 +232,57 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@contextmanager
+def detector_training_flag(model: nn.Module) -> Iterator[None]:
+    """Set the detector's own ``training`` flag, not its submodules'.
+
+    Two-stage Deformable DETR and DINO build the encoder proposal outputs
+    (and DINO its denoising queries) that their loss needs only when the
+    detector itself is training; dropout and batch norms stay in eval mode.
+    """
+    was = model.training
+    model.training = True
+    try:
+        yield
+    finally:
+        model.training = was
+
+
 class DetrLossObjective:
-    """The DETR training loss (Hungarian matching), summed over its terms.
+    """The detector's training loss (Hungarian matching), summed over its
+    terms.
+
+    Random inputs of the loss (DINO's denoising queries) are drawn from a
+    generator seeded by the batch index, so every evaluation of a batch's
+    loss — every sample, every process — sees the same ones.
 
     Args:
         model (nn.Module): The detector (eval mode: no dropout).
         batches (Sequence[Batch]): Preprocessed batches with ground truth.
+        training_flag (bool): Compute the loss with the detector's own
+            ``training`` flag set (see :func:`detector_training_flag`).
+            Defaults to False.
+        seed (int): Seed of the loss's random inputs. Defaults to 0.
     """
 
-    def __init__(self, model: nn.Module, batches: Sequence[Batch]) -> None:
+    def __init__(self, model: nn.Module, batches: Sequence[Batch],
+                 training_flag: bool = False, seed: int = 0) -> None:
         self.model = model
         self.batches = list(batches)
         self.num_images = sum(b['inputs'].shape[0] for b in self.batches)
+        self.training_flag = training_flag
+        self.seed = int(seed)
 
     def loss(self, index: int) -> torch.Tensor:
         """Batch ``index``'s loss weighted by its share of the images."""
         batch = self.batches[index]
-        with local_normalisers(self.model.bbox_head):
+        flag = detector_training_flag(self.model) if self.training_flag \
+            else nullcontext()
+        device = batch['inputs'].device
+        with local_normalisers(self.model.bbox_head), flag, \
+                torch.random.fork_rng(devices=[device] if device.type ==
+                                      'cuda' else []):
+            torch.manual_seed(self.seed * 1_000_003 + index)
             losses = self.model.loss(batch['inputs'], batch['data_samples'])
         total = sum(v for k, v in losses.items() if 'loss' in k)
         return total * (batch['inputs'].shape[0] / self.num_images)

@@ -7,12 +7,12 @@ standard errors are exact functions of the samples, a run can be resumed from
 saved samples, and the stopping rule is one testable function.
 """
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-
-from ..errors import HawqUserError
+import torch
 
 
 @dataclass
@@ -122,12 +122,67 @@ def check_finite(values: Sequence[float], names: Sequence[str],
             'weights or outputs)')
 
 
-def check_used(names: Sequence[str], grads: Sequence, what: str) -> None:
-    """Raise if a targeted weight got no gradient (``None``) from ``what``.
+def note_unused(result: TraceResult, names: Sequence[str],
+                grads: Sequence) -> None:
+    """Record in ``result.meta['no_gradient']`` the targeted weights that got
+    no gradient (``None``): their trace is 0 by construction, and whether
+    they matter is decided by the output-influence check, not by the trace.
     """
     unused = [n for n, g in zip(names, grads) if g is None]
     if unused:
-        raise HawqUserError(
-            f'{what} does not depend on {len(unused)} targeted weight(s), '
-            f'e.g. {unused[:3]}: exclude them from the quantized set '
-            '(exclude patterns)')
+        known = result.meta.setdefault('no_gradient', [])
+        known.extend(n for n in unused if n not in known)
+
+
+#: ``sample_sums(index) → (L,) float64`` per-layer sums of one sample over
+#: this process's batches (before the cross-process sum).
+SampleSums = Callable[[int], torch.Tensor]
+
+
+def start_result(result: Optional[TraceResult], names: Sequence[str],
+                 numels: Sequence[int], estimator: str,
+                 objective: str) -> TraceResult:
+    """A new result, or ``result`` checked to be of the same layers and
+    estimator (a resumed run)."""
+    if result is None:
+        return TraceResult(list(names), list(numels), estimator=estimator,
+                           objective=objective)
+    if result.names != list(names) or result.estimator != estimator:
+        raise ValueError('the saved samples are of other layers or of '
+                         'another estimator: start a new run')
+    return result
+
+
+def sample_traces(result: TraceResult, sample_sums: SampleSums, tol: float,
+                  min_samples: int, max_samples: int,
+                  on_sample: Optional[Callable[[TraceResult], None]],
+                  shard) -> TraceResult:
+    """The sampling loop both estimators share: draw samples until every
+    layer converges (:func:`should_stop`), summing each sample's per-layer
+    partial sums across processes.
+
+    Args:
+        result (TraceResult): Samples so far (see :func:`start_result`);
+            appended to.
+        sample_sums (Callable): See :data:`SampleSums`.
+        tol (float): Relative SE target.
+        min_samples (int): Fewest samples.
+        max_samples (int): Most samples.
+        on_sample (Callable, optional): Called after each sample.
+        shard (Shard): This process's share and the cross-process sum.
+
+    Returns:
+        TraceResult: ``result`` with all samples.
+    """
+    numels = torch.tensor(result.numels, dtype=torch.float64)
+    while not should_stop(result, tol, min_samples, max_samples):
+        start = time.perf_counter()
+        total = shard.sum(sample_sums(result.num_samples))
+        row = (total / numels).tolist()
+        check_finite(row, result.names,
+                     f'a {result.estimator} trace sample')
+        result.samples.append(row)
+        result.seconds += time.perf_counter() - start
+        if on_sample is not None:
+            on_sample(result)
+    return result

@@ -11,12 +11,17 @@ from mmdet.registry import HOOKS
 
 from ..conftest import ROOT
 
-CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'detr_*bit.py')))
+CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*_*bit.py')))
+MODELS = ('detr_r50', 'detr_tiny_shapes', 'dino_r50', 'dino_tiny_shapes',
+          'deformable_detr_r50', 'deformable_detr_tiny_shapes',
+          'conditional_detr_r50', 'dab_detr_r50')
+FAMILY = {'detr': 'DETR', 'dino': 'DINO', 'deformable_detr': 'DeformableDETR',
+          'conditional_detr': 'ConditionalDETR', 'dab_detr': 'DABDETR'}
 
 
 def test_all_table1_rows_exist():
     names = {osp.basename(c) for c in CONFIGS}
-    for model in ('detr_r50', 'detr_tiny_shapes'):
+    for model in MODELS:
         assert f'{model}_uniform_8bit.py' in names
         for metric in ('uniform', 'losssen', 'outfloat', 'outquant'):
             for bits in (6, 5, 4):
@@ -31,14 +36,18 @@ def test_config_builds_its_hook(path):
              if h['type'] == 'DistillSensitivityHook']
     assert len(hooks) == 1
     hook = HOOKS.build(dict(hooks[0]))
-    metric, bits = re.match(r'detr_\w+?_(uniform|losssen|outfloat|outquant)'
-                            r'_(\d)bit\.py', osp.basename(path)).groups()
+    model, metric, bits = re.match(
+        r'(\w+?)_(uniform|losssen|outfloat|outquant)_(\d)bit\.py',
+        osp.basename(path)).groups()
+    assert model in MODELS
+    family = re.match(r'(\w+?)_(r50|tiny_shapes)$', model).group(1)
+    assert cfg.model.type == FAMILY[family]
     assert hook.metric == metric
     if metric == 'uniform':
         assert hook.bits == int(bits)
     else:
         assert hook.target_bits == int(bits)
         assert hook.bit_range == ((4, 7) if bits == '6' else (3, 6))
-    if 'detr_r50' in path:
+    if model.endswith('_r50'):
         assert cfg.model.backbone.depth == 50
         assert cfg.model.backbone.init_cfg is None  # no download at build

@@ -9,8 +9,9 @@ import torch
 from mmengine.runner import Runner
 
 from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.models import decoder_outputs
 from mmdet_hawq.quant import quantizable_weights
-from mmdet_hawq.sensitivity import (DistillationObjective, detr_outputs,
+from mmdet_hawq.sensitivity import (DistillationObjective,
                                     gauss_newton_traces, hessian_mode,
                                     hutchinson_traces)
 
@@ -46,7 +47,7 @@ def test_distillation_loss_is_exactly_zero_at_the_float_student(
         for i in range(len(batches)):
             loss = obj.loss(i)
             assert loss.item() == 0.0
-        cls, box = detr_outputs(model, batches[0])
+        cls, box = decoder_outputs(model, batches[0])
     assert cls.shape[0] == 2 and cls.shape[2] == 6  # layers, queries
     assert box.shape[-1] == 4
     # the student's gradient is zero there; the Hessian is not

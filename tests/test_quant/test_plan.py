@@ -30,7 +30,7 @@ class Detector(nn.Module):
         self.bbox_head = Head()
 
 
-def test_selection_by_module_type_with_default_exclusions():
+def test_selection_by_module_type_with_the_head_kept_float():
     infos = {i.name: i for i in list_weights(Detector())}
     assert infos['backbone.0.weight'].included
     assert infos['attn.in_proj_weight'].included
@@ -38,16 +38,23 @@ def test_selection_by_module_type_with_default_exclusions():
     assert infos['query_embedding.weight'].included
     for name in ('bbox_head.fc_cls.weight', 'bbox_head.reg_ffn.weight',
                  'bbox_head.fc_reg.weight'):
-        assert not infos[name].included and 'excluded' in infos[name].reason
+        assert not infos[name].included
+        assert infos[name].reason == 'final class/box FFN of the head (Head)'
     assert not any('norm' in n or 'bias' in n or n.startswith('backbone.1')
                    for n in infos)
 
 
-def test_include_and_exclude_patterns_override():
-    names = list(quantizable_weights(Detector(), exclude=()))
-    assert 'bbox_head.fc_cls.weight' in names
+def test_include_and_exclude_patterns():
+    names = list(quantizable_weights(Detector(), exclude=['attn.*']))
+    assert names == ['backbone.0.weight', 'query_embedding.weight']
     names = list(quantizable_weights(Detector(), include=['backbone.*']))
     assert names == ['backbone.0.weight']
+    # the head stays float even when a pattern names it
+    names = list(quantizable_weights(Detector(), include=['bbox_head.*',
+                                                          'backbone.*']))
+    assert names == ['backbone.0.weight']
+    with pytest.raises(HawqUserError, match="'backbone.9.*'"):
+        quantizable_weights(Detector(), exclude=['backbone.9.*'])
 
 
 def test_apply_plan_in_place_and_stats(tmp_path):

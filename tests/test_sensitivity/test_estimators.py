@@ -91,23 +91,28 @@ def exact_traces(model, loss_fn, nb, names):
     return out
 
 
-def exact_gauss_newton(model, xs, names, n_total):
-    """Exact per-layer averaged traces of Jᵀ A J for the KL term, A at the
-    student's softmax."""
+def softmax_output_hessian(z):
+    """The softmax KL term's output Hessian, (rows, C, C), before λ/(T² n).
+    """
+    p = torch.softmax(z / T, -1).reshape(-1, z.shape[-1])
+    return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+
+
+def exact_gauss_newton(model, xs, names, n_total,
+                       output_hessian=softmax_output_hessian):
+    """Exact per-layer averaged traces of Jᵀ A J for the KL term, A =
+    λ/(T² n) · output_hessian(student logits)."""
     out = {n: 0.0 for n in names}
     base = dict(model.named_parameters())
     for x in xs:
-        z = model(x).detach()
-        p = torch.softmax(z / T, -1).reshape(-1, z.shape[-1])
+        A = output_hessian(model(x).detach()) * (LAM / (T * T * n_total))
         for name in names:
             def g(w, name=name):
                 params = dict(base)
                 params[name] = w
                 return functional_call(model, params, (x, )).reshape(-1)
             J = torch.autograd.functional.jacobian(g, base[name].detach())
-            J = J.reshape(p.shape[0], p.shape[1], -1)
-            A = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) * (
-                LAM / (T * T * n_total))
+            J = J.reshape(A.shape[0], A.shape[1], -1)
             out[name] += torch.einsum('qci,qcd,qdi->', J, A, J).item()
     return {n: v / base[n].numel() for n, v in out.items()}
 
@@ -212,10 +217,16 @@ def test_bad_inputs_are_reported():
                          for x in xs])
     with pytest.raises(HawqUserError, match='empty'):
         hutchinson_traces(targets(model), loss_fn, [], max_samples=2)
+    # a weight the loss does not reach: trace exactly 0, listed by name
     extra = nn.Linear(2, 2).double()
     params = dict(targets(model), unused=extra.weight)
-    with pytest.raises(HawqUserError, match='does not depend'):
-        hutchinson_traces(params, loss_fn, range(2), max_samples=2)
+    res = hutchinson_traces(params, loss_fn, range(2), max_samples=2)
+    assert res.meta['no_gradient'] == ['unused']
+    assert res.mean()[-1] == 0.0 and (res.mean()[:-1] != 0).all()
+    res = gauss_newton_traces(params, lambda i, g: loss_fn(i), range(2),
+                              max_samples=2)
+    assert res.meta['no_gradient'] == ['unused']
+    assert res.mean()[-1] == 0.0 and (res.mean()[:-1] > 0).all()
 
     def nan_loss(i):
         return loss_fn(i) * float('nan')

@@ -58,12 +58,18 @@ def test_bad_plans(tmp_path, plan, match):
     assert match in line
 
 
-def test_list_layers():
-    proc = run_tool('tools/ptq.py', 'configs/detr_tiny_shapes.py',
-                    '--list-layers')
+@pytest.mark.parametrize('config,family,head', [
+    ('detr_tiny_shapes.py', 'DETR, softmax', 'bbox_head.fc_cls.weight'),
+    ('dino_tiny_shapes.py', 'DINO, sigmoid',
+     'bbox_head.cls_branches.3.weight'),
+])
+def test_list_layers(config, family, head):
+    proc = run_tool('tools/ptq.py', f'configs/{config}', '--list-layers')
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert family in proc.stdout.splitlines()[0]
     assert 'query_embedding.weight' in proc.stdout
-    assert "float (excluded by pattern 'bbox_head.fc_cls.*')" in proc.stdout
+    line = [x for x in proc.stdout.splitlines() if x.startswith(head)][0]
+    assert 'float (final class/box FFN of the head' in line
 
 
 def test_checkpoint_of_another_model_stops_before_the_float_run(tmp_path):

@@ -44,7 +44,9 @@ class DistillSensitivityHook(Hook):
             every weight), ``'plan'`` (read ``plan_file``), ``'losssen'``
             (Hessian of the DETR loss), ``'outfloat'`` (distillation Hessian
             at the float weights) or ``'outquant'`` (distillation Hessian at
-            the 8-bit weights, the paper's method). Defaults to 'outquant'.
+            the 8-bit weights, the paper's method). Works on every
+            supported DETR-family detector (:mod:`mmdet_hawq.models.
+            family`). Defaults to 'outquant'.
         bits (int, optional): Bit-width of ``'uniform'``. Defaults to None.
         plan_file (str, optional): JSON plan for ``'plan'``. Defaults to None.
         target_bits (float, optional): Average bit-width budget of the
@@ -57,8 +59,10 @@ class DistillSensitivityHook(Hook):
             None (the defaults there).
         include (Sequence[str], optional): Only weights matching these glob
             patterns are quantized. Defaults to None (all candidates).
-        exclude (Sequence[str]): Weights kept in float. Defaults to the head's
-            final class and box FFNs.
+        exclude (Sequence[str]): Glob patterns of weights kept in float on
+            top of the head's final class and box FFNs, which always stay
+            float (found by structure, see
+            :mod:`mmdet_hawq.quant.selection`). Defaults to ().
         per_channel (bool): Per-output-channel scales instead of the paper's
             per-tensor ones. Defaults to False.
         save_packed (bool): Also save a packed low-bit checkpoint.

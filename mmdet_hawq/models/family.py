@@ -1,0 +1,139 @@
+"""What differs between the DETR-family detectors, in one table.
+
+Every supported mmdet detector produces, in eval tensor mode, the class
+scores and boxes of every decoder layer through the same call
+(``extract_feat`` → ``forward_transformer`` → ``bbox_head``). What differs is
+kept here and nowhere else:
+
+* the class head: softmax over ``num_classes + 1`` (DETR) or per-class
+  sigmoid/focal with ``cls_out_channels = num_classes`` (the others), read
+  from the head's ``loss_cls.use_sigmoid``;
+* whether the detector computes its training loss only when its own
+  ``training`` flag is set (two-stage Deformable DETR and DINO build the
+  encoder proposal outputs, and DINO its denoising queries, only then);
+* the head's final class and box FFNs, which stay in float: every weight the
+  ``bbox_head`` owns (``fc_cls``/``reg_ffn``/``fc_reg`` of DETR and
+  Conditional DETR, DAB-DETR's ``fc_cls``/``fc_reg``, the per-layer or
+  shared ``cls_branches``/``reg_branches`` of Deformable DETR and DINO,
+  including the encoder proposal branch of two-stage models). They are found
+  by parameter identity, so a branch that a decoder also holds under another
+  name is still recognised.
+"""
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import HawqUserError
+
+Batch = Dict  # {'inputs': Tensor (B, 3, H, W), 'data_samples': [...]}
+
+
+@dataclass(frozen=True)
+class DetrFamily:
+    """Facts about one supported detector type.
+
+    Attributes:
+        name (str): Human-readable name, e.g. ``'DINO'``.
+        detector (str): mmdet class name (subclasses match too).
+        loss_needs_training_flag (bool): The detector's ``loss`` reads its
+            own ``training`` flag (two-stage proposals, denoising queries).
+        loss_note (str): How Loss Sen treats the family, for reports.
+    """
+
+    name: str
+    detector: str
+    loss_needs_training_flag: bool = False
+    loss_note: str = ''
+
+
+#: The supported families, most specific first (DINO subclasses
+#: DeformableDETR, so it must be found before it).
+FAMILIES: Tuple[DetrFamily, ...] = (
+    DetrFamily('DINO', 'DINO', True,
+               "DINO's loss with its denoising queries, drawn with a fixed "
+               'seed per calibration batch (same queries in every sample)'),
+    DetrFamily('Deformable DETR', 'DeformableDETR', True,
+               'the two-stage encoder proposal loss is included'),
+    DetrFamily('Conditional DETR', 'ConditionalDETR'),
+    DetrFamily('DAB-DETR', 'DABDETR'),
+    DetrFamily('DETR', 'DETR'),
+)
+
+
+#: Default (λ_KL, T) of the distillation loss by class activation: the
+#: paper's values for softmax; for sigmoid heads see the README (chosen by
+#: measurement on the small DINO, not copied from the softmax ones).
+DISTILLATION_DEFAULTS = {'softmax': (0.05, 6.0), 'sigmoid': (0.05, 6.0)}
+
+
+def detector_family(model: nn.Module) -> DetrFamily:
+    """The family of ``model`` (by its class or a base class).
+
+    Raises:
+        HawqUserError: The detector is not a supported DETR-family type.
+    """
+    mro = [c.__name__ for c in type(model).__mro__]
+    for family in FAMILIES:
+        if family.detector in mro:
+            return family
+    raise HawqUserError(
+        f'detector type {type(model).__name__} is not supported: the '
+        'supported DETR-family detectors are '
+        f'{", ".join(f.detector for f in FAMILIES)} (and their subclasses)')
+
+
+def class_activation(model: nn.Module) -> str:
+    """``'sigmoid'`` for a per-class sigmoid/focal head, else ``'softmax'``.
+    """
+    head = getattr(model, 'bbox_head', None)
+    loss_cls = getattr(head, 'loss_cls', None)
+    return 'sigmoid' if getattr(loss_cls, 'use_sigmoid', False) else \
+        'softmax'
+
+
+def final_head_weights(model: nn.Module) -> Dict[int, str]:
+    """``id(parameter)`` → owner name of every weight ``bbox_head`` owns.
+
+    These are the final class/box FFNs (and the encoder proposal branch of
+    two-stage models), which stay in float by default.
+    """
+    head = getattr(model, 'bbox_head', None)
+    if head is None:
+        return {}
+    return {id(p): f'bbox_head.{n}' for n, p in head.named_parameters()}
+
+
+def decoder_outputs(model: nn.Module,
+                    batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Class scores and boxes of every decoder layer, in eval tensor mode.
+
+    Args:
+        model (nn.Module): A supported mmdet DETR-family detector.
+        batch (dict): Preprocessed ``inputs`` and ``data_samples``.
+
+    Returns:
+        tuple: scores (L, B, Q, C) — C = num_classes + 1 for a softmax head,
+        num_classes for a sigmoid one — and normalised (cx, cy, w, h) boxes
+        (L, B, Q, 4), L = number of decoder layers.
+
+    Raises:
+        HawqUserError: The head does not return per-layer scores and boxes
+            (e.g. a decoder built without ``return_intermediate``).
+    """
+    feats = model.extract_feat(batch['inputs'])
+    head_inputs = model.forward_transformer(feats, batch['data_samples'])
+    out = model.bbox_head(**head_inputs)
+    ok = (isinstance(out, (tuple, list)) and len(out) >= 2
+          and all(torch.is_tensor(t) and t.dim() == 4 for t in out[:2])
+          and out[1].shape[-1] == 4)
+    if not ok:
+        shapes = [tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                  for t in (out if isinstance(out, (tuple, list)) else [out])]
+        raise HawqUserError(
+            f'{type(model).__name__}: its head returned {shapes} in tensor '
+            'mode, not the class scores and boxes of every decoder layer '
+            '(L, B, Q, C) and (L, B, Q, 4): build the decoder with '
+            'return_intermediate=True')
+    return out[0], out[1]

@@ -1,0 +1,100 @@
+"""The per-family facts on every DETR-family member, built shrunk in-process
+from mmdet's real configs (and the project's shapes configs)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.models import (class_activation, decoder_outputs,
+                               detector_family, final_head_weights)
+from mmdet_hawq.quant import list_weights, quantizable_weights
+from mmdet_hawq.sensitivity import preprocess_batches
+from ..conftest import FAMILY_CONFIGS, build_from
+
+EXPECTED = {
+    'deformable': ('Deformable DETR', 'sigmoid'),
+    'deformable_refine': ('Deformable DETR', 'sigmoid'),
+    'deformable_twostage': ('Deformable DETR', 'sigmoid'),
+    'dino': ('DINO', 'sigmoid'),
+    'conditional': ('Conditional DETR', 'sigmoid'),
+    'dab': ('DAB-DETR', 'sigmoid'),
+}
+
+
+def batch_of(model, cfg):
+    from mmdet_hawq.engine.pipeline import build_calibration
+    loader, _ = build_calibration(cfg, dict(dataset=None, num_images=2,
+                                            seed=0, batch_size=2))
+    return preprocess_batches(model, loader)[0]
+
+
+@pytest.mark.parametrize('name', sorted(FAMILY_CONFIGS))
+def test_family_facts_outputs_and_float_head(family_cfg, name):
+    cfg = family_cfg(name)
+    model = build_from(cfg)
+    family, activation = EXPECTED[name]
+    assert detector_family(model).name == family
+    assert class_activation(model) == activation
+    with torch.no_grad():
+        cls, box = decoder_outputs(model, batch_of(model, cfg))
+    num_layers = cfg.model.decoder.num_layers
+    # (L, B, Q, C) with C = num_classes for a sigmoid head
+    assert tuple(cls.shape) == (num_layers, 2, 6, 4)
+    assert tuple(box.shape) == (num_layers, 2, 6, 4)
+    assert 0 <= box.min() and box.max() <= 1
+    # every weight the head owns stays float, found by identity: the
+    # head's parameter set is exactly the float-by-structure set
+    head_ids = {id(p) for p in model.bbox_head.parameters()}
+    assert set(final_head_weights(model)) == head_ids
+    infos = list_weights(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for info in infos:
+        in_head = id(params[info.name]) in head_ids
+        assert info.included != in_head, info.name
+        if in_head:
+            assert info.reason.startswith('final class/box FFN'), info.name
+    assert sum(i.included for i in infos) > 10
+    # the head's final layers really are the class/box branches
+    head_names = {n for n, _ in model.bbox_head.named_parameters()}
+    assert any(n.startswith(('cls_branches', 'fc_cls')) for n in head_names)
+    assert any(n.startswith(('reg_branches', 'fc_reg')) for n in head_names)
+    assert not any('memory_trans' in n for n in head_names)
+
+
+def test_the_first_family_match_wins_for_subclasses(family_cfg):
+    model = build_from(family_cfg('dino'))  # DINO subclasses DeformableDETR
+    assert detector_family(model).name == 'DINO'
+
+
+def test_unsupported_detector_is_one_clear_line():
+
+    class RetinaNet(nn.Module):
+        pass
+
+    with pytest.raises(HawqUserError) as err:
+        detector_family(RetinaNet())
+    msg = str(err.value)
+    assert 'RetinaNet is not supported' in msg and 'DINO' in msg
+    assert '\n' not in msg
+
+
+def test_no_decoder_outputs_in_tensor_mode_is_one_clear_line(family_cfg):
+    cfg = family_cfg('conditional')
+    model = build_from(cfg)
+    batch = batch_of(model, cfg)
+    forward = model.bbox_head.forward
+    # a head that returns only the last layer's scores
+    model.bbox_head.forward = lambda *a, **k: forward(*a, **k)[0][-1]
+    with pytest.raises(HawqUserError, match='return_intermediate') as err:
+        decoder_outputs(model, batch)
+    assert '\n' not in str(err.value)
+
+
+def test_weight_pattern_that_matches_nothing_is_rejected(family_cfg):
+    model = build_from(family_cfg('dino'))
+    with pytest.raises(HawqUserError, match=r"'encoder\.layer\.\*'"):
+        quantizable_weights(model, exclude=['encoder.layer.*'])
+    with pytest.raises(HawqUserError, match='match no quantizable'):
+        quantizable_weights(model, include=['backbone.*', 'decoderx.*'])
+    # a pattern that only matches float head weights still matches
+    assert quantizable_weights(model, exclude=['bbox_head.*'])
