@@ -1,31 +1,96 @@
-"""The error type for bad user input.
+"""The error type for bad user input, and how tools end.
 
 Tools catch :class:`HawqUserError` and print its message as one line; it
-always names the offending thing and what to change.
+always names the offending thing and what to change. Ctrl-C and SIGTERM end
+a tool with one line too (:func:`run_cli`), saying what is saved.
 """
 import os
+import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
+
+#: Exit status after SIGINT (Ctrl-C) and SIGTERM, as a shell reports them.
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+#: Says what an interrupted run has saved (set by the step that saves).
+_interrupt_note: Optional[Callable[[], str]] = None
 
 
 class HawqUserError(RuntimeError):
     """Bad input from the user: a path, a config value, a plan, a model."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so ``finally`` blocks run."""
+
+
+def set_interrupt_note(note: Optional[Callable[[], str]]) -> None:
+    """Register what an interrupt message says about saved work.
+
+    Args:
+        note (Callable[[], str], optional): Called on Ctrl-C/SIGTERM; returns
+            e.g. ``'7 sensitivity samples are saved in DIR; rerun the same
+            command to resume from them'``. None clears it.
+    """
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def interrupt_message(name: str) -> str:
+    """The one line printed when a tool is stopped by signal ``name``."""
+    note = None
+    if _interrupt_note is not None:
+        try:
+            note = _interrupt_note()
+        except Exception:  # noqa: BLE001 - the message must still come out
+            note = None
+    return f'interrupted by {name}: ' + (
+        note or 'nothing was saved yet; rerun the same command to start '
+        'again')
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated()
+
+
 def run_cli(main: Callable[[], int]) -> None:
     """Run a tool's ``main``; a :class:`HawqUserError` becomes one line on
-    stderr and exit status 2."""
+    stderr and exit status 2, Ctrl-C (SIGINT) or SIGTERM one line and exit
+    status 130 or 143 (SIGTERM only in a single process: ``torchrun``'s
+    workers keep its default action).
+
+    Args:
+        main (Callable[[], int]): The tool's main function; returns the exit
+            status.
+    """
+    if int(os.environ.get('WORLD_SIZE', '1') or 1) <= 1:
+        # under torchrun, SIGTERM stops the ranks left after one failed: a
+        # rank blocked in a collective must die at once, as by default
+        try:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:
+            pass  # not the main thread: SIGTERM keeps its default action
     try:
         sys.exit(main())
     except HawqUserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        if _in_process_group():
-            # a failed collective leaves backend threads behind that abort
-            # ("terminate called ...") when the interpreter tears down
-            sys.stderr.flush()
-            sys.stdout.flush()
-            os._exit(2)
-        sys.exit(2)
+        _exit(f'error: {err}', 2)
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        _exit('error: ' + interrupt_message(
+            'SIGTERM' if terminated else 'Ctrl-C (SIGINT)'),
+            EXIT_SIGTERM if terminated else EXIT_SIGINT)
+
+
+def _exit(line: str, status: int) -> None:
+    print(line, file=sys.stderr)
+    if _in_process_group():
+        # a failed collective leaves backend threads behind that abort
+        # ("terminate called ...") when the interpreter tears down
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def _in_process_group() -> bool:

@@ -146,3 +146,49 @@ def plot_bits(path: str, names: Sequence[str],
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_pareto(path: str, curves: Mapping[str, List[Dict]]) -> str:
+    """Predicted perturbation against average bits, one line per metric."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, pts in curves.items():
+        ax.plot([p['avg_bits'] for p in pts],
+                [max(p['perturbation'], 1e-30) for p in pts], '.-',
+                label=label)
+    ax.set_yscale('log')
+    ax.set_xlabel('average bits')
+    ax.set_ylabel('predicted perturbation Σ s·e')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_sensitivity_report(out_dir: str, metric: str, estimator: str,
+                             names: Sequence[str], traces: Mapping,
+                             pareto: List[Dict]) -> None:
+    """Write a sensitivity run's ``traces.json`` (all samples), ``traces.png``
+    (Figure 1 style), ``pareto.json`` and ``pareto.png``.
+
+    Args:
+        out_dir (str): Folder (exists).
+        metric (str): The sensitivity metric, for labels.
+        estimator (str): The trace estimator, for labels.
+        names (Sequence[str]): Layer names in model order.
+        traces (Mapping): ``TraceResult.to_dict()`` plus ``tol``; ``mean``
+            and ``se`` lists are plotted.
+        pareto (list[dict]): The Pareto curve (``avg_bits``,
+            ``perturbation`` per point).
+    """
+    with open(osp.join(out_dir, 'pareto.json'), 'w') as f:
+        json.dump(pareto, f, indent=1)
+    plot_pareto(osp.join(out_dir, 'pareto.png'), {metric: pareto})
+    plot_traces(osp.join(out_dir, 'traces.png'), names,
+                {f'{metric} ({estimator})':
+                 dict(mean=traces['mean'], se=traces['se'])})
+    with open(osp.join(out_dir, 'traces.json'), 'w') as f:
+        json.dump(traces, f, default=str)

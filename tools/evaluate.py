@@ -2,36 +2,46 @@
 
 Example:
     python tools/evaluate.py configs/detr_tiny_shapes.py \
-        checkpoints/detr_tiny_shapes.pth --out checkpoints/detr_tiny_shapes.json
+        checkpoints/detr_tiny_shapes.pth \
+        --out checkpoints/detr_tiny_shapes.json
 """
-import argparse
-import json
-import os.path as osp
-import sys
+import warnings
 
-from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
+# setuptools' own deprecation notice, raised when mmengine imports
+# pkg_resources: noise at the top of every run (set before the imports)
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
+                        category=UserWarning)
 
-from mmdet_hawq.errors import HawqUserError, run_cli
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os.path as osp  # noqa: E402
+import sys  # noqa: E402
+
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmdet_hawq.engine.checkpoint import is_local_path  # noqa: E402
+from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
+from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
-    parser.add_argument('checkpoint')
+    parser.add_argument('checkpoint', help='checkpoint file or URL')
     parser.add_argument('--out', help='JSON file for the metrics')
     parser.add_argument('--work-dir', default='work_dirs/evaluate')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
-    if not osp.isfile(args.checkpoint):
+    if is_local_path(args.checkpoint) and not osp.isfile(args.checkpoint):
         raise HawqUserError(
             f'checkpoint file {args.checkpoint!r} does not exist: pass an '
-            'existing .pth file')
-    cfg = Config.fromfile(args.config)
+            'existing .pth file or a URL')
+    cfg = read_config(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     cfg.load_from = args.checkpoint
-    cfg.work_dir = args.work_dir
+    cfg.work_dir = check_work_dir(args.work_dir)
     metrics = Runner.from_cfg(cfg).test()
     record = dict(metrics, config=args.config,
                   checkpoint=osp.basename(args.checkpoint),

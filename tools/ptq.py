@@ -17,20 +17,30 @@ Examples:
     bash tools/dist_ptq.sh configs/detr_r50_outquant_5bit.py 8 \
         --checkpoint detr_r50.pth
 """
-import argparse
-import json
-import os
-import os.path as osp
-from copy import deepcopy
-from typing import Optional
+import warnings
 
-import torch
-from mmengine.config import Config, DictAction
-from mmengine.dist import is_main_process
-from mmengine.runner import Runner
+# setuptools' own deprecation notice, raised when mmengine imports
+# pkg_resources: noise at the top of every run (set before the imports)
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
+                        category=UserWarning)
 
-from mmdet_hawq.engine.dist import DEFAULT_TIMEOUT_S, init_cpu_process_group
-from mmdet_hawq.errors import HawqUserError, run_cli
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import os.path as osp  # noqa: E402
+from copy import deepcopy  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.dist import is_main_process  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmdet_hawq.engine.checkpoint import is_local_path  # noqa: E402
+from mmdet_hawq.engine.dist import (DEFAULT_TIMEOUT_S,  # noqa: E402
+                                    init_cpu_process_group)
+from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
+from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,12 +79,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    """Config with the command line applied; checks the inputs exist."""
-    if not osp.isfile(args.config):
-        raise HawqUserError(
-            f'config file {args.config!r} does not exist: pass a config path '
-            'such as configs/detr_tiny_shapes_uniform_8bit.py')
-    cfg = Config.fromfile(args.config)
+    """Config with the command line applied; checks the inputs exist and
+    the work dir can be written."""
+    cfg = read_config(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     setup_launcher(cfg, args.launcher, args.dist_timeout)
@@ -91,10 +98,11 @@ def load_config(args: argparse.Namespace) -> Config:
         raise HawqUserError(
             f'{args.config}: no checkpoint to quantize: pass --checkpoint '
             'PATH or set load_from in the config')
-    if not osp.isfile(cfg.load_from):
+    if is_local_path(cfg.load_from) and not osp.isfile(cfg.load_from):
         raise HawqUserError(
             f'checkpoint file {cfg.load_from!r} does not exist: pass an '
-            'existing file with --checkpoint')
+            'existing file or a URL with --checkpoint')
+    check_work_dir(cfg.work_dir)
     return cfg
 
 
@@ -128,15 +136,31 @@ def setup_launcher(cfg: Config, launcher: str,
     init_cpu_process_group(dist_cfg['timeout'])
 
 
-def check_checkpoint(cfg: Config) -> None:
+def check_checkpoint(cfg: Config) -> torch.nn.Module:
     """Fail fast, before any run: the checkpoint (mmdet's or the official
-    DETR format) must fit the config's model strictly. The ``--float`` and
-    ``--uniform-baseline`` runs rely on this check too."""
+    DETR format) must fit the config's model strictly and be finite. The
+    ``--float`` and ``--uniform-baseline`` runs rely on this check too.
+
+    Returns:
+        nn.Module: The model with the checkpoint's weights.
+    """
     from mmdet.utils import register_all_modules
 
     from mmdet_hawq.engine.pipeline import build_detector
     register_all_modules()
-    build_detector(cfg, cfg.load_from)
+    return build_detector(cfg, cfg.load_from)
+
+
+def check_hooks(cfg: Config, model: torch.nn.Module) -> None:
+    """Every check of the hooks that needs no data, before any data: their
+    arguments, budgets, weight patterns and plan files."""
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    for hook_cfg in hawq_hooks(cfg):
+        kwargs = {k: v for k, v in hook_cfg.items()
+                  if k not in ('type', 'priority')}
+        # built directly: the registry would prefix its own text
+        hook = DistillSensitivityHook(**kwargs)
+        hook.check_model(model, cfg.load_from)
 
 
 def hawq_hooks(cfg: Config) -> list:
@@ -196,7 +220,7 @@ def main() -> int:
             f'{args.config} has no DistillSensitivityHook in custom_hooks: '
             'use a configs/*_{uniform,losssen,outfloat,outquant}_*bit.py '
             'config or add the hook (see README)')
-    check_checkpoint(cfg)
+    check_hooks(cfg, check_checkpoint(cfg))
     results = {}
     if args.float:
         float_cfg = deepcopy(cfg)

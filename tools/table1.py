@@ -49,6 +49,14 @@ def parse_args() -> argparse.Namespace:
                    help='trace policy of the ILP (ucb, zero, abs, error)')
     p.add_argument('--cache-dir',
                    help='trace cache to use (default: <work-dir>/cache)')
+    p.add_argument('--methods', nargs='+',
+                   help='only these metric:estimator rows, e.g. '
+                   'outquant:gauss_newton (default: all five)')
+    p.add_argument('--temperature', type=float,
+                   help='distillation temperature T (default: by the class '
+                   'head, see mmdet_hawq.models.DISTILLATION_DEFAULTS)')
+    p.add_argument('--lambda-kl', type=float,
+                   help='weight of the KL term (default: by the class head)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     return p.parse_args()
 
@@ -63,6 +71,8 @@ def rows_to_run(args):
                          estimator='', hook=dict(metric='uniform',
                                                  bits=target)))
         for label, metric, est in METHODS:
+            if args.methods and f'{metric}:{est}' not in args.methods:
+                continue
             samples = args.gn_samples if est == 'gauss_newton' else \
                 args.hutchinson_samples
             rows.append(dict(
@@ -74,12 +84,19 @@ def rows_to_run(args):
                               negative_traces=args.negative_traces,
                               cache_dir=args.cache_dir or osp.join(
                                   args.work_dir, 'cache'),
+                              temperature=args.temperature,
+                              lambda_kl=args.lambda_kl,
                               max_samples=samples))))
     return rows
 
 
 def main() -> int:
     args = parse_args()
+    known = {f'{m}:{e}' for _, m, e in METHODS}
+    unknown = set(args.methods or ()) - known
+    if unknown:
+        raise HawqUserError(f'--methods {sorted(unknown)} unknown: use some '
+                            f'of {sorted(known)}')
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)

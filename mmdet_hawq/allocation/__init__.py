@@ -1,7 +1,7 @@
-from .ilp import (NEGATIVE_POLICIES, Allocation, pareto_sweep, plot_pareto,
+from .ilp import (NEGATIVE_POLICIES, Allocation, pareto_sweep,
                   sensitivities_from_traces, solve_allocation)
 
 __all__ = [
-    'NEGATIVE_POLICIES', 'Allocation', 'pareto_sweep', 'plot_pareto',
+    'NEGATIVE_POLICIES', 'Allocation', 'pareto_sweep',
     'sensitivities_from_traces', 'solve_allocation'
 ]

@@ -87,6 +87,34 @@ def sensitivities_from_traces(
     return used, notes
 
 
+#: Significant digits of what the ILP sees (:func:`round_significant`):
+#: far below the traces' statistical precision (rel. SE of 1-5%), far above
+#: float noise (~1e-8 relative between thread counts).
+PLAN_DIGITS = 3
+
+
+def round_significant(value: float, digits: int = PLAN_DIGITS) -> float:
+    """``value`` rounded to ``digits`` significant decimal digits.
+
+    The ILP's inputs are rounded with this so float noise (e.g. float32 sums
+    split differently with another number of intra-op threads, ~1e-8
+    relative) cannot change the plan: only a value within that noise of a
+    rounding boundary (``x.xx5`` here) can still round either way.
+
+    Args:
+        value (float): Any float; 0, inf and nan are returned as they are.
+        digits (int): Significant digits kept, at least 1. Defaults to
+            :data:`PLAN_DIGITS`.
+
+    Returns:
+        float: The float nearest to the rounded decimal value.
+    """
+    value = float(value)
+    if value == 0.0 or not np.isfinite(value):
+        return value
+    return float(f'{value:.{max(int(digits), 1) - 1}e}')
+
+
 @dataclass
 class Allocation:
     """The ILP's answer.
@@ -185,7 +213,11 @@ def solve_allocation(sensitivity: Mapping[str, float],
         bops_row = (m[:, None] * np.array(bits)[None] *
                     activation_bits).ravel()
         rows.append(LinearConstraint(bops_row[None], -np.inf, max_bops))
-    res = milp(c, constraints=rows, integrality=np.ones_like(c),
+    # HiGHS works to absolute tolerances: the objective is scaled to O(1)
+    # (real costs are ~1e-6) so they cannot swamp it; the plan is unchanged
+    scale = float(np.abs(c).max())
+    cn = c / scale if scale > 0 else c
+    res = milp(cn, constraints=rows, integrality=np.ones_like(c),
                bounds=bounds)
     if res.x is None:
         raise HawqUserError(
@@ -195,11 +227,14 @@ def solve_allocation(sensitivity: Mapping[str, float],
     # Among the optimal plans take one that uses the most bits: layers with
     # zero sensitivity (e.g. a negative trace under the 'zero' policy) are
     # otherwise left at arbitrary widths below the budget.
-    best = float(c @ res.x)
-    tie = milp(-bit_row, constraints=rows + [LinearConstraint(
-        c[None], -np.inf, best + 1e-9 * abs(best) + 1e-300)],
-        integrality=np.ones_like(c), bounds=bounds)
-    x = tie.x if tie.x is not None else res.x
+    best = float(cn @ res.x)
+    try:
+        tie = milp(-bit_row / bit_row.max(), constraints=rows + [
+            LinearConstraint(cn[None], -np.inf, best + 1e-9 * (1 + abs(best)))
+        ], integrality=np.ones_like(c), bounds=bounds)
+        x = tie.x if tie.x is not None else res.x
+    except ValueError:  # HiGHS can fail internally on this stage
+        x = res.x
     choice = x.reshape(L, K).argmax(1)
     plan = {name: bits[k] for name, k in zip(names, choice)}
     avg = float(sum(n[i] * plan[name] for i, name in enumerate(names)) /
@@ -229,23 +264,3 @@ def pareto_sweep(sensitivity: Mapping[str, float],
         points.append(dict(target=float(t), avg_bits=a.avg_bits,
                            perturbation=a.objective))
     return points
-
-
-def plot_pareto(path: str, curves: Mapping[str, List[Dict]]) -> str:
-    """Predicted perturbation against average bits, one line per metric."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, pts in curves.items():
-        ax.plot([p['avg_bits'] for p in pts],
-                [max(p['perturbation'], 1e-30) for p in pts], '.-',
-                label=label)
-    ax.set_yscale('log')
-    ax.set_xlabel('average bits')
-    ax.set_ylabel('predicted perturbation Σ s·e')
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

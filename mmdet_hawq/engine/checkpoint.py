@@ -13,15 +13,17 @@ file and the fix.
 The loader (and mmengine's URL loader, wrapped) also converts an official
 facebookresearch/detr checkpoint (e.g. ``detr-r50-e632da11.pth``) to mmdet's
 names in memory, and says so in the log, so every load of the plugin's
-configs takes the file as it is (:mod:`mmdet_hawq.models.official_detr`). :func:`prepare_state_dict` (which
+configs takes the file as it is (:mod:`mmdet_hawq.models.official_detr`).
+:func:`prepare_state_dict` (which
 ``DistillSensitivityHook.after_load_checkpoint`` calls) makes a load strict:
-the state dict must have exactly the model's keys and shapes.
+the state dict must have exactly the model's keys and shapes, and finite
+values.
 """
 import os.path as osp
 import pickle
 import re
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -32,11 +34,27 @@ from mmengine.runner import checkpoint as mm_checkpoint
 from ..errors import HawqUserError, short_list
 from ..models.official_detr import convert_official_detr, official_detr_state
 from ..quant.packing import is_packed, unpack_checkpoint
+from ..quant.quantizer import count_nonfinite
 
 #: The fix named by every key-mismatch error.
 _FIX = ('pass a checkpoint of this config\'s model: one trained with it by '
         'mmdet, the official facebookresearch DETR file for the detr_r50 '
         'configs, or a packed file written by DistillSensitivityHook')
+
+
+def is_local_path(path: str) -> bool:
+    """Whether mmengine reads a checkpoint ``path`` from the local disk.
+
+    URLs and other backends (``http(s)://``, ``s3://``, ``torchvision://``,
+    ``open-mmlab://``, ...) are checked by their loaders when loaded.
+
+    Args:
+        path (str): A checkpoint path or URL.
+
+    Returns:
+        bool: False for anything with a ``scheme://`` prefix.
+    """
+    return '://' not in str(path)
 
 
 def load_checkpoint_file(filename: str,
@@ -105,9 +123,16 @@ def _load_from_http(filename: str,
                     map_location: Optional[Union[str, Callable]] = None
                     ) -> Any:
     """mmengine's loader for URLs, plus the official format's conversion (so
-    the official download URL works like the downloaded file)."""
-    return convert_if_official(
-        mm_checkpoint.load_from_http(filename, map_location), filename)
+    the official download URL works like the downloaded file); a failed
+    download is one :class:`~mmdet_hawq.errors.HawqUserError` line."""
+    try:
+        checkpoint = mm_checkpoint.load_from_http(filename, map_location)
+    except Exception as err:  # noqa: BLE001 - reported as one clear line
+        raise HawqUserError(
+            f'checkpoint URL {filename!r} could not be loaded '
+            f'({type(err).__name__}: {err}): check the URL and the network, '
+            'or download the file and pass its path') from None
+    return convert_if_official(checkpoint, filename)
 
 
 def convert_if_official(checkpoint: Any, source: Optional[str] = None) -> Any:
@@ -192,6 +217,47 @@ def check_state_dict(model: nn.Module, state: Dict[str, Any],
             f'{_FIX}')
 
 
+def nonfinite_tensors(tensors: Mapping[str, Any]
+                      ) -> Dict[str, Tuple[int, int]]:
+    """The floating-point tensors that hold a NaN or Inf.
+
+    Args:
+        tensors (Mapping[str, Any]): Name → tensor (other values skipped).
+
+    Returns:
+        dict[str, tuple[int, int]]: Name → (non-finite elements, elements),
+        in the order of ``tensors``.
+    """
+    bad = {}
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            count = count_nonfinite(value)
+            if count:
+                bad[name] = (count, value.numel())
+    return bad
+
+
+def check_finite(tensors: Mapping[str, Any], what: str) -> None:
+    """Raise one line naming the tensors of ``what`` with NaN/Inf values.
+
+    Args:
+        tensors (Mapping[str, Any]): Name → tensor.
+        what (str): What they are, for the message (e.g. ``"checkpoint
+            'x.pth'"``).
+
+    Raises:
+        HawqUserError: A tensor has a NaN or Inf element.
+    """
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        items = [f'{n} ({c} of {t} elements)' for n, (c, t) in bad.items()]
+        raise HawqUserError(
+            f'{what} has NaN/Inf values in {len(bad)} tensor(s): '
+            f'{short_list(items, 3)}: check the checkpoint (a diverged '
+            'training run or a damaged file) and pass one with finite '
+            'weights; quantizing it would give a meaningless model')
+
+
 def prepare_state_dict(model: nn.Module, checkpoint: Dict[str, Any],
                        source: Optional[str] = None) -> Dict[str, Any]:
     """Make a loaded checkpoint load strictly into ``model``.
@@ -212,9 +278,11 @@ def prepare_state_dict(model: nn.Module, checkpoint: Dict[str, Any],
         dict: ``checkpoint``.
 
     Raises:
-        HawqUserError: The keys or shapes do not fit the model.
+        HawqUserError: The keys or shapes do not fit the model, or a tensor
+            holds a NaN or Inf.
     """
     state = _state_of(convert_if_official(checkpoint, source))
     check_state_dict(model, state, source)
+    check_finite(state, _name(source))
     checkpoint['state_dict'] = state
     return checkpoint

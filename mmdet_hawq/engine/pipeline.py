@@ -13,7 +13,6 @@ and the trace samples are all-reduced (:mod:`..sensitivity.sharding`); the
 cache is read and written, and the ILP solved, on rank 0 only (:mod:`.dist`).
 """
 import copy
-import json
 import os.path as osp
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -26,14 +25,14 @@ from mmengine.runner import CheckpointLoader
 from torch.utils.data import DataLoader
 
 from mmdet.registry import DATASETS, MODELS
-from ..allocation import (pareto_sweep, plot_pareto, sensitivities_from_traces,
+from ..allocation import (pareto_sweep, sensitivities_from_traces,
                           solve_allocation)
+from ..allocation.ilp import round_significant
 from ..errors import HawqUserError
 from ..models import (DISTILLATION_DEFAULTS, class_activation,
                       decoder_outputs, detector_family)
 from ..quant import (fake_quantize, quantization_error, quantize_weights_,
                      uniform_plan)
-from ..report import plot_traces
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            TraceResult, cache_path, file_sha256,
                            gauss_newton_traces, hessian_mode,
@@ -253,11 +252,14 @@ def sensitivity_plan(runner, model: nn.Module,
                      weights: Dict[str, nn.Parameter], metric: str,
                      target_bits: float, bit_range: Sequence[int],
                      axis: Optional[int], settings: Optional[dict],
-                     out_dir: str) -> Tuple[Dict[str, int], Dict[str, Dict]]:
-    """Traces → error terms → ILP plan, plus per-layer report columns.
+                     out_dir: str
+                     ) -> Tuple[Dict[str, int], Dict[str, Dict], Dict]:
+    """Traces → error terms → ILP plan, plus per-layer report columns and
+    the data of the sensitivity report (traces, Pareto curve; see
+    :func:`~mmdet_hawq.report.write_sensitivity_report`).
 
-    Every rank computes its share of the traces; the plan is solved (and the
-    reports written) on rank 0 and given to every rank.
+    Every rank computes its share of the traces (``out_dir`` holds the
+    cache); the plan is solved on rank 0 and given to every rank.
     """
     s = resolve_settings(metric, settings, class_activation(model))
     runner.logger.info(
@@ -268,14 +270,14 @@ def sensitivity_plan(runner, model: nn.Module,
     result = compute_traces(runner, model, weights, metric, s, out_dir, axis,
                             influence_bits=bit_range[0])
     return run_on_main(_allocate, runner, result, weights, metric,
-                       target_bits, bit_range, axis, s, out_dir)
+                       target_bits, bit_range, axis, s)
 
 
 def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
               metric: str, target_bits: float, bit_range: Sequence[int],
-              axis: Optional[int], s: dict,
-              out_dir: str) -> Tuple[Dict[str, int], Dict[str, Dict]]:
-    """The ILP on the traces, the Pareto curve and the trace reports."""
+              axis: Optional[int],
+              s: dict) -> Tuple[Dict[str, int], Dict[str, Dict], Dict]:
+    """The ILP on the traces, and the Pareto curve of the same inputs."""
     names = list(weights)
     mean, se = result.mean(), result.stderr()
     unconverged = [n for n, ok in zip(names, result.converged(s['tol']))
@@ -298,6 +300,7 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
         ref = fake_quantize(p.data, 8, axis) if metric == 'outquant' else None
         errors[n] = {b: quantization_error(p.data, b, ref, axis)
                      for b in bits}
+    used, errors = _plan_inputs(used, errors)
     numels = {n: p.numel() for n, p in weights.items()}
     alloc = solve_allocation(used, errors, numels, target_bits, bits,
                              fixed=fixed)
@@ -309,19 +312,27 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
             error_by_bits={str(b): errors[n][b] for b in bits})
     # the Pareto curve of the same traces: predicted perturbation vs bits
     targets = np.round(np.arange(bits[0], bits[-1] + 1e-9, 0.25), 2)
-    curve = pareto_sweep(used, errors, numels, targets, bits, fixed)
-    with open(osp.join(out_dir, 'pareto.json'), 'w') as f:
-        json.dump(curve, f, indent=1)
-    plot_pareto(osp.join(out_dir, 'pareto.png'), {metric: curve})
-    plot_traces(osp.join(out_dir, 'traces.png'), names,
-                {f'{metric} ({result.estimator})':
-                 dict(mean=mean.tolist(), se=se.tolist())})
-    with open(osp.join(out_dir, 'traces.json'), 'w') as f:
-        json.dump(dict(result.to_dict(), tol=s['tol']), f, default=str)
+    report = dict(
+        metric=metric, estimator=result.estimator, names=names,
+        traces=dict(result.to_dict(), tol=s['tol'], mean=mean.tolist(),
+                    se=se.tolist()),
+        pareto=pareto_sweep(used, errors, numels, targets, bits, fixed))
     runner.logger.info(
         f'allocation: {alloc.avg_bits:.3f} bits on average (target '
         f'{target_bits}), predicted perturbation {alloc.objective:.4g}')
-    return alloc.plan, extra
+    return alloc.plan, extra, report
+
+
+def _plan_inputs(used: Dict[str, float],
+                 errors: Dict[str, Dict[int, float]]
+                 ) -> Tuple[Dict[str, float], Dict[str, Dict[int, float]]]:
+    """Sensitivities and error terms as the ILP sees them: rounded to
+    :data:`~..allocation.ilp.PLAN_DIGITS` significant digits, far below the
+    traces' standard errors, so float noise (another intra-op thread count)
+    cannot change the plan."""
+    return ({n: round_significant(v) for n, v in used.items()},
+            {n: {b: round_significant(e) for b, e in by_bits.items()}
+             for n, by_bits in errors.items()})
 
 
 def blind_spots(result: TraceResult, bits: Sequence[int],

@@ -24,28 +24,32 @@ def uniform_plan(names: Iterable[str], bits: int) -> PrecisionPlan:
 
 
 def validate_plan(plan: Mapping[str, Optional[int]],
-                  weights: Mapping[str, nn.Parameter]) -> None:
+                  weights: Mapping[str, nn.Parameter],
+                  source: Optional[str] = None) -> None:
     """Raise unless ``plan`` names exactly the quantizable weights.
 
     Args:
         plan (Mapping): Weight name → bits or None.
         weights (Mapping): The model's quantizable weights by name.
+        source (str, optional): The plan's file, named in the errors.
+            Defaults to None.
     """
+    what = f'precision plan {source!r}' if source else 'the precision plan'
     unknown = sorted(set(plan) - set(weights))
     if unknown:
         raise HawqUserError(
-            f'the precision plan names {len(unknown)} weight(s) the model '
+            f'{what} names {len(unknown)} weight(s) the model '
             f'does not have or does not quantize, e.g. {unknown[:3]}: fix '
             'the names (list them with `tools/ptq.py CONFIG --list-layers`)')
     missing = [n for n in weights if n not in plan]
     if missing:
         raise HawqUserError(
-            f'the precision plan lacks {len(missing)} quantizable weight(s), '
+            f'{what} lacks {len(missing)} quantizable weight(s), '
             f'e.g. {missing[:3]}: give each a bit-width, or null to keep it '
             'in float')
     for name, bits in plan.items():
         if bits is not None:
-            check_bits(bits, f'bit-width of {name!r}')
+            check_bits(bits, f'{what}: bit-width of {name!r}', null_ok=True)
 
 
 @torch.no_grad()

@@ -19,23 +19,35 @@ MIN_BITS = 2
 MAX_BITS = 8
 
 
-def check_bits(bits: int, what: str = 'bit-width') -> int:
+def check_bits(bits: int, what: str = 'bit-width',
+               null_ok: bool = False) -> int:
     """Return ``bits`` if it is an integer in ``[2, 8]``, else raise.
 
     Args:
         bits (int): The bit-width to check.
         what (str): How the value is named in the error. Defaults to
             ``'bit-width'``.
+        null_ok (bool): Whether the error may suggest null (a plan entry
+            can keep its weight in float; ``bits=`` and ``bit_range=``
+            cannot). Defaults to False.
 
     Returns:
         int: ``bits``.
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not (
             MIN_BITS <= bits <= MAX_BITS):
+        null = ' (or null to keep the weight in float)' if null_ok else ''
         raise HawqUserError(
             f'{what} {bits!r} is not supported: use an integer from '
-            f'{MIN_BITS} to {MAX_BITS} (or null to keep the weight in float)')
+            f'{MIN_BITS} to {MAX_BITS}{null}')
     return bits
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """How many elements of ``tensor`` are NaN or ±Inf (0 for integers)."""
+    if not tensor.is_floating_point():
+        return 0
+    return int((~torch.isfinite(tensor.detach())).sum())
 
 
 def qmax(bits: int) -> int:
@@ -67,6 +79,9 @@ def choose_scale(weight: torch.Tensor, bits: int,
                  axis: Optional[int] = None) -> torch.Tensor:
     """The quantization step ``max|W| / (2^(n-1) - 1)`` (1 where max is 0).
 
+    A tensor with a NaN or Inf is refused (it would otherwise become a
+    plausible-looking tensor of zeros or NaNs).
+
     Args:
         weight (Tensor): The weight, any shape.
         bits (int): Bit-width, 2 to 8.
@@ -75,8 +90,15 @@ def choose_scale(weight: torch.Tensor, bits: int,
 
     Returns:
         Tensor: Scale, shaped as :func:`choose_max_abs` returns.
+
+    Raises:
+        ValueError: ``weight`` has a NaN or Inf element.
     """
     max_abs = choose_max_abs(weight, axis)
+    if not bool(torch.isfinite(max_abs).all()):  # NaN and Inf propagate
+        raise ValueError(
+            f'cannot quantize a tensor of shape {tuple(weight.shape)} with '
+            f'{count_nonfinite(weight)} non-finite (NaN/Inf) element(s)')
     scale = max_abs / qmax(bits)
     return torch.where(max_abs > 0, scale, torch.ones_like(scale))
 
@@ -146,6 +168,9 @@ def quantize_weight(weight: torch.Tensor, bits: int,
 
     Returns:
         QuantizedWeight: Codes, scale, bits and axis.
+
+    Raises:
+        ValueError: ``weight`` has a NaN or Inf element.
     """
     w = weight.detach()
     if w.dtype != torch.float64:

@@ -125,3 +125,63 @@ def test_bops_budget_binds():
     with pytest.raises(HawqUserError, match='macs'):
         solve_allocation(sens, errors, numels, 6, [3, 4, 5, 6],
                          max_bops=budget)
+
+
+def test_round_significant_values():
+    from mmdet_hawq.allocation.ilp import round_significant
+    assert round_significant(0.123456) == 0.123
+    assert round_significant(98765.4) == 98800.0
+    assert round_significant(-2.5e-7) == -2.5e-7
+    assert round_significant(0.0) == 0.0
+    assert round_significant(float('inf')) == float('inf')
+    assert round_significant(1.23456, digits=5) == 1.2346
+    # 1e-8 relative noise does not move a value away from a boundary
+    rng = np.random.RandomState(0)
+    for x in rng.lognormal(0, 5, size=200):
+        if abs(float(f'{x:.2e}') - x) < 1e-6 * x:
+            continue  # within noise of a rounding point: skip
+        for eps in (1e-8, -1e-8, 3.5e-8):
+            assert round_significant(x * (1 + eps)) == round_significant(x)
+
+
+def test_noise_cannot_flip_a_near_tie_once_rounded():
+    """Two equal layers, room for only one at 6 bits: which one gets it
+    follows noise in the raw sensitivities (1e-6 relative is enough to beat
+    HiGHS's tolerances), never in rounded ones."""
+    from mmdet_hawq.allocation.ilp import round_significant
+    names = ['a', 'b']
+    numels = {n: 100 for n in names}
+    errors = {n: {3: 1.0, 6: 0.01} for n in names}
+    plans, rounded_plans = [], []
+    for eps in (1e-6, -1e-6, 1e-8, -1e-8):
+        sens = {'a': 0.4567 * (1 + eps), 'b': 0.4567}
+        plans.append(solve_allocation(sens, errors, numels, 4.5,
+                                      [3, 6]).plan)
+        sens = {n: round_significant(v) for n, v in sens.items()}
+        errs = {n: {b: round_significant(e) for b, e in e_b.items()}
+                for n, e_b in errors.items()}
+        rounded_plans.append(solve_allocation(sens, errs, numels, 4.5,
+                                              [3, 6]).plan)
+    assert plans[0] != plans[1]  # the raw near-tie follows the noise
+    assert all(p == rounded_plans[0] for p in rounded_plans)
+    assert sorted(rounded_plans[0].values()) == [3, 6]
+
+
+def test_real_instance_solves_at_every_target():
+    """The small DETR's 5-bit outquant inputs (47 layers, costs ~1e-6): the
+    tie-breaking stage once crashed inside HiGHS (`vector::reserve`) at some
+    targets before the objective was scaled to O(1)."""
+    import json
+    import os.path as osp
+    with open(osp.join(osp.dirname(__file__), 'fixtures',
+                       'detr_tiny_5bit_ilp.json')) as f:
+        d = json.load(f)
+    errors = {n: {int(b): v for b, v in e.items()}
+              for n, e in d['errors'].items()}
+    previous = None
+    for t in np.round(np.arange(3, 6.01, 0.25), 2):
+        a = solve_allocation(d['used'], errors, d['numels'], t, [3, 4, 5, 6])
+        assert a.avg_bits <= t + 1e-6
+        if previous is not None:  # more bits never predict more damage
+            assert a.objective <= previous * (1 + 1e-9)
+        previous = a.objective

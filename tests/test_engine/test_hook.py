@@ -108,6 +108,77 @@ def test_hook_rejects_bad_settings():
     with pytest.raises(HawqUserError, match='empty'):
         DistillSensitivityHook(metric='outquant', target_bits=4,
                                bit_range=(6, 3))
+    with pytest.raises(HawqUserError) as err:
+        DistillSensitivityHook(metric='uniform', bits=1)
+    assert 'null' not in str(err.value)
+    with pytest.raises(HawqUserError) as err:
+        DistillSensitivityHook(metric='outquant', target_bits=4,
+                               bit_range=(3, 9))
+    assert 'bit_range high end' in str(err.value)
+    assert 'null' not in str(err.value)
+
+
+def test_hook_argument_typo_names_the_closest_valid_one():
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    with pytest.raises(HawqUserError) as err:
+        DistillSensitivityHook(metric='outquant', target_bit=5)
+    msg = str(err.value)
+    assert "unknown argument 'target_bit'" in msg
+    assert "did you mean 'target_bits'?" in msg
+    assert 'bit_range' in msg and 'save_packed' in msg
+    assert '\n' not in msg
+    with pytest.raises(HawqUserError, match="unknown argument 'zzz'"):
+        DistillSensitivityHook(metric='uniform', bits=4, zzz=1)
+
+
+@pytest.mark.parametrize('target', [2.5, 2, '5'])
+def test_infeasible_budget_is_refused_at_construction(target):
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    with pytest.raises(HawqUserError, match='target_bits'):
+        DistillSensitivityHook(metric='outquant', target_bits=target,
+                               bit_range=(3, 6))
+    DistillSensitivityHook(metric='outquant', target_bits=3,
+                           bit_range=(3, 6))
+
+
+def test_non_finite_weight_stops_the_hook(build_tiny_model):
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    model = build_tiny_model()
+    name = 'encoder.layers.0.self_attn.attn.in_proj_weight'
+    param = dict(model.named_parameters())[name]
+    with torch.no_grad():
+        param[0, 0] = float('nan')
+        param[1, 2] = float('inf')
+    hook = DistillSensitivityHook(metric='uniform', bits=4)
+    with pytest.raises(HawqUserError) as err:
+        hook.check_model(model, 'ckpt.pth')
+    msg = str(err.value)
+    assert f'{name} (2 of {param.numel()} elements)' in msg
+    assert "'ckpt.pth'" in msg and 'check the checkpoint' in msg
+
+
+def test_non_finite_checkpoint_tensor_is_refused(build_tiny_model):
+    from mmdet_hawq.engine.checkpoint import prepare_state_dict
+    model = build_tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state['query_embedding.weight'][0, :3] = float('nan')
+    with pytest.raises(HawqUserError, match=r"checkpoint 'x\.pth' has "
+                       r'NaN/Inf values in 1 tensor\(s\): '
+                       r'query_embedding\.weight \(3 of'):
+        prepare_state_dict(model, dict(state_dict=state), 'x.pth')
+
+
+def test_bad_plan_entry_names_the_plan_file(build_tiny_model, tmp_path):
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    model = build_tiny_model()
+    plan = {n: 4 for n in quantizable_weights(model)}
+    plan[next(iter(plan))] = 12
+    path = tmp_path / 'myplan.json'
+    path.write_text(json.dumps(plan))
+    hook = DistillSensitivityHook(metric='plan', plan_file=str(path))
+    with pytest.raises(HawqUserError) as err:
+        hook.check_model(model)
+    assert 'myplan.json' in str(err.value) and 'or null' in str(err.value)
 
 
 @pytest.mark.parametrize('metric,estimator,include', [
@@ -144,3 +215,34 @@ def test_every_metric_runs_in_the_runner(tiny_cfg, tmp_path, metric,
     runner = Runner.from_cfg(copy.deepcopy(cfg))
     runner.test()
     assert json.load(open(osp.join(out, 'plan.json'))) == plan
+
+
+def test_plan_does_not_depend_on_the_thread_count(tiny_cfg, tmp_path):
+    """Issue 15 item 7: 1 and 2 intra-op threads sum float32 differently
+    (traces ~1e-8 apart); the ILP sees rounded inputs, so the plan is one."""
+    threads_before = torch.get_num_threads()
+    plans, means = {}, {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            cfg = copy.deepcopy(tiny_cfg)
+            cfg.work_dir = str(tmp_path / f'threads{threads}')
+            cfg.custom_hooks = [dict(
+                type='DistillSensitivityHook', metric='outquant',
+                target_bits=5, bit_range=(3, 6), save_packed=False,
+                sensitivity=dict(num_images=4, batch_size=2, min_samples=3,
+                                 max_samples=3))]
+            runner = Runner.from_cfg(cfg)
+            runner.test()
+            out = osp.join(cfg.work_dir, 'hawq')
+            plans[threads] = json.load(open(osp.join(out, 'plan.json')))
+            traces = json.load(open(osp.join(out, 'traces.json')))
+            means[threads] = torch.tensor(traces['samples'],
+                                          dtype=torch.float64).mean(0)
+    finally:
+        torch.set_num_threads(threads_before)
+    rel = ((means[1] - means[2]).abs() /
+           means[1].abs().clamp_min(1e-300)).median().item()
+    print(f'median rel. trace difference 1 vs 2 threads: {rel:.3g}')
+    assert rel < 1e-4  # float noise only, far below the traces' SE
+    assert plans[1] == plans[2]

@@ -63,3 +63,25 @@ def test_error_term_against_reference():
 def test_bad_bit_width_is_one_clear_error(bits):
     with pytest.raises(HawqUserError, match='from 2 to 8'):
         fake_quantize(torch.randn(3), bits)
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+@pytest.mark.parametrize('axis', [None, 0])
+def test_non_finite_tensor_is_refused(bad, axis):
+    w = torch.randn(4, 8)
+    w[1, 3] = bad
+    with pytest.raises(ValueError, match='1 non-finite'):
+        quantize_weight(w, 4, axis)
+    with pytest.raises(ValueError, match='non-finite'):
+        choose_scale(w, 4, axis)
+    with pytest.raises(ValueError, match='non-finite'):
+        fake_quantize(w.half(), 4, axis)
+
+
+def test_bits_error_suggests_null_only_where_allowed():
+    from mmdet_hawq.quant.quantizer import check_bits
+    with pytest.raises(HawqUserError) as err:
+        check_bits(9, 'bits')
+    assert 'null' not in str(err.value)
+    with pytest.raises(HawqUserError, match='or null'):
+        check_bits(9, 'bit-width of x', null_ok=True)

@@ -24,3 +24,25 @@ def test_table1_smoke(tiny_cfg, tmp_path):
     table = (work / 'table1.md').read_text().splitlines()
     assert len(table) == 2 + len(rows)
     assert (work / 'fig1_traces.png').is_file()
+
+
+def test_table1_methods_and_temperature_on_a_tiny_dino(family_cfg, tmp_path):
+    cfg = family_cfg('dino')
+    cfg_file = tmp_path / 'dino.py'
+    cfg.dump(str(cfg_file))
+    work = tmp_path / 'table'
+    proc = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
+                    cfg.load_from, '--work-dir', str(work),
+                    '--num-images', '4', '--gn-samples', '2', '--targets',
+                    '3', '--methods', 'outquant:gauss_newton',
+                    '--temperature', '2')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.load(open(work / 'table1.json'))
+    assert [(r['label'], r['estimator']) for r in rows[3:]] == [
+        ('Out Sen Quant', 'gauss_newton')]
+    traces = json.load(open(work / 'rows' / rows[3]['out'] / 'traces.json'))
+    assert traces['meta']['key']['settings']['temperature'] == 2.0
+    assert traces['meta']['key']['settings']['lambda_kl'] == 0.05
+    bad = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
+                   cfg.load_from, '--methods', 'outquant:newton')
+    assert bad.returncode == 2 and 'outquant:newton' in bad.stderr

@@ -12,10 +12,14 @@ only orchestrates; each step lives in its own module:
 4. write the plan, the per-layer report, the summary and optionally a packed
    low-bit checkpoint to ``<work_dir>/<out_subdir>/``.
 """
+import difflib
+import glob
+import inspect
+import json
 import os
 import os.path as osp
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from mmengine.dist import is_main_process
@@ -23,14 +27,17 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
-from ...errors import HawqUserError
+from ...errors import HawqUserError, set_interrupt_note
+from ...models import class_activation
 from ...quant import (DEFAULT_EXCLUDE, apply_plan, check_bits, list_weights,
                       load_plan, pack_state_dict, plan_stats,
-                      quantizable_weights, save_plan, uniform_plan)
+                      quantizable_weights, save_plan, uniform_plan,
+                      validate_plan)
 from ...quant.selection import weight_group
-from ...report import plot_bits, write_layer_report
-from ..checkpoint import prepare_state_dict
-from ..pipeline import sensitivity_plan
+from ...report import (plot_bits, write_layer_report,
+                       write_sensitivity_report)
+from ..checkpoint import check_finite, prepare_state_dict
+from ..pipeline import resolve_settings, sensitivity_plan
 
 METRICS = ('uniform', 'plan', 'losssen', 'outfloat', 'outquant')
 
@@ -69,6 +76,9 @@ class DistillSensitivityHook(Hook):
             Defaults to True.
         out_subdir (str): Folder under the work dir for the outputs.
             Defaults to 'hawq'.
+        **unknown: Rejected with one line naming the closest valid argument
+            (a typo such as ``target_bit=5`` would otherwise be a
+            traceback).
     """
 
     priority = 'LOW'
@@ -84,7 +94,10 @@ class DistillSensitivityHook(Hook):
                  exclude: Sequence[str] = DEFAULT_EXCLUDE,
                  per_channel: bool = False,
                  save_packed: bool = True,
-                 out_subdir: str = 'hawq') -> None:
+                 out_subdir: str = 'hawq',
+                 **unknown: Any) -> None:
+        if unknown:
+            raise HawqUserError(unknown_argument(sorted(unknown)[0]))
         if metric not in METRICS:
             raise HawqUserError(
                 f'DistillSensitivityHook: metric {metric!r} is unknown: use '
@@ -110,6 +123,7 @@ class DistillSensitivityHook(Hook):
                 raise HawqUserError(
                     f'DistillSensitivityHook: bit_range {tuple(bit_range)} '
                     'is empty: give (low, high) with low <= high')
+            check_budget(target_bits, lo, hi)
         self.metric = metric
         self.bits = bits
         self.plan_file = plan_file
@@ -135,21 +149,54 @@ class DistillSensitivityHook(Hook):
             runner.model) else runner.model
         prepare_state_dict(model, checkpoint, runner.cfg.get('load_from'))
 
+    def check_model(self, model: torch.nn.Module,
+                    source: Optional[str] = None) -> None:
+        """Every check on the model that needs no data, before any data.
+
+        The include/exclude patterns must select weights, those weights
+        must be finite, the sensitivity settings must be known, and a plan
+        file must fit the weights.
+
+        Args:
+            model (nn.Module): The detector with its weights (unwrapped).
+            source (str, optional): Where the weights come from, for the
+                message. Defaults to None.
+
+        Raises:
+            HawqUserError: One line naming what is wrong and the fix.
+        """
+        weights = quantizable_weights(model, self.include, self.exclude)
+        what = 'the weights to quantize' + (
+            f' (from {source!r})' if source else '')
+        check_finite({n: p.data for n, p in weights.items()}, what)
+        if self.metric not in ('uniform', 'plan'):
+            resolve_settings(self.metric, self.sensitivity,
+                             class_activation(model))
+        if self.metric == 'plan':
+            validate_plan(load_plan(self.plan_file), weights, self.plan_file)
+
     def before_test(self, runner) -> None:
         """Quantize ``runner.model`` in place and write the reports."""
         model = runner.model.module if is_model_wrapper(
             runner.model) else runner.model
+        self.check_model(model, runner.cfg.get('load_from'))
         out_dir = osp.join(runner.work_dir, self.out_subdir)
         os.makedirs(out_dir, exist_ok=True)
         start = time.time()
         weights = quantizable_weights(model, self.include, self.exclude)
         rows_extra: Dict[str, Dict] = {}
+        sens_report: Optional[Dict] = None
+        if self.metric not in ('uniform', 'plan') and self.sensitivity.get(
+                'use_cache', True):
+            cache_dir = self.sensitivity.get('cache_dir') or osp.join(
+                out_dir, 'cache')
+            set_interrupt_note(lambda: saved_samples_note(cache_dir))
         if self.metric == 'uniform':
             plan = uniform_plan(weights, self.bits)
         elif self.metric == 'plan':
             plan = load_plan(self.plan_file)
         else:
-            plan, rows_extra = sensitivity_plan(
+            plan, rows_extra, sens_report = sensitivity_plan(
                 runner, model, weights, self.metric, self.target_bits,
                 self.bit_range, self.axis, self.sensitivity, out_dir)
         quantized = apply_plan(model, plan, self.axis, self.include,
@@ -163,6 +210,8 @@ class DistillSensitivityHook(Hook):
         if is_main_process():
             self._write_outputs(model, out_dir, weights, quantized, plan,
                                 rows_extra, stats)
+            if sens_report is not None:
+                write_sensitivity_report(out_dir, **sens_report)
         runner.logger.info(
             f'DistillSensitivityHook: {self.metric}: {len(quantized)} of '
             f'{len(plan)} weights quantized, {stats["avg_bits"]:.3f} bits on '
@@ -201,3 +250,61 @@ class DistillSensitivityHook(Hook):
             row.update(extra.get(info.name, {}))
             rows.append(row)
         return rows
+
+
+def hook_arguments() -> List[str]:
+    """The names :class:`DistillSensitivityHook` takes."""
+    params = inspect.signature(DistillSensitivityHook.__init__).parameters
+    return [n for n, p in params.items()
+            if n != 'self' and p.kind is not p.VAR_KEYWORD]
+
+
+def unknown_argument(name: str) -> str:
+    """The message for an unknown hook argument: the closest valid name and
+    all of them."""
+    valid = hook_arguments()
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f'did you mean {close[0]!r}? ' if close else ''
+    return (f'DistillSensitivityHook: unknown argument {name!r}: {hint}'
+            f'the valid ones are {", ".join(valid)}')
+
+
+def check_budget(target_bits: float, low: int, high: int) -> None:
+    """Raise unless ``target_bits`` is a number the bit range can meet."""
+    if isinstance(target_bits, bool) or not isinstance(
+            target_bits, (int, float)):
+        raise HawqUserError(
+            f'DistillSensitivityHook: target_bits {target_bits!r} is not a '
+            'number: give the average bit-width budget, e.g. 4 or 4.5')
+    if target_bits < low:
+        raise HawqUserError(
+            f'DistillSensitivityHook: target_bits={target_bits} is below '
+            f'the lowest bit-width of bit_range=({low}, {high}): no plan '
+            f'can average {target_bits} bits; raise target_bits to at least '
+            f'{low} or lower the bit_range low end')
+
+
+def saved_samples_note(cache_dir: str) -> str:
+    """What an interrupted run has saved in the sensitivity cache.
+
+    Args:
+        cache_dir (str): The hook's sensitivity cache folder.
+
+    Returns:
+        str: How many samples the newest cache file holds, where, and that
+        rerunning the same command resumes from them.
+    """
+    files = sorted(glob.glob(osp.join(cache_dir, 'traces_*.json')),
+                   key=osp.getmtime)
+    try:
+        with open(files[-1]) as f:
+            num = len(json.load(f)['result']['samples'])
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        num = None
+    if num == 0 or not files:
+        return (f'no sensitivity sample was saved yet (cache: {cache_dir}); '
+                'rerun the same command to start again')
+    what = f'{num} sensitivity sample(s)' if num else \
+        'the sensitivity samples taken so far'
+    return (f'{what} are saved in {cache_dir}; rerun the same command to '
+            'resume from them')

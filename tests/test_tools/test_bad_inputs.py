@@ -1,0 +1,248 @@
+"""tools/ptq.py on bad inputs (issue 15): each case exits non-zero with
+exactly one stderr line starting ``error:``, and leaves its input files
+byte-identical. Most fail before any data is loaded."""
+import copy
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ..conftest import ROOT
+
+#: The user's environment: Python's default warning filters, which
+#: conftest's ``run_tool`` turns off (a clean run prints no warning).
+USER_ENV = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}
+NAN_WEIGHT = 'encoder.layers.0.self_attn.attn.in_proj_weight'
+
+
+def run_tool(*args, timeout=300):
+    """Run a project tool with Python's default warning filters."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=USER_ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sha256s(paths):
+    out = {}
+    for path in paths:
+        with open(path, 'rb') as f:
+            out[str(path)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def write_cfg(tiny_cfg, path, hook=None, **extra):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.custom_hooks = [dict(type='DistillSensitivityHook', **(
+        hook or dict(metric='uniform', bits=4)))]
+    cfg.merge_from_dict(extra)
+    cfg.dump(str(path))
+    return path
+
+
+def case_nan_checkpoint(tmp_path, tiny_cfg):
+    state = torch.load(tiny_cfg.load_from, weights_only=False)
+    state['state_dict'][NAN_WEIGHT][0, 0] = float('nan')
+    ckpt = tmp_path / 'nan.pth'
+    torch.save(state, ckpt)
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', load_from=str(ckpt))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg, ckpt],
+            [NAN_WEIGHT, '1 of 3072 elements', 'check the checkpoint'])
+
+
+def case_work_dir_under_a_file(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    afile = tmp_path / 'afile'
+    afile.write_text('x')
+    return ([str(cfg), '--work-dir', str(afile / 'w')], [cfg, afile],
+            ['work dir', 'afile/w', '--work-dir'])
+
+
+def case_config_syntax_error(tmp_path, tiny_cfg):
+    cfg = tmp_path / 'broken.py'
+    cfg.write_text("_base_ = './base.py'\nmodel = dict(\n  x=1,\n")
+    (tmp_path / 'base.py').write_text('a = 1\n')
+    return [str(cfg)], [cfg], ['broken.py', 'line 2', 'syntax error']
+
+
+def case_base_config_syntax_error(tmp_path, tiny_cfg):
+    cfg = tmp_path / 'child.py'
+    cfg.write_text("_base_ = './base.py'\nb = 2\n")
+    base = tmp_path / 'base.py'
+    base.write_text('a = 1\nc = [1,\n')
+    return [str(cfg)], [cfg, base], ['base.py', 'line 2', 'syntax error']
+
+
+def case_hook_argument_typo(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py',
+                    hook=dict(metric='outquant', target_bit=5))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ["unknown argument 'target_bit'", "did you mean 'target_bits'"])
+
+
+def case_infeasible_budget(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=2.5, bit_range=(3, 6)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['target_bits=2.5', 'bit_range=(3, 6)'])
+
+
+def case_bad_bits(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py',
+                    hook=dict(metric='uniform', bits=9))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['bits 9', 'from 2 to 8'])
+
+
+def case_bad_plan_entry(tmp_path, tiny_cfg):
+    from mmdet.registry import MODELS
+
+    from mmdet_hawq.quant import quantizable_weights
+    names = list(quantizable_weights(MODELS.build(copy.deepcopy(
+        tiny_cfg.model))))
+    plan = tmp_path / 'myplan.json'
+    plan.write_text(json.dumps(dict({n: 4 for n in names}, **{names[0]: 1})))
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py',
+                    hook=dict(metric='plan', plan_file=str(plan)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg, plan],
+            ['myplan.json', 'bit-width of', 'or null'])
+
+
+def case_unknown_plan_weight(tmp_path, tiny_cfg):
+    plan = tmp_path / 'plan.json'
+    plan.write_text('{"no.such.weight": 4}')
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py',
+                    hook=dict(metric='plan', plan_file=str(plan)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg, plan],
+            ['plan.json', 'does not have'])
+
+
+def case_unknown_sensitivity_key(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, sensitivity=dict(num_image=4)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['num_image', 'sensitivity setting'])
+
+
+def case_pattern_matches_nothing(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='uniform', bits=4, include=['no_such_layer.*']))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['no_such_layer', 'match no quantizable weight'])
+
+
+def case_checkpoint_url_unreachable(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    url = 'http://127.0.0.1:9/detr-r50-e632da11.pth'
+    return ([str(cfg), '--checkpoint', url, '--work-dir',
+             str(tmp_path / 'w')], [cfg], [url, 'could not be loaded'])
+
+
+def case_missing_checkpoint(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    return ([str(cfg), '--checkpoint', str(tmp_path / 'missing.pth')],
+            [cfg], ['missing.pth', 'does not exist'])
+
+
+def case_corrupted_checkpoint(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint at all')
+    return ([str(cfg), '--checkpoint', str(bad), '--work-dir',
+             str(tmp_path / 'w')], [cfg, bad], ['bad.pth', 'corrupted'])
+
+
+def case_missing_config(tmp_path, tiny_cfg):
+    return [str(tmp_path / 'nope.py')], [], ['nope.py', 'does not exist']
+
+
+CASES = [
+    case_nan_checkpoint, case_work_dir_under_a_file,
+    case_config_syntax_error, case_base_config_syntax_error,
+    case_hook_argument_typo, case_infeasible_budget, case_bad_bits,
+    case_bad_plan_entry, case_unknown_plan_weight,
+    case_unknown_sensitivity_key, case_pattern_matches_nothing,
+    case_checkpoint_url_unreachable, case_missing_checkpoint,
+    case_corrupted_checkpoint, case_missing_config,
+]
+
+
+def stderr_lines(proc):
+    return [ln for ln in proc.stderr.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_input_is_one_error_line(case, tmp_path, tiny_cfg):
+    args, inputs, expected = case(tmp_path, tiny_cfg)
+    before = sha256s(inputs)
+    proc = run_tool('tools/ptq.py', *args)
+    lines = stderr_lines(proc)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), \
+        proc.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert sha256s(inputs) == before
+    assert not (tmp_path / 'w' / 'hawq').exists()  # no data step ran
+
+
+def test_no_pkg_resources_warning_with_warnings_on():
+    proc = run_tool('tools/ptq.py', 'configs/detr_tiny_shapes.py',
+                    '--list-layers')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'pkg_resources' not in proc.stderr
+
+
+def test_checkpoint_urls_are_not_checked_as_files():
+    from mmdet_hawq.engine.checkpoint import is_local_path
+    assert is_local_path('checkpoints/x.pth')
+    assert is_local_path('/abs/x.pth')
+    for url in ('https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth',
+                'http://host/x.pth', 's3://bucket/x.pth',
+                'torchvision://resnet50'):
+        assert not is_local_path(url)
+
+
+@pytest.mark.skipif(os.name != 'posix', reason='POSIX signals')
+@pytest.mark.parametrize('signum,status', [(signal.SIGINT, 130),
+                                           (signal.SIGTERM, 143)])
+def test_interrupted_sensitivity_step_is_one_line(tiny_cfg, tmp_path,
+                                                  signum, status):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, save_packed=False,
+        sensitivity=dict(num_images=4, batch_size=2, tol=0.0,
+                         min_samples=10000, max_samples=10000)))
+    work = tmp_path / 'w'
+    cache = work / 'hawq' / 'cache'
+    inputs = [cfg, tiny_cfg.load_from]
+    before = sha256s(inputs)
+    proc = subprocess.Popen(
+        [sys.executable, 'tools/ptq.py', str(cfg), '--work-dir', str(work)],
+        cwd=ROOT, env=USER_ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            files = list(cache.glob('traces_*.json')) if cache.is_dir() \
+                else []
+            if files and json.loads(files[0].read_text() or '{}').get(
+                    'result', {}).get('samples'):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == status, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: interrupted'), \
+        err[-3000:]
+    assert 'sensitivity sample(s) are saved in' in lines[0]
+    assert str(cache) in lines[0] and 'rerun the same command' in lines[0]
+    assert sha256s(inputs) == before
