@@ -66,7 +66,8 @@ def sensitivities_from_traces(
             raise HawqUserError(
                 f'the trace of {name!r} is {m}: recompute the traces '
                 '(delete the cache) and check the model for NaN/Inf')
-        rel = se / abs(m) if m else np.inf
+        # an exact zero (every sample 0: mean and SE 0) is converged
+        rel = se / abs(m) if m else (0.0 if se == 0 else np.inf)
         if negative == 'ucb':
             if m < 0:
                 note.append(f'negative mean {m:.3g}')

@@ -261,12 +261,14 @@ def sensitivity_plan(runner, model: nn.Module,
     Every rank computes its share of the traces (``out_dir`` holds the
     cache); the plan is solved on rank 0 and given to every rank.
     """
-    s = resolve_settings(metric, settings, class_activation(model))
+    family, activation = detector_family(model), class_activation(model)
+    s = resolve_settings(metric, settings, activation)
+    what = (f"loss: {family.loss_note or 'mmdet loss in eval mode'}"
+            if metric == 'losssen' else
+            f"lambda_kl {s['lambda_kl']}, temperature {s['temperature']}")
     runner.logger.info(
-        f'sensitivity: {detector_family(model).name} '
-        f'({class_activation(model)} class head), metric {metric}, '
-        f"estimator {s['estimator']}, lambda_kl {s['lambda_kl']}, "
-        f"temperature {s['temperature']}")
+        f'sensitivity: {family.name} ({activation} class head), metric '
+        f"{metric}, estimator {s['estimator']}, {what}")
     result = compute_traces(runner, model, weights, metric, s, out_dir, axis,
                             influence_bits=bit_range[0])
     return run_on_main(_allocate, runner, result, weights, metric,

@@ -53,10 +53,14 @@ class TraceResult:
         return s.std(0, ddof=1) / math.sqrt(len(s))
 
     def rel_stderr(self) -> np.ndarray:
-        """Per-layer ``stderr / |mean|`` (inf where the mean is 0)."""
-        mean = np.abs(self.mean())
+        """Per-layer ``stderr / |mean|``: inf where the mean is 0, except 0
+        where every sample is exactly 0 (a weight without gradient: its
+        trace is known exactly and must not keep the sampling going)."""
+        mean, se = np.abs(self.mean()), self.stderr()
+        exact_zero = ~np.asarray(self.samples).any(0)
         with np.errstate(divide='ignore', invalid='ignore'):
-            return np.where(mean > 0, self.stderr() / mean, np.inf)
+            return np.where(mean > 0, se / mean,
+                            np.where(exact_zero, 0.0, np.inf))
 
     def converged(self, tol: float) -> np.ndarray:
         """Per-layer flag: relative standard error ≤ ``tol``."""

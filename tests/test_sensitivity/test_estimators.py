@@ -224,9 +224,11 @@ def test_bad_inputs_are_reported():
     assert res.meta['no_gradient'] == ['unused']
     assert res.mean()[-1] == 0.0 and (res.mean()[:-1] != 0).all()
     res = gauss_newton_traces(params, lambda i, g: loss_fn(i), range(2),
-                              max_samples=2)
+                              tol=1e9, min_samples=2, max_samples=50)
     assert res.meta['no_gradient'] == ['unused']
     assert res.mean()[-1] == 0.0 and (res.mean()[:-1] > 0).all()
+    # its exactly known zero trace does not keep the sampling going
+    assert res.num_samples == 2 and res.rel_stderr()[-1] == 0.0
 
     def nan_loss(i):
         return loss_fn(i) * float('nan')
