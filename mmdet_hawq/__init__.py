@@ -1,16 +1,23 @@
 """mmdet-hawq: mixed-precision post-training weight quantization of DETR.
 
 Importing the package registers its modules into mmdet's registries; configs
-load it with ``custom_imports = dict(imports=['mmdet_hawq'])``.
+load it with ``custom_imports = dict(imports=['mmdet_hawq'])``. Importing it
+also chains a ``sys.excepthook`` (:func:`~mmdet_hawq.errors.
+install_excepthook`): a :class:`HawqUserError` that reaches the top of a
+program, e.g. mmdet's own ``tools/test.py``, ends it with one ``error:``
+line and exit status 2 instead of a traceback.
 """
 from .datasets import SHAPES_CLASSES, ShapesDataset, generate_shapes_dataset
 from .engine import DistillSensitivityHook, load_checkpoint_file
-from .errors import HawqUserError
+from .errors import HawqUserError, install_excepthook
 from .models import BackbonePretrainer
 
 __version__ = '0.1.0'
 
+install_excepthook()
+
 __all__ = [
-    'BackbonePretrainer', 'SHAPES_CLASSES', 'ShapesDataset', 'generate_shapes_dataset',
-    'DistillSensitivityHook', 'load_checkpoint_file', 'HawqUserError', '__version__'
+    'BackbonePretrainer', 'SHAPES_CLASSES', 'ShapesDataset',
+    'generate_shapes_dataset', 'DistillSensitivityHook',
+    'load_checkpoint_file', 'HawqUserError', '__version__'
 ]

@@ -3,15 +3,28 @@
 Tools catch :class:`HawqUserError` and print its message as one line; it
 always names the offending thing and what to change. Ctrl-C and SIGTERM end
 a tool with one line too (:func:`run_cli`), saying what is saved.
+
+Run through another program (mmdet's own ``tools/test.py`` with the plugin
+loaded by ``custom_imports``), an uncaught :class:`HawqUserError` ends the
+program with the same line and exit status 2 (:func:`install_excepthook`,
+installed when the package is imported); ``MMDET_HAWQ_TRACEBACK=1`` shows the
+traceback instead.
 """
 import os
 import signal
 import sys
-from typing import Callable, Optional, Sequence
+from types import TracebackType
+from typing import Callable, Optional, Sequence, Type
 
 #: Exit status after SIGINT (Ctrl-C) and SIGTERM, as a shell reports them.
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+#: Exit status of a run stopped by a :class:`HawqUserError`.
+EXIT_USER_ERROR = 2
+#: Set (to anything but ``''`` or ``0``) to see the traceback of a
+#: :class:`HawqUserError` that reaches ``sys.excepthook``.
+TRACEBACK_ENV = 'MMDET_HAWQ_TRACEBACK'
 
 #: Says what an interrupted run has saved (set by the step that saves).
 _interrupt_note: Optional[Callable[[], str]] = None
@@ -74,12 +87,50 @@ def run_cli(main: Callable[[], int]) -> None:
     try:
         sys.exit(main())
     except HawqUserError as err:
-        _exit(f'error: {err}', 2)
+        _exit(f'error: {err}', EXIT_USER_ERROR)
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
         _exit('error: ' + interrupt_message(
             'SIGTERM' if terminated else 'Ctrl-C (SIGINT)'),
             EXIT_SIGTERM if terminated else EXIT_SIGINT)
+
+
+def install_excepthook() -> None:
+    """Chain a ``sys.excepthook`` that ends a program on an uncaught
+    :class:`HawqUserError` with one line and exit status 2.
+
+    For programs that do not use :func:`run_cli`, such as mmdet's own
+    ``tools/test.py`` with the plugin loaded by ``custom_imports``: a
+    :class:`HawqUserError` raised in the hook would otherwise end in a long
+    traceback. Every other exception goes to the previous hook unchanged;
+    so does a :class:`HawqUserError` when ``MMDET_HAWQ_TRACEBACK`` is set.
+    An interactive session prints the line and goes on. Installing twice
+    (a reloaded package) chains one hook only.
+    """
+    if not getattr(sys.excepthook, '_hawq_previous', None):
+        previous = sys.excepthook
+
+        def hook(exc_type: Type[BaseException], exc: BaseException,
+                 tb: Optional[TracebackType]) -> None:
+            _user_error_hook(previous, exc_type, exc, tb)
+
+        hook._hawq_previous = previous  # type: ignore[attr-defined]
+        sys.excepthook = hook
+
+
+def _user_error_hook(previous: Callable, exc_type: Type[BaseException],
+                     exc: BaseException,
+                     tb: Optional[TracebackType]) -> None:
+    if not issubclass(exc_type, HawqUserError) or os.environ.get(
+            TRACEBACK_ENV, '') not in ('', '0'):
+        previous(exc_type, exc, tb)
+        return
+    line = f'error: {exc}'
+    if hasattr(sys, 'ps1') or sys.flags.interactive:
+        print(line, file=sys.stderr)  # a REPL goes on
+        return
+    # SystemExit raised by sys.excepthook sets the exit status
+    _exit(line, EXIT_USER_ERROR)
 
 
 def _exit(line: str, status: int) -> None:

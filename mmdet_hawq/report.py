@@ -168,6 +168,44 @@ def plot_pareto(path: str, curves: Mapping[str, List[Dict]]) -> str:
     return path
 
 
+def plot_prediction_scatter(
+        path: str, points: Mapping[str, Sequence[Sequence[float]]],
+        title: str) -> str:
+    """Measured damage against predicted, log-log, one colour per metric.
+
+    Args:
+        path (str): The PNG to write.
+        points (Mapping): ``label → (predicted, measured)`` value lists of
+            equal length; points with a value <= 0 cannot be drawn on log
+            axes and are left out (their count is in the legend).
+        title (str): The plot's title.
+
+    Returns:
+        str: ``path``.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, (pred, meas) in points.items():
+        pred, meas = np.asarray(pred, float), np.asarray(meas, float)
+        keep = (pred > 0) & (meas > 0)
+        note = f' ({int((~keep).sum())} <= 0 left out)' if \
+            (~keep).any() else ''
+        ax.scatter(pred[keep], meas[keep], s=10, alpha=0.7,
+                   label=label + note)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('predicted Σ s·e')
+    ax.set_ylabel('measured distillation loss')
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_sensitivity_report(out_dir: str, metric: str, estimator: str,
                              names: Sequence[str], traces: Mapping,
                              pareto: List[Dict]) -> None:

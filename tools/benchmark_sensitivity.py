@@ -41,6 +41,9 @@ def main() -> int:
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--samples', type=int, default=12)
     p.add_argument('--target-rse', type=float, default=0.05)
+    p.add_argument('--estimators', nargs='+',
+                   choices=['gauss_newton', 'hutchinson'],
+                   default=['gauss_newton', 'hutchinson'])
     p.add_argument('--out', help='JSON file for the results')
     args = p.parse_args()
     register_all_modules()
@@ -70,15 +73,17 @@ def main() -> int:
             return time.perf_counter() - start
 
         plain()  # warm-up
-        base = float(np.median([plain() for _ in range(3)]))
-        for name, run in (
-            ('gauss_newton', lambda n: gauss_newton_traces(
+        runs = dict(
+            gauss_newton=lambda n: gauss_newton_traces(
                 weights, obj.gauss_newton_sample, index, tol=0.0,
-                max_samples=n)),
-            ('hutchinson', lambda n: hutchinson_traces(
-                weights, obj.loss, index, tol=0.0, max_samples=n)),
-        ):
-            res = run(args.samples)
+                max_samples=n),
+            hutchinson=lambda n: hutchinson_traces(
+                weights, obj.loss, index, tol=0.0, max_samples=n))
+        for name in args.estimators:
+            # the baseline is re-measured right before each estimator, so a
+            # ratio compares runs made under the same machine load
+            base = float(np.median([plain() for _ in range(3)]))
+            res = runs[name](args.samples)
             per_sample = res.seconds / res.num_samples
             rse = float(np.median(res.rel_stderr()))
             # median rel. SE after k samples, first k where it is reached
@@ -100,16 +105,18 @@ def main() -> int:
                 median_rel_se=rse, samples=res.num_samples,
                 negative_layer_means=int((res.mean() < 0).sum()),
                 layers=len(res.names),
+                baseline_seconds=base,
                 seconds_to_target=t_target, target_how=how))
-        # per-layer Hutchinson: cost of one layer's sample (one layer)
-        one = {n: weights[n] for n in list(weights)[:1]}
-        res = hutchinson_traces(one, obj.loss, index, tol=0.0, max_samples=2,
-                                per_layer=True)
-        rows.append(dict(estimator='hutchinson_per_layer (1 layer)',
-                         seconds_per_sample=res.seconds / 2,
-                         cost_vs_fwd_bwd=res.seconds / 2 / base))
+        if 'hutchinson' in args.estimators:
+            # per-layer Hutchinson: cost of one layer's sample (one layer)
+            one = {n: weights[n] for n in list(weights)[:1]}
+            res = hutchinson_traces(one, obj.loss, index, tol=0.0,
+                                    max_samples=2, per_layer=True)
+            rows.append(dict(estimator='hutchinson_per_layer (1 layer)',
+                             seconds_per_sample=res.seconds / 2,
+                             cost_vs_fwd_bwd=res.seconds / 2 / base))
     print(f'plain forward+backward over {len(batches)} batches '
-          f'({args.num_images} images): {base:.2f} s')
+          f'({args.num_images} images): {base:.2f} s (last measurement)')
     print('| estimator | s / sample | × fwd+bwd | median rel. SE '
           f'after {args.samples} | negative layer means | time to '
           f'{args.target_rse:.0%} median rel. SE |')

@@ -57,19 +57,24 @@ def parse_args() -> argparse.Namespace:
                    'head, see mmdet_hawq.models.DISTILLATION_DEFAULTS)')
     p.add_argument('--lambda-kl', type=float,
                    help='weight of the KL term (default: by the class head)')
+    p.add_argument('--no-uniform', action='store_true',
+                   help='skip the 8-bit and uniform rows (e.g. when only a '
+                   'sensitivity setting changes between runs)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     return p.parse_args()
 
 
 def rows_to_run(args):
-    rows = [dict(precision='8-bit', label='Uniform', estimator='',
-                 hook=dict(metric='uniform', bits=8))]
+    rows = [] if args.no_uniform else [dict(
+        precision='8-bit', label='Uniform', estimator='',
+        hook=dict(metric='uniform', bits=8))]
     for target, rng in TARGETS:
         if target not in args.targets:
             continue
-        rows.append(dict(precision=f'{target}-bit', label='Uniform',
-                         estimator='', hook=dict(metric='uniform',
-                                                 bits=target)))
+        if not args.no_uniform:
+            rows.append(dict(precision=f'{target}-bit', label='Uniform',
+                             estimator='', hook=dict(metric='uniform',
+                                                     bits=target)))
         for label, metric, est in METHODS:
             if args.methods and f'{metric}:{est}' not in args.methods:
                 continue
@@ -145,7 +150,8 @@ def write_table(work_dir: str, results) -> None:
     lines = ['| Precision | Quant scheme | Estimator | mAP (%) | Δ vs uniform '
              '| avg bits | packed MiB |', '|---|---|---|---|---|---|---|']
     for r in results:
-        delta = '-' if r['label'] in ('Uniform', 'N/A') else \
+        delta = '-' if r['label'] in ('Uniform', 'N/A') or \
+            r['precision'] not in uniform else \
             f"{100 * (r['mAP'] - uniform[r['precision']]):+.1f}"
         bits = f"{r['avg_bits']:.2f}" if 'avg_bits' in r else '32'
         size = f"{r['packed_mib']:.2f}" if 'packed_mib' in r else '-'

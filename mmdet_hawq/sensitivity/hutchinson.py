@@ -14,7 +14,10 @@ partial sums are added by one all-reduce per sample.
 Double backward runs with :func:`~.double_backward.double_backward_kernels`
 (the math attention kernel, mmcv's pure-PyTorch deformable attention), on
 any device. A weight that gets no gradient has trace 0 and is listed in
-``result.meta['no_gradient']``.
+``result.meta['no_gradient']``. A loss that is not finite is reported by the
+objective (:mod:`.objectives`, naming the batch and its images), a trace
+that is not finite by the sampling loop (:func:`.traces.check_finite`,
+naming the layers).
 
 The function knows nothing of mmengine: it takes a name → parameter mapping,
 a loss callable and a sequence of batches.
@@ -49,7 +52,6 @@ def batch_hvp(params: Sequence[torch.Tensor],
               batch: Any,
               vectors: Sequence[torch.Tensor],
               names: Sequence[str],
-              position: int = 0,
               unused: Optional[List[str]] = None) -> List[torch.Tensor]:
     """``H_b v`` of one batch's loss by double backward.
 
@@ -59,7 +61,6 @@ def batch_hvp(params: Sequence[torch.Tensor],
         batch (Any): One calibration batch.
         vectors (Sequence[Tensor]): ``v``, one tensor per weight.
         names (Sequence[str]): Weight names.
-        position (int): The batch's position, for messages. Defaults to 0.
         unused (list, optional): Names of weights without a gradient are
             appended here. Defaults to None.
 
@@ -69,10 +70,6 @@ def batch_hvp(params: Sequence[torch.Tensor],
     """
     with double_backward_kernels():
         loss = loss_fn(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f'the loss is {loss.item()} on calibration batch '
-                f'{position + 1}: check the images and the checkpoint')
         grads = torch.autograd.grad(
             loss, params, create_graph=True, allow_unused=True)
         if unused is not None:
@@ -114,8 +111,7 @@ def batch_dots(params: Sequence[torch.Tensor],
     dots = torch.zeros(len(params), dtype=torch.float64)
     layers = list(range(len(params)) if layers is None else layers)
     for pos in positions:
-        hv = batch_hvp(params, loss_fn, batches[pos], vectors, names, pos,
-                       unused)
+        hv = batch_hvp(params, loss_fn, batches[pos], vectors, names, unused)
         dots[layers] += torch.stack([  # one device -> host copy per batch
             (vectors[i] * hv[i]).double().sum() for i in layers]).cpu()
     return dots

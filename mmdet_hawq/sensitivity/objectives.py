@@ -18,10 +18,14 @@
 Batches are indices into preprocessed calibration batches; each objective's
 ``loss(i)`` returns batch ``i``'s share of the calibration-set loss, so the
 sum over batches is the loss on the whole set (what the estimators need).
+A loss or an output that is not finite stops the run with one
+:class:`~mmdet_hawq.errors.HawqUserError` line naming the batch and its
+images (one ``isfinite`` check per batch and evaluation).
 The detector-specific parts (how to get the outputs, the class activation,
 whether the loss needs the detector's training flag) come from
 :mod:`mmdet_hawq.models.family` through the constructors' arguments.
 """
+import os.path as osp
 import sys
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -31,12 +35,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..errors import HawqUserError, short_list
 from ..models.family import decoder_outputs
 from .gauss_newton import sigmoid_fisher_draw, softmax_fisher_draw
 
 Batch = Dict  # {'inputs': Tensor (B, 3, H, W), 'data_samples': [...]}
 OutputsFn = Callable[[nn.Module, Batch], Tuple[torch.Tensor, torch.Tensor]]
 ACTIVATIONS = ('softmax', 'sigmoid')
+#: What to do about a loss or outputs that are not finite on a batch.
+NONFINITE_FIX = (
+    'check that the checkpoint fits the config and does not come from a '
+    'diverged training run (finite weights can still overflow), and that '
+    "these images are intact, or calibrate on other images (the hook's "
+    'sensitivity.dataset)')
+#: The same for the detector's loss, which also reads the annotations.
+DETECTOR_LOSS_FIX = (
+    "check these images' annotations (boxes of zero or negative size), that "
+    'the checkpoint fits the config and does not come from a diverged '
+    'training run (finite weights can still overflow), and that the images '
+    "are intact, or calibrate on other images (the hook's "
+    'sensitivity.dataset)')
 
 
 @contextmanager
@@ -75,6 +93,56 @@ def preprocess_batches(model: nn.Module, loader) -> List[Batch]:
         for data in loader:
             batches.append(model.data_preprocessor(data, training=False))
     return batches
+
+
+def batch_images(batch: Batch) -> List[str]:
+    """File names of a batch's images, as far as its data samples say.
+
+    Args:
+        batch (dict): A preprocessed batch; its ``data_samples`` may carry
+            ``img_path`` in their metainfo.
+
+    Returns:
+        list[str]: Base names of the images that have a path.
+    """
+    names = []
+    for sample in batch.get('data_samples') or []:
+        path = getattr(sample, 'metainfo', {}).get('img_path')
+        if path:
+            names.append(osp.basename(str(path)))
+    return names
+
+
+def check_batch_finite(values: Sequence[torch.Tensor], what: str,
+                       batches: Sequence[Batch], index: int,
+                       fix: str = NONFINITE_FIX) -> None:
+    """Stop with one line when a batch's loss or outputs are not finite.
+
+    One ``isfinite`` reduction per tensor and one device-to-host copy.
+
+    Args:
+        values (Sequence[Tensor]): A loss (one scalar) or outputs.
+        what (str): What they are, e.g. ``'the distillation loss'`` or
+            ``"the float teacher's outputs"``.
+        batches (Sequence[Batch]): All calibration batches.
+        index (int): The batch's index in ``batches``.
+        fix (str): The likely fix. Defaults to :data:`NONFINITE_FIX`.
+
+    Raises:
+        HawqUserError: A value is NaN or Inf; the message names the batch
+            (1-based), its images and the fix.
+    """
+    finite = torch.stack([torch.isfinite(v.detach()).all() for v in values])
+    if bool(finite.all()):
+        return
+    if len(values) == 1 and values[0].numel() == 1:
+        state = f'{what} is {values[0].item()}'
+    else:
+        state = f'{what} have NaN/Inf values'
+    images = batch_images(batches[index])
+    where = f'calibration batch {index + 1} of {len(batches)}' + (
+        f' (images {short_list(images, 4)})' if images else '')
+    raise HawqUserError(f'{state} on {where}: {fix}')
 
 
 class DistillationObjective:
@@ -136,6 +204,8 @@ class DistillationObjective:
             with hessian_mode(self.teacher, self._teacher_params):
                 cls, box = self._select(
                     *self.outputs(self.teacher, self.batches[index]))
+            check_batch_finite((cls, box), "the float teacher's outputs",
+                               self.batches, index)
             self._targets[index] = (cls.detach(), box.detach())
         return self._targets[index]
 
@@ -157,15 +227,20 @@ class DistillationObjective:
         t_cls, t_box = self.target(index)
         kl = temperature_kl(cls, t_cls, self.temperature, self.activation)
         l1 = (box - t_box).abs().sum()
-        return (self.lambda_kl * kl + l1) * self._norm(cls)
+        loss = (self.lambda_kl * kl + l1) * self._norm(cls)
+        check_batch_finite((loss, ), "the student's distillation loss",
+                           self.batches, index)
+        return loss
 
     def gauss_newton_sample(self, index: int,
                             generator: torch.Generator) -> torch.Tensor:
         """``s = Σ u·z`` with ``E[uuᵀ]`` = the KL term's output Hessian at
         the student's probabilities (the L1 term has no curvature; at the
         8-bit student the residual terms are omitted)."""
-        cls, _ = self._select(*self.outputs(self.student,
-                                            self.batches[index]))
+        cls, box = self._select(*self.outputs(self.student,
+                                              self.batches[index]))
+        check_batch_finite((cls, box), "the student's outputs", self.batches,
+                           index)
         draw = softmax_fisher_draw if self.activation == 'softmax' else \
             sigmoid_fisher_draw
         u = draw(cls, self.temperature, self.lambda_kl * self._norm(cls),
@@ -285,4 +360,7 @@ class DetrLossObjective:
             torch.manual_seed(self.seed * 1_000_003 + index)
             losses = self.model.loss(batch['inputs'], batch['data_samples'])
         total = sum(v for k, v in losses.items() if 'loss' in k)
-        return total * (batch['inputs'].shape[0] / self.num_images)
+        total = total * (batch['inputs'].shape[0] / self.num_images)
+        check_batch_finite((total, ), "the detector's loss", self.batches,
+                           index, DETECTOR_LOSS_FIX)
+        return total

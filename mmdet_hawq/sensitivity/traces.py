@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import HawqUserError, short_list
+
 
 @dataclass
 class TraceResult:
@@ -116,14 +118,33 @@ def should_stop(result: TraceResult, tol: float, min_samples: int,
 
 def check_finite(values: Sequence[float], names: Sequence[str],
                  what: str) -> None:
-    """Raise ``FloatingPointError`` naming the layers whose value is not
-    finite."""
+    """Stop with one line naming the layers whose value is not finite.
+
+    Args:
+        values (Sequence[float]): One value per layer.
+        names (Sequence[str]): The layers' (weights') names.
+        what (str): What the values are, e.g. ``'gauss_newton trace sample
+            3'``.
+
+    Raises:
+        HawqUserError: A value is NaN or Inf. When every layer's is, the
+            loss or the outputs are to blame (the checkpoint or the
+            images); otherwise the named layers' gradients overflow, and
+            excluding them from quantization is the fix.
+    """
     bad = [n for n, v in zip(names, values) if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(
-            f'{what} is not finite for {len(bad)} layer(s), e.g. {bad[:3]}: '
-            'check the calibration images and the checkpoint (NaN/Inf '
-            'weights or outputs)')
+    if not bad:
+        return
+    if len(bad) == len(names):
+        raise HawqUserError(
+            f'{what} is NaN/Inf for every layer ({len(bad)}, e.g. '
+            f'{bad[0]}): the loss or the outputs are not finite; check '
+            'that the checkpoint fits the config and the calibration images')
+    raise HawqUserError(
+        f'{what} is NaN/Inf for {len(bad)} of {len(names)} layers: '
+        f'{short_list(bad, 3)}: their gradients overflow; keep them in '
+        f"float with the hook's exclude=[...] (e.g. exclude=['{bad[0]}']) "
+        'or check their weights in the checkpoint')
 
 
 def note_unused(result: TraceResult, names: Sequence[str],
@@ -184,7 +205,8 @@ def sample_traces(result: TraceResult, sample_sums: SampleSums, tol: float,
         total = shard.sum(sample_sums(result.num_samples))
         row = (total / numels).tolist()
         check_finite(row, result.names,
-                     f'a {result.estimator} trace sample')
+                     f'{result.estimator} trace sample '
+                     f'{result.num_samples + 1}')
         result.samples.append(row)
         result.seconds += time.perf_counter() - start
         if on_sample is not None:

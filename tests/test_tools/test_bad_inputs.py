@@ -1,10 +1,12 @@
-"""tools/ptq.py on bad inputs (issue 15): each case exits non-zero with
-exactly one stderr line starting ``error:``, and leaves its input files
-byte-identical. Most fail before any data is loaded."""
+"""tools/ptq.py, and mmdet's own tools/test.py where the case reaches the
+plugin, on bad inputs (issue 15): each case exits non-zero with exactly one
+stderr line starting ``error:``, and leaves its input files byte-identical.
+Most fail before any data is loaded."""
 import copy
 import hashlib
 import json
 import os
+import os.path as osp
 import signal
 import subprocess
 import sys
@@ -12,19 +14,44 @@ import time
 
 import pytest
 import torch
+from mmengine.config import Config
 
+import mmdet
 from ..conftest import ROOT
 
 #: The user's environment: Python's default warning filters, which
 #: conftest's ``run_tool`` turns off (a clean run prints no warning).
 USER_ENV = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}
 NAN_WEIGHT = 'encoder.layers.0.self_attn.attn.in_proj_weight'
+#: mmdet's own test script, as installed with the package.
+MMDET_TEST = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools',
+                      'test.py')
+#: mmengine imports pkg_resources before mmdet's test.py can load the
+#: plugin: setuptools' deprecation notice comes with every run of it, good or
+#: bad, and no plugin code can silence it; every other warning still counts.
+MMDET_TEST_ENV = dict(
+    USER_ENV, PYTHONWARNINGS='ignore:pkg_resources is deprecated:UserWarning')
 
 
-def run_tool(*args, timeout=300):
+def run_tool(*args, timeout=300, env=None):
     """Run a project tool with Python's default warning filters."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=USER_ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT,
+                          env=env or USER_ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def mmdet_test_args(args):
+    """A case's ptq.py arguments as mmdet's test.py takes them: ``CONFIG
+    CHECKPOINT [--work-dir DIR]``, the checkpoint from ``--checkpoint`` or
+    else the config's ``load_from``."""
+    config, rest = args[0], list(args[1:])
+    if '--checkpoint' in rest:
+        at = rest.index('--checkpoint')
+        checkpoint = rest.pop(at + 1)
+        rest.pop(at)
+    else:
+        checkpoint = Config.fromfile(config).load_from
+    return [config, checkpoint, *rest]
 
 
 def sha256s(paths):
@@ -160,6 +187,22 @@ def case_missing_config(tmp_path, tiny_cfg):
     return [str(tmp_path / 'nope.py')], [], ['nope.py', 'does not exist']
 
 
+def case_nonfinite_outputs(tmp_path, tiny_cfg):
+    # finite weights whose outputs overflow: the calibration batch stops it
+    state = torch.load(tiny_cfg.load_from, weights_only=False)
+    state['state_dict']['neck.convs.0.conv.weight'] *= 1e20
+    ckpt = tmp_path / 'overflow.pth'
+    torch.save(state, ckpt)
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', load_from=str(ckpt),
+                    hook=dict(metric='outquant', target_bits=4,
+                              save_packed=False, sensitivity=dict(
+                                  num_images=4, batch_size=2, min_samples=2,
+                                  max_samples=2)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg, ckpt],
+            ["the student's outputs have NaN/Inf values on calibration "
+             'batch 1 of 2 (images ', '.png', 'check that the checkpoint'])
+
+
 CASES = [
     case_nan_checkpoint, case_work_dir_under_a_file,
     case_config_syntax_error, case_base_config_syntax_error,
@@ -167,19 +210,26 @@ CASES = [
     case_bad_plan_entry, case_unknown_plan_weight,
     case_unknown_sensitivity_key, case_pattern_matches_nothing,
     case_checkpoint_url_unreachable, case_missing_checkpoint,
-    case_corrupted_checkpoint, case_missing_config,
+    case_corrupted_checkpoint, case_missing_config, case_nonfinite_outputs,
 ]
+#: The cases that reach the plugin through mmdet's test.py; the others stop
+#: in mmengine before it (config syntax, missing config or checkpoint
+#: files, a work dir under a file: mmengine's own errors).
+MMDET_TEST_CASES = [
+    case_hook_argument_typo, case_infeasible_budget, case_bad_bits,
+    case_nan_checkpoint, case_bad_plan_entry, case_unknown_plan_weight,
+    case_unknown_sensitivity_key, case_pattern_matches_nothing,
+    case_nonfinite_outputs,
+]
+#: Cases found only on the calibration data, after the hook's first step.
+DATA_CASES = {case_nonfinite_outputs}
 
 
 def stderr_lines(proc):
     return [ln for ln in proc.stderr.splitlines() if ln.strip()]
 
 
-@pytest.mark.parametrize('case', CASES, ids=[c.__name__[5:] for c in CASES])
-def test_bad_input_is_one_error_line(case, tmp_path, tiny_cfg):
-    args, inputs, expected = case(tmp_path, tiny_cfg)
-    before = sha256s(inputs)
-    proc = run_tool('tools/ptq.py', *args)
+def check_one_error_line(proc, case, tmp_path, inputs, before, expected):
     lines = stderr_lines(proc)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith('error: '), \
@@ -187,7 +237,54 @@ def test_bad_input_is_one_error_line(case, tmp_path, tiny_cfg):
     for text in expected:
         assert text in lines[0], lines[0]
     assert sha256s(inputs) == before
-    assert not (tmp_path / 'w' / 'hawq').exists()  # no data step ran
+    if case not in DATA_CASES:
+        assert not (tmp_path / 'w' / 'hawq').exists()  # no data step ran
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_input_is_one_error_line(case, tmp_path, tiny_cfg):
+    args, inputs, expected = case(tmp_path, tiny_cfg)
+    before = sha256s(inputs)
+    proc = run_tool('tools/ptq.py', *args)
+    check_one_error_line(proc, case, tmp_path, inputs, before, expected)
+
+
+@pytest.mark.parametrize('case', MMDET_TEST_CASES,
+                         ids=[c.__name__[5:] for c in MMDET_TEST_CASES])
+def test_bad_input_through_mmdet_test_py(case, tmp_path, tiny_cfg):
+    args, inputs, expected = case(tmp_path, tiny_cfg)
+    before = sha256s(inputs)
+    proc = run_tool(MMDET_TEST, *mmdet_test_args(args), env=MMDET_TEST_ENV)
+    check_one_error_line(proc, case, tmp_path, inputs, before, expected)
+
+
+def test_excepthook_handles_only_user_errors(monkeypatch, capsys):
+    from mmdet_hawq import errors
+    seen = []
+
+    def previous(exc_type, exc, tb):
+        seen.append(exc_type)
+
+    monkeypatch.setattr(sys, 'excepthook', previous)
+    monkeypatch.setattr(errors, '_in_process_group', lambda: False)
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    errors.install_excepthook()
+    errors.install_excepthook()  # chained once
+    hook = sys.excepthook
+    assert hook is not previous and hook._hawq_previous is previous
+    hook(ValueError, ValueError('x'), None)
+    assert seen == [ValueError]
+    with pytest.raises(SystemExit) as stop:
+        hook(errors.HawqUserError, errors.HawqUserError('bad plan'), None)
+    assert stop.value.code == 2 and seen == [ValueError]
+    assert capsys.readouterr().err == 'error: bad plan\n'
+    monkeypatch.setattr(sys, 'ps1', '>>> ', raising=False)
+    hook(errors.HawqUserError, errors.HawqUserError('bad plan'), None)
+    assert capsys.readouterr().err == 'error: bad plan\n'  # a REPL goes on
+    monkeypatch.setenv(errors.TRACEBACK_ENV, '1')  # the traceback wanted
+    hook(errors.HawqUserError, errors.HawqUserError('bad plan'), None)
+    assert seen == [ValueError, errors.HawqUserError]
+    assert capsys.readouterr().err == ''
 
 
 def test_no_pkg_resources_warning_with_warnings_on():

@@ -1,0 +1,340 @@
+"""Predicted vs measured damage: which sensitivity predicts what
+quantization does to the outputs.
+
+For each sensitivity report given (the ``layers.json`` a hook run writes:
+per-layer averaged traces ``s_l``), the prediction of quantizing layer ``l``
+to ``b`` bits is ``s_l · e_l(b)``, with ``e_l`` the error term the ILP uses
+for that metric. The measured damage is the distillation loss of the whole
+model against the float teacher on held-out images (the val split, not the
+calibration images), with layer ``l`` alone at ``b`` bits (per layer), or
+with a whole plan applied (per plan: random plans and the reports' own ILP
+plans). Spearman's rank correlation says how well each metric orders the
+damage.
+
+Writes ``validation.json`` (every measurement), ``validation.md`` (the rank
+correlations) and ``scatter_layers.png``/``scatter_plans.png`` (log-log, one
+colour per metric) into ``--out-dir``.
+
+Example:
+    python tools/validate_sensitivity.py configs/dino_tiny_shapes.py \\
+        --checkpoint checkpoints/dino_tiny_shapes.pth \\
+        --report outquant-gn=results/dino_tiny_shapes_table1/rows/\\
+4-bit_outquant_gauss_newton --bits 2 3 4 --out-dir results/validation_dino
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from mmengine.config import Config
+from mmengine.logging import MMLogger
+from mmengine.model import is_model_wrapper
+from mmengine.runner import Runner
+from mmengine.utils import ProgressBar
+from scipy.stats import spearmanr
+
+from mmdet.utils import register_all_modules
+from mmdet_hawq.engine.pipeline import (SENSITIVITY_DEFAULTS,
+                                        build_calibration, build_detector)
+from mmdet_hawq.errors import HawqUserError, run_cli
+from mmdet_hawq.models import DISTILLATION_DEFAULTS, class_activation
+from mmdet_hawq.quant import (fake_quantize, load_plan, quantizable_weights,
+                              quantization_error)
+from mmdet_hawq.report import plot_prediction_scatter
+from mmdet_hawq.sensitivity import DistillationObjective, preprocess_batches
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('config')
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--report', nargs='+', required=True,
+                   metavar='LABEL=DIR',
+                   help='sensitivity run folders (with layers.json and '
+                   'summary.json), each with a label')
+    p.add_argument('--bits', type=int, nargs='+', default=[3, 4],
+                   help='bit-widths of the per-layer test')
+    p.add_argument('--num-images', type=int, default=32,
+                   help='held-out val images the damage is measured on')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--plans', type=int, default=50,
+                   help='random plans of the per-plan test (0: none)')
+    p.add_argument('--extra-plans', nargs='*', default=[], metavar='DIR',
+                   help='more ILP runs (folders with plan.json) whose plans '
+                   'join the per-plan test, e.g. other budgets')
+    p.add_argument('--plan-bits', type=int, nargs='+', default=[3, 4, 5, 6],
+                   help='bit-widths a random plan draws from per layer')
+    p.add_argument('--plan-target', type=float,
+                   help='average bits every random plan is moved to (within '
+                   '0.05), so that plans are compared at one budget as the '
+                   'ILP compares them (default: no target)')
+    p.add_argument('--map', action='store_true',
+                   help="also measure every plan's bbox mAP with mmdet's "
+                   'test loop on the val split (slow: one evaluation per '
+                   'plan)')
+    p.add_argument('--temperature', type=float,
+                   help='T of the measured distillation loss (default: by '
+                   'the class head)')
+    p.add_argument('--lambda-kl', type=float,
+                   help='KL weight of the measured loss (default: by the '
+                   'class head)')
+    p.add_argument('--out-dir', required=True)
+    return p.parse_args()
+
+
+def read_report(spec: str, names: List[str]) -> dict:
+    """``LABEL=DIR`` → label, metric, per-layer traces and the ILP plan."""
+    label, sep, folder = spec.partition('=')
+    if not sep or not label:
+        raise HawqUserError(f'--report {spec!r}: write LABEL=DIR, e.g. '
+                            'outquant-gn=results/.../rows/4-bit_outquant_'
+                            'gauss_newton')
+    files = {k: osp.join(folder, f'{k}.json')
+             for k in ('layers', 'summary', 'plan')}
+    for f in files.values():
+        if not osp.isfile(f):
+            raise HawqUserError(f'--report {label}: {f} does not exist: give '
+                                'the folder of a sensitivity run (tools/'
+                                'ptq.py or tools/table1.py rows/...)')
+    with open(files['layers']) as f:
+        layers = {r['name']: r for r in json.load(f)}
+    with open(files['summary']) as f:
+        metric = json.load(f)['metric']
+    missing = [n for n in names if layers.get(n, {}).get('trace_used')
+               is None]
+    if missing:
+        raise HawqUserError(f'--report {label}: no trace for {missing[0]} '
+                            f'(and {len(missing) - 1} more): the run was '
+                            'made on another model or weight selection')
+    return dict(label=label, metric=metric,
+                traces={n: float(layers[n]['trace_used']) for n in names},
+                plan={n: load_plan(files['plan']).get(n) for n in names})
+
+
+class Damage:
+    """Distillation loss of the model against its float teacher on fixed
+    held-out batches, for weights set to given bit-widths."""
+
+    def __init__(self, model, teacher, batches, weights, lambda_kl: float,
+                 temperature: float, activation: str) -> None:
+        self.model = model
+        self.weights = weights
+        self.float = {n: p.detach().clone() for n, p in weights.items()}
+        self.objective = DistillationObjective(
+            model, teacher, batches, weights, lambda_kl, temperature,
+            activation=activation)
+        self.num_batches = len(batches)
+
+    @torch.no_grad()
+    def __call__(self, bits: Dict[str, Optional[int]]) -> float:
+        """Loss with every weight in ``bits`` fake-quantized (others float).
+        """
+        for n, b in bits.items():
+            if b is not None:
+                self.weights[n].copy_(fake_quantize(self.float[n], b))
+        try:
+            return float(sum(self.objective.loss(i).item()
+                             for i in range(self.num_batches)))
+        finally:
+            for n in bits:
+                self.weights[n].copy_(self.float[n])
+
+
+def error_terms(weights, metric: str, bits: List[int]
+                ) -> Dict[str, Dict[int, float]]:
+    """The ILP's error terms of ``metric``: against the 8-bit weights for
+    ``outquant``, the float weights otherwise."""
+    out = {}
+    for n, p in weights.items():
+        ref = fake_quantize(p.data, 8) if metric == 'outquant' else None
+        out[n] = {b: quantization_error(p.data, b, ref) for b in bits}
+    return out
+
+
+def random_plan(numels: Dict[str, int], bits: List[int],
+                target: Optional[float], rng: np.random.Generator,
+                tol: float = 0.05) -> Dict[str, int]:
+    """Bits drawn per layer from ``bits``; with ``target``, random layers
+    are then stepped down or up one bit-width at a time until the
+    parameter-weighted average is within ``tol`` of it."""
+    names = list(numels)
+    plan = {n: int(rng.choice(bits)) for n in names}
+    if target is None:
+        return plan
+    total = sum(numels.values())
+    avg = sum(numels[n] * plan[n] for n in names) / total
+    for _ in range(100 * len(names)):
+        if abs(avg - target) <= tol:
+            return plan
+        n = names[rng.integers(len(names))]
+        i = bits.index(plan[n]) + (1 if avg < target else -1)
+        if 0 <= i < len(bits):
+            step = numels[n] * (bits[i] - plan[n]) / total
+            if abs(avg + step - target) < abs(avg - target):
+                plan[n], avg = bits[i], avg + step
+    raise HawqUserError(f'--plan-target {target}: no random plan within '
+                        f'{tol} of it with --plan-bits {bits}')
+
+
+def plan_map(cfg, checkpoint: str, out_dir: str
+             ) -> Callable[[Dict[str, int]], float]:
+    """A function plan → bbox mAP through mmdet's test loop on the val
+    split (the Runner's model, fake-quantized per plan, then restored)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.load_from = checkpoint
+    cfg.work_dir = osp.join(out_dir, 'runner')
+    cfg.custom_hooks = [h for h in cfg.get('custom_hooks', [])
+                        if h.get('type') != 'DistillSensitivityHook']
+    runner = Runner.from_cfg(cfg)
+    runner.test()  # loads the checkpoint
+    model = runner.model.module if is_model_wrapper(runner.model) else \
+        runner.model
+    params = dict(model.named_parameters())
+
+    def evaluate(plan: Dict[str, int]) -> float:
+        saved = {n: params[n].detach().clone() for n in plan}
+        with torch.no_grad():
+            for n, b in plan.items():
+                params[n].copy_(fake_quantize(saved[n], b))
+        try:
+            return float(runner.test_loop.run()['coco/bbox_mAP'])
+        finally:
+            with torch.no_grad():
+                for n in plan:
+                    params[n].copy_(saved[n])
+
+    return evaluate
+
+
+def rank_correlation(pred: List[float], meas: List[float]) -> float:
+    rho = spearmanr(pred, meas).statistic
+    return float(rho) if np.isfinite(rho) else float('nan')
+
+
+def main() -> int:
+    args = parse_args()
+    logger = MMLogger.get_instance('validate_sensitivity')
+    register_all_modules()
+    cfg = Config.fromfile(args.config)
+    model = build_detector(cfg, args.checkpoint)
+    weights = quantizable_weights(model)
+    names = list(weights)
+    reports = [read_report(s, names) for s in args.report]
+    activation = class_activation(model)
+    lambda_kl, temperature = DISTILLATION_DEFAULTS[activation]
+    lambda_kl = args.lambda_kl if args.lambda_kl is not None else lambda_kl
+    temperature = args.temperature or temperature
+    val = copy.deepcopy(cfg)
+    val.train_dataloader = copy.deepcopy(cfg.test_dataloader)
+    settings = dict(SENSITIVITY_DEFAULTS, num_images=args.num_images,
+                    seed=args.seed)
+    loader, img_ids = build_calibration(val, settings)
+    batches = preprocess_batches(model, loader)
+    damage = Damage(model, copy.deepcopy(model), batches, weights, lambda_kl,
+                    temperature, activation)
+    all_bits = set(args.bits) | set(args.plan_bits)
+    start = time.time()
+    logger.info(f'per layer: {len(names)} weights x bits {args.bits} on '
+                f'{len(img_ids)} held-out images')
+    layers = []
+    bar = ProgressBar(len(names) * len(args.bits))
+    for n in names:
+        for b in args.bits:
+            layers.append(dict(name=n, bits=b, measured=damage({n: b})))
+            bar.update()
+    rng = np.random.default_rng(args.seed)
+    numels = {n: p.numel() for n, p in weights.items()}
+    plans = [dict(kind='random', plan=random_plan(
+        numels, sorted(args.plan_bits), args.plan_target, rng))
+        for _ in range(args.plans)]
+    plans += [dict(kind=f"ilp {r['label']}", plan=r['plan'])
+              for r in reports if None not in r['plan'].values()]
+    for folder in args.extra_plans:
+        path = osp.join(folder, 'plan.json')
+        if not osp.isfile(path):
+            raise HawqUserError(f'--extra-plans: {path} does not exist: give '
+                                'folders of sensitivity runs')
+        plan = load_plan(path)
+        if any(plan.get(n) is None for n in names):
+            raise HawqUserError(f'--extra-plans: {path} leaves some of the '
+                                'weights float: give runs made on the same '
+                                'weight selection')
+        plans.append(dict(kind=f'ilp {osp.basename(osp.normpath(folder))}',
+                          plan={n: plan.get(n) for n in names}))
+    all_bits = sorted(set(all_bits) | {
+        b for p in plans for b in p['plan'].values() if b is not None})
+    errors = {m: error_terms(weights, m, all_bits)
+              for m in {r['metric'] for r in reports}}
+    logger.info(f'per plan: {len(plans)} plans')
+    bar = ProgressBar(len(plans))
+    test_map = plan_map(cfg, args.checkpoint, args.out_dir) if args.map \
+        else None
+    for p in plans:
+        p['measured'] = damage(p['plan'])
+        if test_map is not None:
+            p['mAP'] = test_map(p['plan'])
+        p['avg_bits'] = sum(numels[n] * p['plan'][n] for n in names) / sum(
+            numels.values())
+        bar.update()
+    table = []
+    for r in reports:
+        s, e = r['traces'], errors[r['metric']]
+        for row in layers:
+            row[r['label']] = s[row['name']] * e[row['name']][row['bits']]
+        for p in plans:
+            p[r['label']] = sum(s[n] * e[n][p['plan'][n]] for n in names)
+        by_bits = {b: rank_correlation(
+            [x[r['label']] for x in layers if x['bits'] == b],
+            [x['measured'] for x in layers if x['bits'] == b])
+            for b in args.bits}
+        table.append(dict(
+            label=r['label'], metric=r['metric'],
+            layer_rho=by_bits,
+            layer_rho_all=rank_correlation([x[r['label']] for x in layers],
+                                           [x['measured'] for x in layers]),
+            plan_rho=rank_correlation([p[r['label']] for p in plans],
+                                      [p['measured'] for p in plans]),
+            plan_map_rho=rank_correlation(
+                [p[r['label']] for p in plans],
+                [-p['mAP'] for p in plans]) if args.map else None))
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(osp.join(args.out_dir, 'validation.json'), 'w') as f:
+        json.dump(dict(args=vars(args), img_ids=img_ids,
+                       lambda_kl=lambda_kl, temperature=temperature,
+                       seconds=round(time.time() - start, 1),
+                       correlations=table, layers=layers,
+                       plans=[{k: v for k, v in p.items() if k != 'plan'}
+                              for p in plans]), f, indent=1)
+    labels = [r['label'] for r in reports]
+    plot_prediction_scatter(
+        osp.join(args.out_dir, 'scatter_layers.png'),
+        {lab: ([x[lab] for x in layers], [x['measured'] for x in layers])
+         for lab in labels}, 'one layer quantized alone')
+    plot_prediction_scatter(
+        osp.join(args.out_dir, 'scatter_plans.png'),
+        {lab: ([p[lab] for p in plans], [p['measured'] for p in plans])
+         for lab in labels}, 'whole plans')
+    head = ('| sensitivity | metric | ' + ' | '.join(
+        f'per layer ρ, {b} bits' for b in args.bits)
+        + ' | per layer ρ, all | per plan ρ |'
+        + (' per plan ρ with mAP drop |' if args.map else ''))
+    lines = [head, '|' + '---|' * (4 + len(args.bits) + args.map)]
+    for t in table:
+        cells = ' | '.join(f'{t["layer_rho"][b]:.3f}' for b in args.bits)
+        extra = f" {t['plan_map_rho']:.3f} |" if args.map else ''
+        lines.append(f"| {t['label']} | {t['metric']} | {cells} | "
+                     f"{t['layer_rho_all']:.3f} | {t['plan_rho']:.3f} |"
+                     + extra)
+    with open(osp.join(args.out_dir, 'validation.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)
