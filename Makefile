@@ -84,6 +84,7 @@ train-%-family: venv data
 	$(VPY) $(MMDET_TOOLS)/train.py configs/$*_tiny_shapes.py --work-dir $(TRAIN_DIR)/$*_tiny_shapes --resume
 	$(VPY) tools/export_checkpoint.py $(TRAIN_DIR)/$*_tiny_shapes checkpoints/$*_tiny_shapes.pth
 	$(VPY) tools/train_log_summary.py $(TRAIN_DIR)/$*_tiny_shapes --config configs/$*_tiny_shapes.py \
-	    --command "make train-$*" > checkpoints/$*_tiny_shapes_train_log.md
+	    --command "make $(or $(TRAIN_TARGET),train-$*)" > checkpoints/$*_tiny_shapes_train_log.md
 train-dino: train-dino-family
+train-deformable: TRAIN_TARGET = train-deformable
 train-deformable: train-deformable_detr-family

@@ -6,6 +6,7 @@ it was computed for: hashes of the model config, the checkpoint and the
 calibration set, the objective, the estimator, the seed and the settings.
 It is rewritten atomically after every sample.
 """
+import glob
 import hashlib
 import json
 import os
@@ -58,3 +59,29 @@ def save_cached(path: str, key: Dict[str, Any], result: TraceResult) -> None:
     with open(tmp, 'w') as f:
         json.dump(dict(key=key, result=result.to_dict()), f, default=str)
     os.replace(tmp, path)
+
+
+def saved_samples_note(cache_dir: str) -> str:
+    """What an interrupted run has saved in the sensitivity cache.
+
+    Args:
+        cache_dir (str): The hook's sensitivity cache folder.
+
+    Returns:
+        str: How many samples the newest cache file holds, where, and that
+        rerunning the same command resumes from them.
+    """
+    files = sorted(glob.glob(osp.join(cache_dir, 'traces_*.json')),
+                   key=osp.getmtime)
+    try:
+        with open(files[-1]) as f:
+            num = len(json.load(f)['result']['samples'])
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        num = None
+    if num == 0 or not files:
+        return (f'no sensitivity sample was saved yet (cache: {cache_dir}); '
+                'rerun the same command to start again')
+    what = f'{num} sensitivity sample(s)' if num else \
+        'the sensitivity samples taken so far'
+    return (f'{what} are saved in {cache_dir}; rerun the same command to '
+            'resume from them')

@@ -13,9 +13,7 @@ only orchestrates; each step lives in its own module:
    low-bit checkpoint to ``<work_dir>/<out_subdir>/``.
 """
 import difflib
-import glob
 import inspect
-import json
 import os
 import os.path as osp
 import time
@@ -36,6 +34,7 @@ from ...quant import (DEFAULT_EXCLUDE, apply_plan, check_bits, list_weights,
 from ...quant.selection import weight_group
 from ...report import (plot_bits, write_layer_report,
                        write_sensitivity_report)
+from ...sensitivity import saved_samples_note
 from ..checkpoint import check_finite, prepare_state_dict
 from ..pipeline import resolve_settings, sensitivity_plan
 
@@ -282,29 +281,3 @@ def check_budget(target_bits: float, low: int, high: int) -> None:
             f'the lowest bit-width of bit_range=({low}, {high}): no plan '
             f'can average {target_bits} bits; raise target_bits to at least '
             f'{low} or lower the bit_range low end')
-
-
-def saved_samples_note(cache_dir: str) -> str:
-    """What an interrupted run has saved in the sensitivity cache.
-
-    Args:
-        cache_dir (str): The hook's sensitivity cache folder.
-
-    Returns:
-        str: How many samples the newest cache file holds, where, and that
-        rerunning the same command resumes from them.
-    """
-    files = sorted(glob.glob(osp.join(cache_dir, 'traces_*.json')),
-                   key=osp.getmtime)
-    try:
-        with open(files[-1]) as f:
-            num = len(json.load(f)['result']['samples'])
-    except (IndexError, OSError, ValueError, KeyError, TypeError):
-        num = None
-    if num == 0 or not files:
-        return (f'no sensitivity sample was saved yet (cache: {cache_dir}); '
-                'rerun the same command to start again')
-    what = f'{num} sensitivity sample(s)' if num else \
-        'the sensitivity samples taken so far'
-    return (f'{what} are saved in {cache_dir}; rerun the same command to '
-            'resume from them')
