@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
                    'head, see mmdet_hawq.models.DISTILLATION_DEFAULTS)')
     p.add_argument('--lambda-kl', type=float,
                    help='weight of the KL term (default: by the class head)')
+    p.add_argument('--proposals', action='store_true',
+                   help='two-stage models: also distil the encoder '
+                   'proposals (the sensitivity setting proposals=True)')
     p.add_argument('--no-uniform', action='store_true',
                    help='skip the 8-bit and uniform rows (e.g. when only a '
                    'sensitivity setting changes between runs)')
@@ -91,6 +94,7 @@ def rows_to_run(args):
                                   args.work_dir, 'cache'),
                               temperature=args.temperature,
                               lambda_kl=args.lambda_kl,
+                              proposals=args.proposals,
                               max_samples=samples))))
     return rows
 

@@ -42,7 +42,8 @@ from mmdet.utils import register_all_modules
 from mmdet_hawq.engine.pipeline import (SENSITIVITY_DEFAULTS,
                                         build_calibration, build_detector)
 from mmdet_hawq.errors import HawqUserError, run_cli
-from mmdet_hawq.models import DISTILLATION_DEFAULTS, class_activation
+from mmdet_hawq.models import (DISTILLATION_DEFAULTS, class_activation,
+                               decoder_outputs)
 from mmdet_hawq.quant import (fake_quantize, load_plan, quantizable_weights,
                               quantization_error)
 from mmdet_hawq.report import plot_prediction_scatter
@@ -125,9 +126,10 @@ class Damage:
         self.model = model
         self.weights = weights
         self.float = {n: p.detach().clone() for n, p in weights.items()}
+        # the damage is measured on what the detector outputs: its decoder
         self.objective = DistillationObjective(
             model, teacher, batches, weights, lambda_kl, temperature,
-            activation=activation)
+            activation=activation, outputs=decoder_outputs)
         self.num_batches = len(batches)
 
     @torch.no_grad()

@@ -11,15 +11,31 @@ Trace policy: sampled traces may be negative (the training-loss Hessian is
 indefinite) or unconverged. :func:`sensitivities_from_traces` applies an
 explicit policy and returns a note per layer, which reports show.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy import sparse
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
 from ..errors import HawqUserError
 
 NEGATIVE_POLICIES = ('ucb', 'zero', 'abs', 'error')
+
+#: Average bit-widths up to this much above the target still meet it.
+TARGET_SLACK = 1e-6
+
+#: The ILP's objective is scaled so that the best known plan costs this
+#: much: HiGHS's absolute tolerances (1e-6 on the gap, 1e-7 on feasibility)
+#: are then 1e-12 of it or less, whatever the scale of the costs.
+OBJECTIVE_SCALE = 1e6
+
+#: Most first-stage solves, each scaled by the best plan found so far.
+MAX_RESCALES = 4
+
+#: A ``≤`` row of the ILP: coefficient per layer and candidate, upper bound.
+Row = Tuple[np.ndarray, float]
 
 
 def sensitivities_from_traces(
@@ -145,17 +161,20 @@ def solve_allocation(sensitivity: Mapping[str, float],
                      max_bops: Optional[float] = None,
                      activation_bits: int = 32,
                      fixed: Optional[Mapping[str, int]] = None) -> Allocation:
-    """Solve the bit allocation ILP exactly.
+    """Solve the bit allocation ILP exactly, whatever the scale of the costs.
 
-    Among plans of minimal predicted perturbation, the one with the most
-    bits is returned (a second ILP), so the budget is not left unused when
-    several layers' sensitivities are zero.
+    Among plans of minimal predicted perturbation, one with the most bits is
+    returned (a second stage), so the budget is not left unused when several
+    layers' sensitivities are zero. The second stage's plan is kept only if
+    its exact cost is at most the first stage's optimum. How HiGHS's
+    absolute tolerances are kept from mattering: see :class:`_Problem`.
 
     Args:
         sensitivity (Mapping[str, float]): ``s_l`` per layer (≥ 0).
         errors (Mapping): ``e_l(b)`` per layer and candidate bit-width.
         numels (Mapping[str, int]): Elements per layer.
-        target_bits (float): Largest allowed average bit-width.
+        target_bits (float): Largest allowed average bit-width (up to
+            :data:`TARGET_SLACK` above it counts as meeting it).
         bit_choices (Sequence[int]): Candidate bit-widths.
         max_weight_bytes (float, optional): Budget on the layers' packed
             size in bytes. Defaults to None.
@@ -176,7 +195,6 @@ def solve_allocation(sensitivity: Mapping[str, float],
     bits = sorted(set(int(b) for b in bit_choices))
     if not names:
         raise HawqUserError('no layers to allocate bits to')
-    L, K = len(names), len(bits)
     n = np.array([numels[name] for name in names], dtype=np.float64)
     total = n.sum()
     lo_avg, hi_avg = float(bits[0]), float(bits[-1])
@@ -190,58 +208,294 @@ def solve_allocation(sensitivity: Mapping[str, float],
                for b in bits}
         for name in names
     }
-    c = np.array([[costs[name][b] for b in bits] for name in names]).ravel()
-    upper = np.ones((L, K))
+    cost = np.array([[costs[name][b] for b in bits] for name in names])
+    for name, row in zip(names, cost):
+        if not np.isfinite(row).all():
+            raise HawqUserError(
+                f'the predicted perturbation of {name!r} is not finite '
+                f'({costs[name]}): check its sensitivity and error terms')
+    allowed = np.ones(cost.shape, dtype=bool)
     for name, b in (fixed or {}).items():
         if b not in bits:
             raise HawqUserError(
                 f'layer {name!r} is fixed at {b} bits, outside the '
                 f'candidate bit-widths {bits}')
-        upper[names.index(name)] = np.array(bits) == b
-    bounds = Bounds(0, upper.ravel())
-    one_hot = np.kron(np.eye(L), np.ones((1, K)))
-    rows = [LinearConstraint(one_hot, 1, 1)]
-    bit_row = (n[:, None] * np.array(bits, dtype=np.float64)[None]).ravel()
-    rows.append(LinearConstraint(bit_row[None], -np.inf,
-                                 target_bits * total + 1e-6 * total))
+        allowed[names.index(name)] = np.array(bits) == b
+    width = np.array(bits, dtype=np.float64)[None]
+    bit_use = n[:, None] * width
+    budgets = [(bit_use, target_bits * total + TARGET_SLACK * total)]
     if max_weight_bytes is not None:
-        rows.append(LinearConstraint(bit_row[None] / 8.0, -np.inf,
-                                     max_weight_bytes))
+        budgets.append((bit_use, 8.0 * max_weight_bytes))
     if max_bops is not None:
         if macs is None:
             raise HawqUserError('max_bops needs the per-layer macs')
         m = np.array([macs[name] for name in names], dtype=np.float64)
-        bops_row = (m[:, None] * np.array(bits)[None] *
-                    activation_bits).ravel()
-        rows.append(LinearConstraint(bops_row[None], -np.inf, max_bops))
-    # HiGHS works to absolute tolerances: the objective is scaled to O(1)
-    # (real costs are ~1e-6) so they cannot swamp it; the plan is unchanged
-    scale = float(np.abs(c).max())
-    cn = c / scale if scale > 0 else c
-    res = milp(cn, constraints=rows, integrality=np.ones_like(c),
-               bounds=bounds)
-    if res.x is None:
+        budgets.append((m[:, None] * width * activation_bits,
+                        float(max_bops)))
+    if not _fits(allowed.argmax(1), budgets):  # the fewest bits allowed
         raise HawqUserError(
-            f'the bit allocation is infeasible ({res.message}): with '
-            f'bit-widths {bits} the achievable averages run from {lo_avg} to '
-            f'{hi_avg}; loosen the memory/BOPs budget or widen the range')
-    # Among the optimal plans take one that uses the most bits: layers with
-    # zero sensitivity (e.g. a negative trace under the 'zero' policy) are
-    # otherwise left at arbitrary widths below the budget.
-    best = float(cn @ res.x)
-    try:
-        tie = milp(-bit_row / bit_row.max(), constraints=rows + [
-            LinearConstraint(cn[None], -np.inf, best + 1e-9 * (1 + abs(best)))
-        ], integrality=np.ones_like(c), bounds=bounds)
-        x = tie.x if tie.x is not None else res.x
-    except ValueError:  # HiGHS can fail internally on this stage
-        x = res.x
-    choice = x.reshape(L, K).argmax(1)
+            f'the bit allocation is infeasible: with bit-widths {bits} the '
+            f'achievable averages run from {lo_avg} to {hi_avg}, and even '
+            'the fewest bits allowed exceed a budget; loosen the memory/BOPs '
+            'budget, unfix layers or widen the range')
+    problem = _Problem(cost, allowed, budgets, bit_use)
+    first, message = problem.least_cost()
+    choice = problem.most_bits(first)
     plan = {name: bits[k] for name, k in zip(names, choice)}
     avg = float(sum(n[i] * plan[name] for i, name in enumerate(names)) /
                 total)
-    obj = float(sum(costs[name][plan[name]] for name in names))
-    return Allocation(plan, obj, avg, str(res.message), costs)
+    obj = math.fsum(costs[name][plan[name]] for name in names)
+    return Allocation(plan, obj, avg, message, costs)
+
+
+def _plan_sum(values: np.ndarray, choice: np.ndarray) -> float:
+    """Exact (correctly rounded) sum of one value per layer.
+
+    Args:
+        values (np.ndarray): Value per layer (rows) and candidate (columns).
+        choice (np.ndarray): Chosen column per layer.
+
+    Returns:
+        float: ``Σ_l values[l, choice[l]]``.
+    """
+    return math.fsum(values[np.arange(len(choice)), choice])
+
+
+def _fits(choice: np.ndarray, budgets: Sequence[Row]) -> bool:
+    """Whether a plan meets every budget exactly.
+
+    Args:
+        choice (np.ndarray): Chosen column per layer.
+        budgets (Sequence[Row]): Use per layer and candidate, and limit.
+
+    Returns:
+        bool: True when each use sums to at most its limit.
+    """
+    return all(_plan_sum(use, choice) <= limit for use, limit in budgets)
+
+
+def _milp(objective: np.ndarray, keep: np.ndarray,
+          rows: Sequence[Row]) -> Tuple[Optional[np.ndarray], str]:
+    """One HiGHS solve over the kept candidates, with a zero relative gap.
+
+    Args:
+        objective (np.ndarray): Objective per layer and candidate.
+        keep (np.ndarray): Candidates that may be chosen, one per layer at
+            least.
+        rows (Sequence[Row]): The ``≤`` rows.
+
+    Returns:
+        tuple: Chosen column per layer (None without a solution) and the
+        solver's message.
+    """
+    cols = np.flatnonzero(keep.ravel())
+    num_layers, num_bits = keep.shape
+    one_hot = sparse.csr_array(
+        (np.ones(len(cols)), (cols // num_bits, np.arange(len(cols)))),
+        shape=(num_layers, len(cols)))
+    constraints = [LinearConstraint(one_hot, 1, 1)] + [
+        LinearConstraint(coef.ravel()[cols][None], -np.inf, upper)
+        for coef, upper in rows
+    ]
+    res = milp(objective.ravel()[cols], constraints=constraints,
+               integrality=np.ones(len(cols)), bounds=Bounds(0, 1),
+               options=dict(mip_rel_gap=0.0))
+    if res.x is None:
+        return None, str(res.message)
+    x = np.zeros(keep.size)
+    x[cols] = res.x
+    return x.reshape(keep.shape).argmax(1), str(res.message)
+
+
+class _Problem:
+    """The allocation ILP as arrays (a row per layer, a column per candidate
+    bit-width), solved so that HiGHS's absolute tolerances cannot matter.
+
+    * Each layer's cheapest allowed cost is subtracted (a constant): the
+      objective, :attr:`extra`, is ≥ 0 with an exact zero in every layer.
+    * A greedy plan, and Lagrangian prices on the budgets from the LP
+      relaxation, drop every candidate that is in no plan costing at most
+      a known plan's cost (:meth:`keep`); usually few layers keep more
+      than one candidate, and HiGHS solves only what is left.
+    * HiGHS runs with a zero relative gap on the objective scaled so that
+      the best known plan costs :data:`OBJECTIVE_SCALE`; its absolute
+      tolerances are then 1e-12 of that cost or less. When its plan costs
+      less than half of that plan, it runs again at the new scale.
+    * Every plan is checked exactly (:func:`_fits`, :func:`_plan_sum`);
+      HiGHS's plans replace a known plan only when they are not worse.
+
+    Args:
+        cost (np.ndarray): ``s_l · e_l(b)`` per layer and candidate.
+        allowed (np.ndarray): Candidates that may be chosen.
+        budgets (Sequence[Row]): Use per layer and candidate, and limit;
+            the first one is the bit budget, and the fewest bits allowed
+            must meet them all.
+        bit_use (np.ndarray): Bits times elements per layer and candidate.
+    """
+
+    def __init__(self, cost: np.ndarray, allowed: np.ndarray,
+                 budgets: Sequence[Row], bit_use: np.ndarray) -> None:
+        self.cost, self.allowed = cost, allowed
+        self.budgets, self.bit_use = list(budgets), bit_use
+        lowest = np.where(allowed, cost, np.inf).min(1, keepdims=True)
+        self.extra = np.where(allowed, cost - lowest, 0.0)
+        self.greedy = self._greedy()
+        self.slack, self.floor = self._lagrangian(self.greedy)
+
+    def _greedy(self) -> np.ndarray:
+        """From the fewest bits, repeatedly the change that saves the most
+        cost per extra bit and still fits.
+
+        Returns:
+            np.ndarray: Chosen column per layer (it meets every budget).
+        """
+        layers = np.arange(len(self.extra))
+        choice = self.allowed.argmax(1)
+        while True:
+            gain = self.extra[layers, choice][:, None] - self.extra
+            ok = self.allowed & (gain > 0)
+            for use, limit in self.budgets:
+                ok &= (use - use[layers, choice][:, None] <=
+                       limit - _plan_sum(use, choice))
+            if not ok.any():
+                return choice
+            more = self.bit_use - self.bit_use[layers, choice][:, None]
+            rate = np.where(more > 0, gain / np.where(more > 0, more, 1.0),
+                            np.inf)
+            layer, k = np.unravel_index(np.where(ok, rate, -1.0).argmax(),
+                                        rate.shape)
+            choice[layer] = k
+
+    def _lagrangian(self, choice: np.ndarray) -> Tuple[np.ndarray, float]:
+        """Lagrangian slacks: what each candidate costs at least beyond a
+        bound.
+
+        With prices ``λ_j ≥ 0`` on the budgets, a plan that meets them
+        costs at least ``bound + Σ_l slack[l, b_l]``, so a candidate whose
+        slack exceeds ``upper − bound`` is in no plan costing at most
+        ``upper``. Any prices give a valid bound; the LP relaxation's duals
+        prune the most.
+
+        Args:
+            choice (np.ndarray): A plan that meets the budgets (scales the
+                LP).
+
+        Returns:
+            tuple: Slack per layer and candidate (inf where not allowed),
+            and the bound less a margin for rounding.
+        """
+        scale = _plan_sum(self.extra, choice) or 1.0
+        cols = np.flatnonzero(self.allowed.ravel())
+        num_layers, num_bits = self.allowed.shape
+        prices = np.zeros(len(self.budgets))  # valid, if weak
+        try:
+            res = linprog(
+                self.extra.ravel()[cols] / scale,
+                A_ub=np.array([use.ravel()[cols]
+                               for use, _ in self.budgets]),
+                b_ub=[limit for _, limit in self.budgets],
+                A_eq=sparse.csr_array(
+                    (np.ones(len(cols)), (cols // num_bits,
+                                          np.arange(len(cols)))),
+                    shape=(num_layers, len(cols))),
+                b_eq=np.ones(num_layers), bounds=(0, 1), method='highs')
+        except ValueError:  # HiGHS can fail internally
+            res = None
+        if res is not None and res.status == 0:
+            prices = np.maximum(-res.ineqlin.marginals, 0.0) * scale
+        priced = np.where(self.allowed, self.extra, np.inf)
+        for price, (use, _) in zip(prices, self.budgets):
+            priced = priced + price * use
+        least = priced.min(1)
+        charged = math.fsum(p * limit
+                            for p, (_, limit) in zip(prices, self.budgets))
+        margin = 1e-9 * (math.fsum(least) + charged + scale)
+        return priced - least[:, None], math.fsum(least) - charged - margin
+
+    def keep(self, upper: float, choice: np.ndarray) -> np.ndarray:
+        """Candidates that may be in a plan costing at most ``upper``.
+
+        Args:
+            upper (float): Cost (of :attr:`extra`) not to exceed.
+            choice (np.ndarray): A plan of that cost (always kept).
+
+        Returns:
+            np.ndarray: Mask per layer and candidate.
+        """
+        keep = (self.allowed & (self.extra <= upper) &
+                (self.slack <= upper - self.floor))
+        keep[np.arange(len(choice)), choice] = True
+        return keep
+
+    def least_cost(self) -> Tuple[np.ndarray, str]:
+        """The first stage: a plan of least cost.
+
+        Returns:
+            tuple: Chosen column per layer and the solver's message.
+        """
+        choice = self.greedy
+        upper = _plan_sum(self.extra, choice)
+        message = 'the greedy plan is optimal'
+        for _ in range(MAX_RESCALES):
+            keep = self.keep(upper, choice)
+            if upper == 0 or (keep.sum(1) == 1).all():
+                break
+            found, message = _milp(self.extra / upper * OBJECTIVE_SCALE,
+                                   keep, self.budgets)
+            if found is None:
+                raise HawqUserError(
+                    f'HiGHS found no bit allocation ({message}) although '
+                    'a plan within the budgets exists')
+            value = _plan_sum(self.extra, found)
+            if value > upper or not _fits(found, self.budgets):
+                break  # tolerance-level noise: the known plan is as good
+            choice, scale, upper = found, upper, value
+            if value >= scale / 2:
+                break  # scaled by at most twice the optimum: done
+        return choice, message
+
+    def most_bits(self, choice: np.ndarray) -> np.ndarray:
+        """The second stage: among plans as cheap as ``choice``, one with
+        the most bits.
+
+        First each layer may move among candidates that cost exactly what
+        its first-stage one costs (so the total cannot change); then to any
+        plan of at most the first stage's cost, capped in the cost scaled
+        like the first stage. A plan is taken only if it meets the budgets,
+        has more bits, and its exact cost is not above ``choice``'s.
+
+        Args:
+            choice (np.ndarray): The first stage's plan.
+
+        Returns:
+            np.ndarray: ``choice``, or a plan of at most its exact cost and
+            more bits.
+        """
+        layers = np.arange(len(choice))
+        best = _plan_sum(self.extra, choice)
+        limit = _plan_sum(self.cost, choice)
+        rows = list(self.budgets)
+        if best > 0:
+            rows.append((self.extra / best * OBJECTIVE_SCALE,
+                         OBJECTIVE_SCALE))
+        same = self.allowed & (self.cost ==
+                               self.cost[layers, choice][:, None])
+        for keep, limits in ((same, self.budgets),
+                             (self.keep(best, choice), rows)):
+            keep[layers, choice] = True
+            widest = np.where(keep, self.bit_use, 0).max(1)
+            if (self.bit_use[layers, choice] >= widest).all():
+                continue  # every layer is at its widest candidate
+            try:
+                found, _ = _milp(-self.bit_use, keep, limits)
+            except ValueError:  # HiGHS can fail internally
+                continue
+            if (found is not None and _fits(found, self.budgets)
+                    and _plan_sum(self.cost, found) <= limit
+                    and _plan_sum(self.bit_use, found) >
+                    _plan_sum(self.bit_use, choice)):
+                choice = found
+        return choice
 
 
 def pareto_sweep(sensitivity: Mapping[str, float],

@@ -30,7 +30,7 @@ from ..allocation import (pareto_sweep, sensitivities_from_traces,
 from ..allocation.ilp import round_significant
 from ..errors import HawqUserError
 from ..models import (DISTILLATION_DEFAULTS, class_activation,
-                      decoder_outputs, detector_family)
+                      decoder_outputs, detector_family, distillation_outputs)
 from ..quant import (fake_quantize, quantization_error, quantize_weights_,
                      uniform_plan)
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
@@ -55,6 +55,8 @@ SENSITIVITY_DEFAULTS = dict(
     lambda_kl=None,  # None: by the class head (models.DISTILLATION_DEFAULTS)
     temperature=None,
     decoder_layers=None,
+    proposals=False,  # two-stage models: also distil the encoder
+    #                   proposals (models.family.distillation_outputs)
     negative_traces='ucb',
     use_cache=True,
     cache_dir=None,  # None: <work_dir>/<out_subdir>/cache
@@ -223,7 +225,9 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
                 objective = DistillationObjective(
                     model, teacher, batches, weights,
                     settings['lambda_kl'], settings['temperature'],
-                    settings['decoder_layers'], activation)
+                    settings['decoder_layers'], activation,
+                    distillation_outputs if settings['proposals'] else
+                    decoder_outputs)
             if estimator == 'gauss_newton':
                 result = gauss_newton_traces(
                     weights, objective.gauss_newton_sample, index, **common)

@@ -1,7 +1,8 @@
 from .backbone_pretrainer import BackbonePretrainer
 from .family import (DISTILLATION_DEFAULTS, FAMILIES, DetrFamily,
                      class_activation, decoder_outputs, detector_family,
-                     final_head_weights)
+                     distillation_outputs, final_head_weights,
+                     proposal_branches)
 from .official_detr import (COCO_CATEGORY_IDS, convert_official_detr,
                             is_official_detr, official_detr_state)
 
@@ -9,5 +10,6 @@ __all__ = [
     'BackbonePretrainer', 'COCO_CATEGORY_IDS', 'convert_official_detr',
     'is_official_detr', 'official_detr_state', 'DISTILLATION_DEFAULTS',
     'FAMILIES', 'DetrFamily', 'class_activation', 'decoder_outputs',
-    'detector_family', 'final_head_weights'
+    'detector_family', 'distillation_outputs', 'final_head_weights',
+    'proposal_branches'
 ]

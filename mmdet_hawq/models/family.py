@@ -20,7 +20,7 @@ kept here and nowhere else:
   name is still recognised.
 """
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -139,3 +139,61 @@ def decoder_outputs(model: nn.Module,
             '(L, B, Q, C) and (L, B, Q, 4): build the decoder with '
             'return_intermediate=True')
     return out[0], out[1]
+
+
+def proposal_branches(model: nn.Module
+                      ) -> Optional[Tuple[nn.Module, nn.Module]]:
+    """The encoder proposal class and box branches of a two-stage model.
+
+    Two-stage Deformable DETR and DINO score every encoder token with
+    ``bbox_head.cls_branches[L]`` and ``reg_branches[L]`` (L = number of
+    decoder layers) and let the top-k tokens become the decoder's queries.
+
+    Returns:
+        tuple or None: ``(cls_branch, reg_branch)``, or None for a model
+        without encoder proposals.
+    """
+    if not getattr(model, 'as_two_stage', False):
+        return None
+    layers = model.decoder.num_layers
+    head = model.bbox_head
+    return head.cls_branches[layers], head.reg_branches[layers]
+
+
+def distillation_outputs(model: nn.Module, batch: Batch
+                         ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Every output the distillation loss compares, in groups.
+
+    The first group is :func:`decoder_outputs`. A two-stage model adds its
+    encoder proposals over all tokens, caught from the proposal branches
+    during the same forward: class logits (1, B, N, C) and the proposal
+    branch's box offsets before the sigmoid (1, B, N, 4). The top-k
+    selection of those proposals has no gradient, so without this group the
+    weights that decide which tokens become queries look insensitive.
+
+    Args:
+        model (nn.Module): A supported mmdet DETR-family detector.
+        batch (dict): Preprocessed ``inputs`` and ``data_samples``.
+
+    Returns:
+        list[tuple]: ``(scores, boxes)`` per group.
+    """
+    branches = proposal_branches(model)
+    if branches is None:
+        return [decoder_outputs(model, batch)]
+    caught: Dict[str, torch.Tensor] = {}
+
+    def catch(key: str):
+        def hook(module, args, output):
+            caught[key] = output
+        return hook
+
+    handles = [m.register_forward_hook(catch(k))
+               for k, m in zip(('cls', 'box'), branches)]
+    try:
+        groups = [decoder_outputs(model, batch)]
+    finally:
+        for h in handles:
+            h.remove()
+    groups.append((caught['cls'][None], caught['box'][None]))
+    return groups

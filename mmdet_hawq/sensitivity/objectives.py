@@ -28,7 +28,8 @@ whether the loss needs the detector's training flag) come from
 import os.path as osp
 import sys
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import (Callable, Dict, Iterator, List, Optional, Sequence,
+                    Tuple, Union)
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,9 @@ from ..models.family import decoder_outputs
 from .gauss_newton import sigmoid_fisher_draw, softmax_fisher_draw
 
 Batch = Dict  # {'inputs': Tensor (B, 3, H, W), 'data_samples': [...]}
-OutputsFn = Callable[[nn.Module, Batch], Tuple[torch.Tensor, torch.Tensor]]
+Group = Tuple[torch.Tensor, torch.Tensor]  # scores (L, B, Q, C), boxes
+#: ``(model, batch) → (scores, boxes)``, or a list of such groups
+OutputsFn = Callable[[nn.Module, Batch], Union[Group, Sequence[Group]]]
 ACTIVATIONS = ('softmax', 'sigmoid')
 #: What to do about a loss or outputs that are not finite on a batch.
 NONFINITE_FIX = (
@@ -167,7 +170,10 @@ class DistillationObjective:
         activation (str): The class head's ``'softmax'`` (DETR) or
             ``'sigmoid'`` (focal heads). Defaults to 'softmax'.
         outputs (Callable, optional): ``(model, batch) → (scores (L, B, Q,
-            C), boxes (L, B, Q, 4))``. Defaults to None
+            C), boxes (L, B, Q, 4))``, or a list of such groups (e.g. the
+            decoder's and the encoder proposals' of a two-stage model:
+            :func:`~mmdet_hawq.models.family.distillation_outputs`); each
+            group is averaged over its images and queries. Defaults to None
             (:func:`~mmdet_hawq.models.family.decoder_outputs`).
     """
 
@@ -196,38 +202,48 @@ class DistillationObjective:
         self._teacher_params = {
             n: p for n, p in teacher.named_parameters() if n in params
         }
-        self._targets: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._targets: Dict[int, List[Group]] = {}
 
-    def target(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's (logits, boxes) of batch ``index`` (cached)."""
+    def _groups(self, model: nn.Module, index: int) -> List[Group]:
+        """``model``'s output groups on batch ``index``; ``layers`` selects
+        from the first (the decoder's)."""
+        out = self.outputs(model, self.batches[index])
+        groups = [tuple(out)] if torch.is_tensor(out[0]) else \
+            [tuple(g) for g in out]
+        if self.layers is not None:
+            cls, box = groups[0]
+            groups[0] = (cls[self.layers], box[self.layers])
+        return groups
+
+    def target(self, index: int) -> List[Group]:
+        """The teacher's (logits, boxes) groups of batch ``index`` (cached).
+        """
         if index not in self._targets:
             with hessian_mode(self.teacher, self._teacher_params):
-                cls, box = self._select(
-                    *self.outputs(self.teacher, self.batches[index]))
-            check_batch_finite((cls, box), "the float teacher's outputs",
-                               self.batches, index)
-            self._targets[index] = (cls.detach(), box.detach())
+                groups = self._groups(self.teacher, index)
+            check_batch_finite([t for g in groups for t in g],
+                               "the float teacher's outputs", self.batches,
+                               index)
+            self._targets[index] = [(c.detach(), b.detach())
+                                    for c, b in groups]
         return self._targets[index]
 
-    def _select(self, cls: torch.Tensor,
-                box: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.layers is None:
-            return cls, box
-        return cls[self.layers], box[self.layers]
-
     def _norm(self, cls: torch.Tensor) -> float:
-        # mean over all calibration images and queries of each layer
+        # mean over all calibration images and queries (or tokens) of each
+        # layer of a group
         return 1.0 / (self.num_images * cls.shape[2])
 
     def loss(self, index: int) -> torch.Tensor:
         """Batch ``index``'s share of the calibration-set distillation loss.
         """
-        cls, box = self._select(*self.outputs(self.student,
-                                              self.batches[index]))
-        t_cls, t_box = self.target(index)
-        kl = temperature_kl(cls, t_cls, self.temperature, self.activation)
-        l1 = (box - t_box).abs().sum()
-        loss = (self.lambda_kl * kl + l1) * self._norm(cls)
+        loss = 0.0
+        for (cls, box), (t_cls, t_box) in zip(self._groups(self.student,
+                                                           index),
+                                              self.target(index)):
+            kl = temperature_kl(cls, t_cls, self.temperature,
+                                self.activation)
+            l1 = (box - t_box).abs().sum()
+            loss = loss + (self.lambda_kl * kl + l1) * self._norm(cls)
         check_batch_finite((loss, ), "the student's distillation loss",
                            self.batches, index)
         return loss
@@ -235,17 +251,19 @@ class DistillationObjective:
     def gauss_newton_sample(self, index: int,
                             generator: torch.Generator) -> torch.Tensor:
         """``s = Σ u·z`` with ``E[uuᵀ]`` = the KL term's output Hessian at
-        the student's probabilities (the L1 term has no curvature; at the
-        8-bit student the residual terms are omitted)."""
-        cls, box = self._select(*self.outputs(self.student,
-                                              self.batches[index]))
-        check_batch_finite((cls, box), "the student's outputs", self.batches,
-                           index)
+        the student's probabilities, over every group (the L1 term has no
+        curvature; at the 8-bit student the residual terms are omitted)."""
+        groups = self._groups(self.student, index)
+        check_batch_finite([t for g in groups for t in g],
+                           "the student's outputs", self.batches, index)
         draw = softmax_fisher_draw if self.activation == 'softmax' else \
             sigmoid_fisher_draw
-        u = draw(cls, self.temperature, self.lambda_kl * self._norm(cls),
-                 generator)
-        return (u * cls).sum()
+        s = 0.0
+        for cls, _ in groups:
+            u = draw(cls, self.temperature,
+                     self.lambda_kl * self._norm(cls), generator)
+            s = s + (u * cls).sum()
+        return s
 
 
 def temperature_kl(student: torch.Tensor, teacher: torch.Tensor,

@@ -96,3 +96,24 @@ def test_family_member_through_the_hook(family_cfg, tmp_path, name, metric):
         # the first decoder layer's content projections see zero queries
         assert any('no influence' in t for n, t in notes.items()
                    if n.startswith('decoder.layers.0.'))
+
+
+@pytest.mark.parametrize('name', ['dino'])
+def test_two_stage_with_proposals_gives_memory_trans_fc_a_trace(
+        family_cfg, tmp_path, name):
+    """``proposals=True`` distils the encoder proposals over all tokens as
+    well, so memory_trans_fc (which feeds only their top-k selection) gets
+    a gradient and a trace instead of being a blind spot."""
+    cfg = family_cfg(name)
+    cfg.work_dir = str(tmp_path)
+    cfg.custom_hooks = [dict(
+        type='DistillSensitivityHook', metric='outquant', target_bits=4,
+        bit_range=(3, 6), sensitivity=dict(
+            num_images=4, batch_size=2, min_samples=2, max_samples=2,
+            proposals=True))]
+    Runner.from_cfg(cfg).test()
+    out = osp.join(cfg.work_dir, 'hawq')
+    rows = {r['name']: r for r in json.load(open(osp.join(out,
+                                                          'layers.json')))}
+    assert rows['memory_trans_fc.weight']['trace_mean'] > 0
+    assert 'blind spot' not in rows['memory_trans_fc.weight']['trace_note']

@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.models import (class_activation, decoder_outputs,
-                               detector_family, final_head_weights)
+                               detector_family, distillation_outputs,
+                               final_head_weights, proposal_branches)
 from mmdet_hawq.quant import list_weights, quantizable_weights
 from mmdet_hawq.sensitivity import preprocess_batches
 from ..conftest import FAMILY_CONFIGS, build_from
@@ -98,3 +99,28 @@ def test_weight_pattern_that_matches_nothing_is_rejected(family_cfg):
         quantizable_weights(model, include=['backbone.*', 'decoderx.*'])
     # a pattern that only matches float head weights still matches
     assert quantizable_weights(model, exclude=['bbox_head.*'])
+
+
+@pytest.mark.parametrize('name', ['deformable', 'deformable_twostage',
+                                  'dino'])
+def test_encoder_proposals_join_the_distilled_outputs(family_cfg, name):
+    cfg = family_cfg(name)
+    model = build_from(cfg)
+    batch = batch_of(model, cfg)
+    groups = distillation_outputs(model, batch)
+    if proposal_branches(model) is None:  # one-stage: the decoder alone
+        assert len(groups) == 1
+        return
+    (cls, box), (p_cls, p_box) = groups
+    assert torch.equal(cls, decoder_outputs(model, batch)[0])
+    # every encoder token of every image gets a score and a box offset
+    num_tokens = sum(m.shape[-2] * m.shape[-1] for m in
+                     model.extract_feat(batch['inputs']))
+    assert p_cls.shape == (1, cls.shape[1], num_tokens, cls.shape[-1])
+    assert p_box.shape == (1, cls.shape[1], num_tokens, 4)
+    # memory_trans_fc feeds only the top-k selection: no gradient through
+    # the decoder's outputs, one through the proposal scores
+    w = model.memory_trans_fc.weight
+    g_dec = torch.autograd.grad(cls.sum(), w, allow_unused=True)[0]
+    assert g_dec is None or not g_dec.any()
+    assert torch.autograd.grad(p_cls.sum(), w)[0].abs().sum() > 0
