@@ -13,7 +13,7 @@ CKPT := checkpoints/detr_tiny_shapes.pth
 .PHONY: demo test data train eval venv detr-reference train-dino \
 	train-deformable
 
-venv: $(VENV)/.stamp
+venv: $(VENV)/.stamp $(VENV)/.quiet
 
 # The stamp is written only once everything imports, so a second run does
 # nothing. torch is pinned here (CPU build), not in setup.py: GPU users bring
@@ -30,6 +30,14 @@ $(VENV)/.stamp: requirements.txt setup.py
 	$(VPY) -m pip install --quiet -r requirements.txt
 	$(VPY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(VPY) -c "import mmcv.ops, mmdet, mmdet_hawq, scipy, matplotlib, pycocotools"
+	touch $@
+
+# setuptools < 81 (pinned above for mmcv's build) warns 'pkg_resources is
+# deprecated' whenever mmengine imports it: noise at the top of every command,
+# mmdet's own tools included. A .pth file in the venv's site-packages filters
+# that one warning at interpreter start-up.
+$(VENV)/.quiet: tools/quiet_pkg_resources.pth | $(VENV)/.stamp
+	cp tools/quiet_pkg_resources.pth "$$($(VPY) -c 'import site; print(site.getsitepackages()[0])')/"
 	touch $@
 
 data: $(DATA)
