@@ -18,6 +18,7 @@ import os
 import os.path as osp
 import time
 
+import numpy as np
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
@@ -57,6 +58,10 @@ def parse_args() -> argparse.Namespace:
                    'head, see mmdet_hawq.models.DISTILLATION_DEFAULTS)')
     p.add_argument('--lambda-kl', type=float,
                    help='weight of the KL term (default: by the class head)')
+    p.add_argument('--seeds', type=int, default=1,
+                   help='repeat every sensitivity row over this many '
+                   'calibration sets (sensitivity seeds 0..N-1) and report '
+                   'mean ± standard deviation')
     p.add_argument('--proposals', action='store_true',
                    help='two-stage models: also distil the encoder '
                    'proposals (the sensitivity setting proposals=True)')
@@ -127,18 +132,28 @@ def main() -> int:
     for row in rows_to_run(args):
         slug = (f"{row['precision']}_{row['hook']['metric']}_"
                 f"{row['estimator'] or 'none'}")
-        model.load_state_dict(float_state)
-        hook = DistillSensitivityHook(out_subdir=osp.join('rows', slug),
-                                      **row['hook'])
-        start = time.time()
-        hook.before_test(runner)
-        metrics = runner.test_loop.run()
+        seeds = range(args.seeds) if 'sensitivity' in row['hook'] else [0]
+        runs, start = [], time.time()
+        for seed in seeds:
+            out = slug if args.seeds == 1 or len(seeds) == 1 else \
+                f'{slug}_seed{seed}'
+            kwargs = copy.deepcopy(row['hook'])
+            if 'sensitivity' in kwargs:
+                kwargs['sensitivity']['seed'] = seed
+            model.load_state_dict(float_state)
+            hook = DistillSensitivityHook(out_subdir=osp.join('rows', out),
+                                          **kwargs)
+            hook.before_test(runner)
+            runs.append(runner.test_loop.run()['coco/bbox_mAP'])
         record = dict(
             precision=row['precision'], label=row['label'],
-            estimator=row['estimator'], mAP=metrics['coco/bbox_mAP'],
+            estimator=row['estimator'], mAP=float(np.mean(runs)),
             avg_bits=hook.summary['avg_bits'],
             packed_mib=hook.summary['packed_bytes'] / 2**20,
-            seconds=round(time.time() - start, 1), out=slug)
+            seconds=round(time.time() - start, 1),
+            out=slug if len(runs) == 1 else f'{slug}_seed0')
+        if len(runs) > 1:
+            record.update(mAP_runs=runs, mAP_std=float(np.std(runs, ddof=1)))
         results.append(record)
         runner.logger.info(f'table1: {record}')
         with open(osp.join(args.work_dir, 'table1.json'), 'w') as f:
@@ -161,8 +176,10 @@ def write_table(work_dir: str, results) -> None:
         size = f"{r['packed_mib']:.2f}" if 'packed_mib' in r else '-'
         est = {'gauss_newton': 'Gauss-Newton', 'hutchinson': 'Hutchinson',
                '': ''}[r['estimator']]
+        cell = f"{100 * r['mAP']:.1f}" + (
+            f" ± {100 * r['mAP_std']:.1f}" if 'mAP_std' in r else '')
         lines.append(f"| {r['precision']} | {r['label']} | {est} | "
-                     f"{100 * r['mAP']:.1f} | {delta} | {bits} | {size} |")
+                     f"{cell} | {delta} | {bits} | {size} |")
     with open(osp.join(work_dir, 'table1.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))

@@ -46,3 +46,25 @@ def test_table1_methods_and_temperature_on_a_tiny_dino(family_cfg, tmp_path):
     bad = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
                    cfg.load_from, '--methods', 'outquant:newton')
     assert bad.returncode == 2 and 'outquant:newton' in bad.stderr
+
+
+def test_table1_seeds_repeat_the_sensitivity_rows(tiny_cfg, tmp_path):
+    cfg_file = tmp_path / 'tiny.py'
+    tiny_cfg.dump(str(cfg_file))
+    work = tmp_path / 'table'
+    proc = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
+                    tiny_cfg.load_from, '--work-dir', str(work),
+                    '--num-images', '4', '--gn-samples', '2', '--targets',
+                    '3', '--methods', 'outquant:gauss_newton', '--seeds', '2')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.load(open(work / 'table1.json'))
+    uniform, osq = rows[2], rows[3]
+    assert 'mAP_runs' not in uniform  # nothing random to repeat
+    assert len(osq['mAP_runs']) == 2
+    assert osq['mAP'] == sum(osq['mAP_runs']) / 2
+    # two calibration sets: two trace runs with their own seeds
+    seeds = {json.load(open(work / 'rows' / f'3-bit_outquant_gauss_newton_'
+                            f'seed{s}' / 'traces.json'))['meta']['key'][
+                                'settings']['seed'] for s in (0, 1)}
+    assert seeds == {0, 1}
+    assert ' ± ' in (work / 'table1.md').read_text().splitlines()[-1]
