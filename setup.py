@@ -9,8 +9,11 @@ setup(
     python_requires='>=3.8',
     # torch is deliberately not listed: CPU and GPU users bring their own
     # build (the set-up in the Makefile pins the CPU one).
+    # onnx/onnxruntime: mmdet_hawq.deploy and tools/*onnx*.py (INT4
+    # DequantizeLinear needs opset 21); the versions the tests ran with.
     install_requires=[
         'mmengine==0.10.7', 'mmcv>=2.0.0rc4,<2.2.0', 'mmdet==3.3.0',
-        'pycocotools', 'scipy>=1.9', 'matplotlib', 'numpy', 'pillow'
+        'pycocotools', 'scipy>=1.9', 'matplotlib', 'numpy', 'pillow',
+        'onnx==1.17.0', 'onnxruntime==1.20.1'
     ],
 )

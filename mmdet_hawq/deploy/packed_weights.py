@@ -1,0 +1,432 @@
+"""Quantized weights kept as packed integer codes on the module.
+
+:func:`load_packed` with ``keep_packed=True`` loads a packed checkpoint
+(:mod:`mmdet_hawq.quant.packing`) into a detector without expanding its
+quantized weights to fp32: each one becomes a
+:mod:`torch.nn.utils.parametrize` parametrization whose two buffers are the
+codes packed at their bit-width (the file's ``ceil(numel * bits / 8)``
+bytes, rearranged into byte planes with at most ``bits - 1`` bytes of
+padding) and the fp32 scale. Reading ``module.weight`` unpacks and
+dequantizes them, so the fp32 copy exists only while the layer runs;
+mmdet's model code is not touched. The dequantized weights are computed by
+:func:`~mmdet_hawq.quant.quantizer.dequantize`, the function that made the
+fake-quantized model, so detections are bit-identical to it.
+"""
+from collections.abc import Mapping
+from typing import Any, Collection, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ..errors import HawqUserError, short_list
+from ..quant.packing import is_packed, unpack_checkpoint, unpack_codes
+from ..quant.quantizer import dequantize, qmax, quantize_weight
+
+__all__ = [
+    'PackedWeight', 'attach_packed_weights', 'load_packed',
+    'module_weight_bytes', 'pad_packed_codes', 'packed_entry_codes',
+    'split_weight_name', 'unpack_codes_torch'
+]
+
+
+def split_weight_name(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    """The module that owns ``name`` and the attribute name.
+
+    Args:
+        model (nn.Module): The model.
+        name (str): A state-dict name, e.g. ``'decoder.layers.0.ffn.w'``.
+
+    Returns:
+        tuple[nn.Module, str]: Owner module and attribute.
+
+    Raises:
+        HawqUserError: No module of ``model`` has that attribute.
+    """
+    prefix, _, attr = name.rpartition('.')
+    try:
+        owner = model.get_submodule(prefix) if prefix else model
+    except AttributeError:
+        owner = None
+    if owner is None or not isinstance(getattr(owner, attr, None),
+                                       torch.Tensor):
+        raise HawqUserError(
+            f'the packed weight {name!r} is not a tensor of '
+            f'{type(model).__name__}: pass a packed checkpoint written for '
+            'this config\'s model')
+    return owner, attr
+
+
+def pad_packed_codes(data: torch.Tensor, bits: int,
+                     numel: int) -> torch.Tensor:
+    """Packed codes rearranged for unpacking: byte planes.
+
+    Every 8 codes fill exactly ``bits`` bytes of the packed stream; the
+    stream is padded to whole groups of 8 and laid out as ``bits`` rows, row
+    ``j`` holding byte ``j`` of every group. Same bytes, other order: each
+    row is then read by contiguous (vectorised) shifts.
+
+    Args:
+        data (Tensor): uint8, ``ceil(numel * bits / 8)`` bytes, as
+            :func:`~mmdet_hawq.quant.packing.pack_codes` writes them.
+        bits (int): Bit-width, 2 to 8.
+        numel (int): Number of codes.
+
+    Returns:
+        Tensor: uint8, shape (bits, ceil(numel / 8)), contiguous.
+    """
+    groups = -(-numel // 8)
+    flat = data.reshape(-1).to(torch.uint8)
+    if flat.numel() > groups * bits:
+        raise ValueError(f'{flat.numel()} bytes hold more than {numel} '
+                         f'{bits}-bit codes')
+    if flat.numel() < groups * bits:
+        flat = torch.cat([flat, flat.new_zeros(groups * bits - flat.numel())])
+    return flat.reshape(groups, bits).t().contiguous()
+
+
+#: Below this many codes a weight is unpacked by a few ops over all 8
+#: codes of a group at once (fewer calls); above, code by code (fewer
+#: passes over memory).
+_SMALL = 1 << 16
+
+_PLANE_INDEX: Dict[int, Tuple[torch.Tensor, ...]] = {}
+
+
+def _plane_index(bits: int) -> Tuple[torch.Tensor, ...]:
+    """For code ``k`` of a group of 8: its first byte plane, the next one
+    (the last plane again at the end), the right shift, the left shift of
+    the next plane (8: nothing) and the mask, as (8,) / (8, 1) tensors."""
+    if bits not in _PLANE_INDEX:
+        first = [k * bits // 8 for k in range(8)]
+        offset = [k * bits % 8 for k in range(8)]
+        _PLANE_INDEX[bits] = (
+            torch.tensor(first),
+            torch.tensor([min(f + 1, bits - 1) for f in first]),
+            torch.tensor(offset, dtype=torch.uint8)[:, None],
+            torch.tensor([8 - o if o + bits > 8 else 8 for o in offset],
+                         dtype=torch.uint8)[:, None])
+    return _PLANE_INDEX[bits]
+
+
+def unpack_codes_torch(planes: torch.Tensor, bits: int,
+                       numel: int) -> torch.Tensor:
+    """Signed codes from byte planes, in torch (no numpy round trip).
+
+    Same result as :func:`~mmdet_hawq.quant.packing.unpack_codes`: code
+    ``i`` is the unsigned value in bits ``[i*bits, (i+1)*bits)`` of the
+    little-endian bit stream, minus ``2^(bits-1) - 1``. Code ``k`` of a
+    group of 8 lies in at most two of the group's ``bits`` bytes, so it is
+    read for all groups at once by uint8 shifts of one or two contiguous
+    byte planes; the offset is subtracted modulo 256 and the bytes are
+    viewed as int8.
+
+    Args:
+        planes (Tensor): uint8 (bits, ceil(numel / 8)) from
+            :func:`pad_packed_codes`.
+        bits (int): Bit-width, 2 to 8.
+        numel (int): Number of codes.
+
+    Returns:
+        Tensor: int8 codes, shape (numel,).
+    """
+    mask = (1 << bits) - 1
+    if numel < _SMALL:
+        first, second, right, left = _plane_index(bits)
+        codes = (planes.index_select(0, first) >> right).bitwise_or_(
+            planes.index_select(0, second) << left).bitwise_and_(mask)
+        unsigned = codes.t().reshape(-1)[:numel]
+    else:
+        columns = []
+        for k in range(8):
+            first, offset = divmod(k * bits, 8)
+            column = planes[first] >> offset if offset else planes[first]
+            if offset + bits > 8:  # continues in the next byte
+                column = column | (planes[first + 1] << (8 - offset))
+            if offset + bits != 8:  # bits above the code's are set
+                column = column & mask
+            columns.append(column)
+        unsigned = torch.stack(columns, 1).reshape(-1)[:numel]
+    return unsigned.sub_(qmax(bits)).view(torch.int8)
+
+
+class PackedWeight(nn.Module):
+    """Parametrization: packed codes and scale → the dequantized weight.
+
+    Registered with :func:`torch.nn.utils.parametrize.register_parametrization`
+    its two originals are buffers: ``original0``, the packed codes as byte
+    planes (uint8 (bits, ceil(numel / 8)), :func:`pad_packed_codes`: the
+    file's bytes plus at most ``bits - 1`` of padding), and ``original1``,
+    the scale (0-d, or broadcastable to the weight with size 1 off
+    ``axis``). Register it on a buffer (as :func:`attach_packed_weights`
+    does) or on a parameter without gradient: parametrize would make the
+    uint8 codes a parameter that requires gradients, which torch refuses.
+
+    Args:
+        bits (int): Bit-width, 2 to 8.
+        shape (tuple[int, ...]): Shape of the weight.
+        axis (int, optional): Channel axis of a per-channel scale; None for
+            per tensor. Defaults to None.
+        packed (tuple[Tensor, Tensor], optional): Codes (as in the packed
+            file) and scale that the first :meth:`right_inverse` returns
+            instead of quantizing again (re-quantizing a fake-quantized
+            weight can move its scale by one ulp). Defaults to None.
+        dtype (torch.dtype): dtype of the dequantized weight. Defaults to
+            ``torch.float32``.
+        requires_grad (bool): Flag the dequantized weight as requiring
+            gradients, like the parameter it replaces. ATen chooses some
+            kernels by this flag (``matmul`` of a 3-D input folds it into
+            one ``mm`` or not), and the two kernels round differently, so
+            the flag keeps the fake-quantized model's kernels and its
+            outputs bit for bit. Defaults to False.
+    """
+
+    def __init__(self,
+                 bits: int,
+                 shape: Tuple[int, ...],
+                 axis: Optional[int] = None,
+                 packed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                 dtype: torch.dtype = torch.float32,
+                 requires_grad: bool = False) -> None:
+        super().__init__()
+        self.bits = bits
+        self.shape = tuple(shape)
+        self.numel = 1
+        for size in self.shape:
+            self.numel *= size
+        self.axis = axis
+        self.dtype = dtype
+        self.requires_grad = requires_grad
+        self._pending = packed
+
+    def forward(self, data: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+        """The weight ``codes * scale``.
+
+        Args:
+            data (Tensor): Packed codes, uint8 (bits, ceil(numel / 8)).
+            scale (Tensor): Scale.
+
+        Returns:
+            Tensor: The dequantized weight, shape ``self.shape``.
+        """
+        codes = unpack_codes_torch(data, self.bits, self.numel)
+        weight = dequantize(codes.reshape(self.shape), scale, self.dtype)
+        if self.requires_grad:  # a leaf: made from buffers
+            weight.requires_grad_(True)
+        return weight
+
+    def right_inverse(
+            self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Packed codes and scale of ``weight`` (what assigning stores).
+
+        Args:
+            weight (Tensor): A float weight of shape ``self.shape``.
+
+        Returns:
+            tuple[Tensor, Tensor]: Byte planes of the packed codes and the
+            scale.
+        """
+        if self._pending is not None:
+            data, scale = self._pending
+            self._pending = None
+            return pad_packed_codes(data, self.bits, self.numel), scale
+        qw = quantize_weight(weight, self.bits, self.axis)
+        flat = (qw.codes.reshape(-1).to(torch.int64) + qmax(self.bits))
+        data = _pack_torch(flat, self.bits)
+        return data, qw.scale
+
+    def extra_repr(self) -> str:
+        return (f'bits={self.bits}, shape={self.shape}, axis={self.axis}')
+
+
+def _pack_torch(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`unpack_codes_torch` for unsigned codes (int64):
+    byte planes (bits, ceil(numel / 8))."""
+    numel = unsigned.numel()
+    groups = -(-numel // 8)
+    padded = torch.zeros(groups * 8, dtype=torch.int64)
+    padded[:numel] = unsigned.reshape(-1)
+    codes = padded.reshape(groups, 8)
+    word = codes[:, 0].clone()
+    for i in range(1, 8):  # OR, not sum: 8-bit fields reach the sign bit
+        word.bitwise_or_(codes[:, i] << (i * bits))
+    planes = [(word >> (8 * k)).bitwise_and_(255) for k in range(bits)]
+    return torch.stack(planes).to(torch.uint8)
+
+
+def packed_entry_codes(entry: Mapping) -> torch.Tensor:
+    """int8 codes of one entry of a packed checkpoint, in the weight's shape.
+
+    Args:
+        entry (Mapping): ``{'data', 'bits', 'shape', 'scale', 'axis'}`` as
+            :func:`~mmdet_hawq.quant.packing.pack_state_dict` writes it.
+
+    Returns:
+        Tensor: int8 codes, shape ``entry['shape']``.
+    """
+    shape = tuple(entry['shape'])
+    numel = 1
+    for size in shape:
+        numel *= size
+    return unpack_codes(entry['data'], entry['bits'], numel).reshape(shape)
+
+
+def attach_packed_weights(model: nn.Module,
+                          packed: Mapping[str, Mapping]
+                          ) -> Dict[str, PackedWeight]:
+    """Replace each named weight by its packed codes and scale.
+
+    The weight's parameter is removed from its module (its memory is freed
+    once nothing else holds it) and a :class:`PackedWeight` parametrization
+    is registered in its place. While the owning module runs, its weights
+    are dequantized once and cached (``parametrize.cached``, entered and
+    left by forward hooks): ``nn.MultiheadAttention`` reads
+    ``in_proj_weight`` several times a call.
+
+    Args:
+        model (nn.Module): The detector, its other weights loaded.
+        packed (Mapping[str, Mapping]): The ``packed`` part of a packed
+            checkpoint: weight name → ``{'data', 'bits', 'shape', 'scale',
+            'axis'}``.
+
+    Returns:
+        dict[str, PackedWeight]: The parametrization of each weight.
+
+    Raises:
+        HawqUserError: A name is not a tensor of the model, or its shape
+            differs from the model's.
+    """
+    attached = {}
+    for name, entry in packed.items():
+        owner, attr = split_weight_name(model, name)
+        current = getattr(owner, attr)
+        shape = tuple(entry['shape'])
+        if tuple(current.shape) != shape:
+            raise HawqUserError(
+                f'the packed weight {name!r} has shape {shape}, the model\'s '
+                f'{tuple(current.shape)}: pass a packed checkpoint written '
+                'for this config\'s model')
+        param = PackedWeight(entry['bits'], shape, entry['axis'],
+                             packed=(entry['data'], entry['scale']),
+                             dtype=current.dtype,
+                             requires_grad=current.requires_grad)
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
+        # a buffer placeholder makes the originals buffers, not parameters;
+        # its storage is the old weight's, dropped after registration
+        owner.register_buffer(attr, current.detach())
+        del current
+        parametrize.register_parametrization(owner, attr, param)
+        if not getattr(owner, '_hawq_cache_hooks', False):
+            owner.register_forward_pre_hook(_enter_cache)
+            owner.register_forward_hook(_leave_cache, always_call=True)
+            owner._hawq_cache_hooks = True
+        attached[name] = param
+    return attached
+
+
+def _enter_cache(module: nn.Module, args: Any) -> None:
+    context = parametrize.cached()
+    context.__enter__()
+    module.__dict__.setdefault('_hawq_cache_contexts', []).append(context)
+
+
+def _leave_cache(module: nn.Module, args: Any, output: Any) -> None:
+    contexts = module.__dict__.get('_hawq_cache_contexts')
+    if contexts:
+        contexts.pop().__exit__(None, None, None)
+
+
+def load_packed(model: nn.Module,
+                checkpoint: Mapping[str, Any],
+                keep_packed: bool = True,
+                source: Optional[str] = None) -> nn.Module:
+    """Load a packed checkpoint, keeping the quantized weights packed.
+
+    Args:
+        model (nn.Module): The detector built from the checkpoint's config.
+        checkpoint (Mapping): A loaded packed checkpoint (``meta``,
+            ``state_dict``, ``packed``).
+        keep_packed (bool): Keep each quantized weight as packed codes plus
+            scale, dequantized when read (:class:`PackedWeight`); False
+            loads the dequantized fp32 weights, i.e. the fake-quantized
+            model. Defaults to True.
+        source (str, optional): The checkpoint's file, for messages.
+            Defaults to None.
+
+    Returns:
+        nn.Module: ``model``, loaded, in eval mode.
+
+    Raises:
+        HawqUserError: ``checkpoint`` is not packed, or its names or shapes
+            do not fit the model.
+    """
+    what = f'checkpoint {source!r}' if source else 'the checkpoint'
+    if not is_packed(checkpoint):
+        raise HawqUserError(
+            f'{what} is not a packed low-bit checkpoint: pass the packed.pth '
+            'that DistillSensitivityHook or tools/ptq.py wrote')
+    if not keep_packed:
+        _load_strict(model, unpack_checkpoint(dict(checkpoint))['state_dict'],
+                     what)
+        return model.eval()
+    state = checkpoint['state_dict']
+    packed = checkpoint['packed']
+    own = set(model.state_dict())
+    missing = [k for k in own if k not in state and k not in packed]
+    unexpected = [k for k in list(state) + list(packed) if k not in own]
+    if missing or unexpected:
+        raise HawqUserError(
+            f'{what} does not fit the model: {len(missing)} missing key(s) '
+            f'({short_list(missing, 3)}), {len(unexpected)} unexpected '
+            f'key(s) ({short_list(unexpected, 3)}): pass a packed checkpoint '
+            'written for this config\'s model')
+    _load_strict(model, dict(state), what, allowed_missing=set(packed))
+    attach_packed_weights(model, packed)
+    return model.eval()
+
+
+def _load_strict(model: nn.Module, state: Dict[str, torch.Tensor], what: str,
+                 allowed_missing: Collection[str] = ()) -> None:
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in allowed_missing]
+    if missing or result.unexpected_keys:
+        raise HawqUserError(
+            f'{what} does not fit the model: missing '
+            f'{short_list(missing, 3) or "none"}, unexpected '
+            f'{short_list(result.unexpected_keys, 3) or "none"}: pass a '
+            'packed checkpoint written for this config\'s model')
+
+
+def module_weight_bytes(model: nn.Module) -> Dict[str, int]:
+    """Bytes the model's tensors hold, packed codes counted as stored.
+
+    Args:
+        model (nn.Module): A model, parametrized or not.
+
+    Returns:
+        dict[str, int]: ``parameters`` (float parameters), ``packed``
+        (packed codes and their scales), ``buffers`` (the other buffers:
+        batch-norm statistics, ...) and ``total``.
+    """
+    out = dict(parameters=0, packed=0, buffers=0)
+    seen = set()
+    for mod in model.modules():
+        packed_mod = isinstance(mod, parametrize.ParametrizationList)
+        for tensor in list(mod._parameters.values()) + list(
+                mod._buffers.values()):
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            size = tensor.numel() * tensor.element_size()
+            if packed_mod:
+                out['packed'] += size
+            elif isinstance(tensor, nn.Parameter):
+                out['parameters'] += size
+            else:
+                out['buffers'] += size
+    out['total'] = out['parameters'] + out['packed'] + out['buffers']
+    return out
