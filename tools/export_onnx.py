@@ -97,6 +97,10 @@ def main() -> int:
                         'the same network without integer weights')
     parser.add_argument('--no-verify', action='store_true',
                         help='skip the ONNX Runtime check on a random image')
+    parser.add_argument('--opset', type=int, default=None,
+                        help='opset of the written model (default and '
+                        'minimum with integer weights: 21; a float model: '
+                        '16 to 21)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
     cfg = read_config(args.config)
@@ -105,11 +109,18 @@ def main() -> int:
     shape = default_input_shape(cfg, args.shape)
     out = check_out(args.out)
     model, packed = load_for_export(cfg, args.checkpoint)
+    if packed is None:
+        print(f'{args.checkpoint} is not quantized (a float checkpoint, no '
+              'packed weights): exporting it with fp32 weights; pass the '
+              "hook's packed.pth for integer weights")
 
-    from mmdet_hawq.deploy import export_onnx
+    from mmdet_hawq.deploy import ONNX_OPSET, check_opset, export_onnx
+    integer = packed is not None and not args.float_weights
+    opset = ONNX_OPSET if args.opset is None else args.opset
+    check_opset(opset, integer)
     report = export_onnx(model, out, shape,
-                         packed=None if args.float_weights else packed,
-                         last_layer_only=args.last_layer_only)
+                         packed=packed if integer else None,
+                         last_layer_only=args.last_layer_only, opset=opset)
     bits = report['weight_bits']
     counts = {'INT4': sum(b <= 4 for b in bits.values()),
               'INT8': sum(b > 4 for b in bits.values())}

@@ -5,19 +5,21 @@ Sits below :mod:`mmdet_hawq.engine` and above :mod:`mmdet_hawq.quant` and
 :mod:`mmdet_hawq.models`. Not imported by ``import mmdet_hawq`` (it needs
 ``onnx``; :mod:`.onnx_runtime` needs ``onnxruntime``).
 """
-from .onnx_export import (DequantizeLinearFunction, DetectorOnnxWrapper,
-                          OnnxQuantizedWeight, attach_onnx_quantized_weights,
+from .onnx_export import (ONNX_OPSET, DequantizeLinearFunction,
+                          DetectorOnnxWrapper, OnnxQuantizedWeight,
+                          attach_onnx_quantized_weights, check_opset,
                           export_onnx, lower_quantized_weights,
-                          onnx_weight_summary, pack_int4)
+                          onnx_weight_summary, operator_layers, pack_int4)
 from .packed_weights import (PackedWeight, attach_packed_weights,
                              load_packed, module_weight_bytes,
                              packed_entry_codes, pad_packed_codes,
                              unpack_codes_torch)
 
 __all__ = [
-    'DequantizeLinearFunction', 'DetectorOnnxWrapper', 'OnnxQuantizedWeight',
-    'attach_onnx_quantized_weights', 'export_onnx', 'lower_quantized_weights',
-    'onnx_weight_summary', 'pack_int4', 'PackedWeight',
+    'ONNX_OPSET', 'DequantizeLinearFunction', 'DetectorOnnxWrapper',
+    'OnnxQuantizedWeight', 'attach_onnx_quantized_weights', 'check_opset',
+    'export_onnx', 'lower_quantized_weights', 'onnx_weight_summary',
+    'operator_layers', 'pack_int4', 'PackedWeight',
     'attach_packed_weights', 'load_packed', 'module_weight_bytes',
     'packed_entry_codes', 'pad_packed_codes', 'unpack_codes_torch'
 ]

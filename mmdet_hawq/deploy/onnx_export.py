@@ -29,11 +29,12 @@ import copy
 import json
 import os
 import os.path as osp
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -42,14 +43,15 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 from torch.nn.utils import parametrize
 
-from ..errors import HawqUserError
+from ..errors import HawqUserError, short_list
 from ..models.family import decoder_outputs
 from .packed_weights import packed_entry_codes, split_weight_name
 
 __all__ = [
     'DequantizeLinearFunction', 'DetectorOnnxWrapper', 'EXPORT_OPSET',
-    'ONNX_OPSET', 'OnnxQuantizedWeight', 'attach_onnx_quantized_weights',
-    'export_onnx', 'lower_quantized_weights', 'onnx_weight_summary',
+    'FLOAT_MIN_OPSET', 'ONNX_OPSET', 'OnnxQuantizedWeight',
+    'attach_onnx_quantized_weights', 'check_opset', 'export_onnx',
+    'lower_quantized_weights', 'onnx_weight_summary', 'operator_layers',
     'pack_int4'
 ]
 
@@ -57,6 +59,8 @@ __all__ = [
 EXPORT_OPSET = 20
 #: Opset of the written model: ``DequantizeLinear`` takes INT4 from 21 on.
 ONNX_OPSET = 21
+#: Lowest opset of a float export: ``GridSample`` (deformable attention).
+FLOAT_MIN_OPSET = 16
 #: ``metadata_props`` key holding the JSON map weight name → bits.
 BITS_KEY = 'mmdet_hawq.weight_bits'
 
@@ -241,7 +245,8 @@ def export_onnx(detector: nn.Module,
                 out_file: str,
                 input_shape: Tuple[int, int],
                 packed: Optional[Mapping[str, Mapping]] = None,
-                last_layer_only: bool = False) -> Dict[str, Any]:
+                last_layer_only: bool = False,
+                opset: int = ONNX_OPSET) -> Dict[str, Any]:
     """Export ``detector`` to ONNX, quantized weights as integers.
 
     Args:
@@ -254,12 +259,19 @@ def export_onnx(detector: nn.Module,
             with ``DequantizeLinear``. Defaults to None (every weight fp32).
         last_layer_only (bool): Outputs of the last decoder layer only.
             Defaults to False.
+        opset (int): Opset of the written model (see :func:`check_opset`).
+            Defaults to :data:`ONNX_OPSET`.
 
     Returns:
         dict: ``file``, ``bytes``, ``opset``, ``unused_weights`` (packed
         weights inference does not read, e.g. DINO's denoising label
         embedding) and :func:`onnx_weight_summary`'s counts.
+
+    Raises:
+        HawqUserError: The opset cannot hold the model, or an operator of
+            the model has no ONNX form (named with the layers that use it).
     """
+    check_opset(opset, bool(packed))
     model = copy.deepcopy(detector).cpu().eval()
     model.requires_grad_(False)
     bits = attach_onnx_quantized_weights(model, packed) if packed else {}
@@ -269,12 +281,17 @@ def export_onnx(detector: nn.Module,
         traced = osp.join(tmp, 'traced.onnx')
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter('ignore')  # TracerWarnings: fixed shapes
-            torch.onnx.export(
-                wrapper, (image, ), traced, dynamo=False,
-                opset_version=EXPORT_OPSET, input_names=['image'],
-                output_names=['scores', 'boxes'], do_constant_folding=True)
+            try:
+                torch.onnx.export(
+                    wrapper, (image, ), traced, dynamo=False,
+                    opset_version=min(opset, EXPORT_OPSET),
+                    input_names=['image'], output_names=['scores', 'boxes'],
+                    do_constant_folding=True)
+            except torch.onnx.errors.UnsupportedOperatorError as err:
+                raise _unsupported(err, wrapper, image) from None
         proto = onnx.load(traced)
-    proto = lower_quantized_weights(proto, _codes_names(packed or {}), bits)
+    proto = lower_quantized_weights(proto, _codes_names(packed or {}), bits,
+                                    opset)
     onnx.checker.check_model(proto, full_check=True)
     os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
     onnx.save(proto, out_file)
@@ -282,6 +299,70 @@ def export_onnx(detector: nn.Module,
     unused = sorted(set(bits) - set(summary['weight_bits']))
     return dict(file=out_file, bytes=osp.getsize(out_file),
                 opset=_opset(proto), unused_weights=unused, **summary)
+
+
+def check_opset(opset: int, quantized: bool) -> None:
+    """Stop unless a model can be written at ``opset``.
+
+    Integer weights need opset 21 (``DequantizeLinear`` over INT4); a float
+    model needs :data:`FLOAT_MIN_OPSET` (``GridSample``); no model goes
+    above :data:`ONNX_OPSET`, the newest ONNX Runtime 1.20 runs.
+
+    Args:
+        opset (int): The requested opset.
+        quantized (bool): Whether the model has integer weights.
+
+    Raises:
+        HawqUserError: One line naming the opset needed.
+    """
+    low = ONNX_OPSET if quantized else FLOAT_MIN_OPSET
+    if opset > ONNX_OPSET:
+        raise HawqUserError(
+            f'opset {opset} is newer than ONNX Runtime 1.20 runs: pass '
+            f'--opset {ONNX_OPSET} or lower')
+    if opset < low and quantized:
+        raise HawqUserError(
+            f'opset {opset} is too old for the integer weights: '
+            f'DequantizeLinear takes INT4 weights from opset {ONNX_OPSET} '
+            f'on; pass --opset {ONNX_OPSET}, or --float-weights for an fp32 '
+            'model at an older opset')
+    if opset < low:
+        raise HawqUserError(
+            f'opset {opset} is too old for this exporter: GridSample '
+            f'(deformable attention) needs opset {FLOAT_MIN_OPSET}; pass '
+            f'--opset {FLOAT_MIN_OPSET} to {ONNX_OPSET}')
+
+
+def operator_layers(wrapper: nn.Module, image: torch.Tensor,
+                    op: str) -> List[str]:
+    """The layers (module names) whose forward runs the TorchScript op
+    ``op``, e.g. ``'aten::special_bessel_j0'``, found by tracing once."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')
+        graph = torch.jit.trace(wrapper, (image, ),
+                                check_trace=False).inlined_graph
+    layers = []
+    for node in graph.nodes():
+        if node.kind() == op:
+            scope = node.scopeName().rpartition('/')[2]
+            name = re.sub(r'^__module\.(detector\.)?', '', scope)
+            if name and name not in layers:
+                layers.append(name)
+    return layers
+
+
+def _unsupported(err: Exception, wrapper: nn.Module,
+                 image: torch.Tensor) -> HawqUserError:
+    """One line for an operator torch's exporter has no ONNX form of."""
+    found = re.search(r"operator '([^']+)'", str(err))
+    op = found.group(1) if found else str(err).splitlines()[0]
+    layers = operator_layers(wrapper, image, op) if found else []
+    where = (f'used by {short_list(layers)}' if layers else
+             'used outside any submodule')
+    return HawqUserError(
+        f'operator {op} has no ONNX export in torch {torch.__version__} '
+        f'({where}): replace that layer with ONNX-exportable ops, or '
+        'register a symbolic for it (torch.onnx.register_custom_op_symbolic)')
 
 
 def _opset(proto: onnx.ModelProto) -> int:
@@ -412,8 +493,9 @@ def _fold_layout(node: onnx.NodeProto, src: _Codes,
 
 def lower_quantized_weights(proto: onnx.ModelProto,
                             codes_names: Mapping[str, str],
-                            bits: Mapping[str, int]) -> onnx.ModelProto:
-    """Store the traced int8 codes at their ONNX type; opset 21.
+                            bits: Mapping[str, int],
+                            opset: int = ONNX_OPSET) -> onnx.ModelProto:
+    """Store the traced int8 codes at their ONNX type; the final opset.
 
     Every ``DequantizeLinear`` of the traced model reads a weight's int8
     codes. First, the data-movement ops that follow it with constant
@@ -431,14 +513,16 @@ def lower_quantized_weights(proto: onnx.ModelProto,
     weight has at most 4 bits, else ``INT8``; the scale ``<weight>.scale``
     and a zero point of 0 of the codes' type, ``<weight>.zero_point`` (with
     ``.<k>`` for a derived per-channel scale). The model is converted to
-    opset 21 (``onnx.version_converter``) and the bits are recorded in its
+    ``opset`` (``onnx.version_converter``) and the bits are recorded in its
     ``metadata_props`` (``mmdet_hawq.weight_bits``).
 
     Args:
-        proto (onnx.ModelProto): The traced model (opset 20).
+        proto (onnx.ModelProto): The traced model (opset 20 or lower).
         codes_names (Mapping[str, str]): Codes initializer name → weight.
         bits (Mapping[str, int]): Weight → bits; a weight the graph does
             not read is left out of the recorded bits.
+        opset (int): Opset of the model returned (21 with integer weights).
+            Defaults to :data:`ONNX_OPSET`.
 
     Returns:
         onnx.ModelProto: The model to save.
@@ -533,7 +617,8 @@ def lower_quantized_weights(proto: onnx.ModelProto,
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep + new_inits)
-    proto = onnx.version_converter.convert_version(proto, ONNX_OPSET)
+    if _opset(proto) != opset:
+        proto = onnx.version_converter.convert_version(proto, opset)
     if bits:
         helper.set_model_props(proto, {BITS_KEY: json.dumps(dict(bits))})
     return proto

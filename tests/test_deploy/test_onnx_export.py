@@ -17,6 +17,7 @@ from mmdet_hawq.deploy import DetectorOnnxWrapper, export_onnx, pack_int4
 from mmdet_hawq.deploy.onnx_runtime import (OnnxDetector,
                                             dequantize_behaviour,
                                             detections_from_outputs)
+from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.quant import quantizable_weights, uniform_plan
 
 from ..conftest import build_from
@@ -225,3 +226,22 @@ def test_onnx_runtime_keeps_dequantize_unless_folding(exported):
         else:
             assert row['dequantize_nodes'] > 0
             assert row['initializers'].get('INT4', 0) > 0
+
+
+class _Bessel(torch.nn.Module):
+    """An op torch's TorchScript exporter has no ONNX form of."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.bessel_j0(x)
+
+
+def test_unsupported_operator_names_operator_and_layer(tiny_cfg, tmp_path):
+    model = build_from(tiny_cfg)
+    head = model.bbox_head
+    head.fc_cls = torch.nn.Sequential(head.fc_cls, _Bessel())
+    with pytest.raises(HawqUserError) as err:
+        export_onnx(model, str(tmp_path / 'x.onnx'), (64, 64))
+    message = str(err.value)
+    assert 'operator aten::special_bessel_j0 has no ONNX export' in message
+    assert 'used by bbox_head.fc_cls.1' in message
+    assert '\n' not in message

@@ -119,3 +119,28 @@ def test_bad_inputs(deployed, monkeypatch, tiny_cfg):
     with pytest.raises(HawqUserError, match='exported for 64x64'):
         run_main('evaluate_onnx', monkeypatch, d['cfg'], small,
                  '--work-dir', d['folder'] / 'work')
+
+
+def test_float_checkpoint_and_opsets(deployed, monkeypatch, tiny_cfg,
+                                     capsys):
+    """A float checkpoint is said to be one and exported fp32; an opset too
+    old for INT4 weights names the one needed; a float model may go older.
+    """
+    d = deployed
+    with pytest.raises(HawqUserError, match='opset 20 is too old for the '
+                       'integer weights.*--opset 21'):
+        run_main('export_onnx', monkeypatch, d['cfg'], d['packed'],
+                 d['folder'] / 'old.onnx', '--opset', '20')
+    with pytest.raises(HawqUserError, match='--opset 21 or lower'):
+        run_main('export_onnx', monkeypatch, d['cfg'], d['packed'],
+                 d['folder'] / 'new.onnx', '--opset', '22')
+    out = d['folder'] / 'float17.onnx'
+    capsys.readouterr()
+    assert run_main('export_onnx', monkeypatch, d['cfg'], tiny_cfg.load_from,
+                    out, '--opset', '17') == 0
+    printed = capsys.readouterr().out
+    assert 'is not quantized (a float checkpoint' in printed
+    record = json.load(open(str(out)[:-len('.onnx')] + '.json'))
+    assert record['opset'] == 17
+    assert record['quantized_weights'] == {'INT4': 0, 'INT8': 0}
+    assert max(record['max_abs_diff_random_image'].values()) < 1e-4
