@@ -198,3 +198,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Show the hook's own traceback when mmengine's ``call_hook`` re-raised
+    a TypeError ``from None`` (which hides where it came from)."""
+    outcome = yield
+    report = outcome.get_result()
+    error = call.excinfo.value if call.excinfo else None
+    inner = getattr(error, '__context__', None)
+    if report.failed and inner is not None and getattr(
+            error, '__suppress_context__', False):
+        import traceback
+        report.sections.append(('hidden cause', ''.join(
+            traceback.format_exception(inner))))
