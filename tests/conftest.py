@@ -193,6 +193,23 @@ def run_tool(*args, cwd=ROOT, timeout=600, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_table1(cfg: Config, tmp_path, *args: str, name: str = 'tiny'):
+    """``tools/table1.py`` on ``cfg`` (dumped to a file, its ``load_from``
+    as the checkpoint) with a tiny calibration budget and extra ``args``;
+    asserts it exits 0. Returns (config file, work dir, table1.json rows).
+    """
+    import json
+    cfg_file = tmp_path / f'{name}.py'
+    cfg.dump(str(cfg_file))
+    work = tmp_path / 'table'
+    proc = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
+                    cfg.load_from, '--work-dir', str(work), '--num-images',
+                    '4', '--hutchinson-samples', '2', '--gn-samples', '2',
+                    '--targets', '3', *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cfg_file, work, json.load(open(work / 'table1.json'))
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket() as s:

@@ -24,6 +24,7 @@ from mmengine.runner import Runner
 
 from mmdet_hawq.engine.hooks import DistillSensitivityHook
 from mmdet_hawq.errors import HawqUserError, run_cli
+from mmdet_hawq.evaluation import coco_map_bootstrap
 from mmdet_hawq.report import plot_bits, plot_traces
 
 TARGETS = ((6, (4, 7)), (5, (3, 6)), (4, (3, 6)), (3, (2, 5)))
@@ -62,6 +63,10 @@ def parse_args() -> argparse.Namespace:
                    help='repeat every sensitivity row over this many '
                    'calibration sets (sensitivity seeds 0..N-1) and report '
                    'mean ± standard deviation')
+    p.add_argument('--bootstrap', type=int, default=200,
+                   help='replicates of the bootstrap over the validation '
+                   'images: a 95%% interval of every row\'s mAP (the same '
+                   'draws for every row; 0: none)')
     p.add_argument('--proposals', action='store_true',
                    help='two-stage models: also distil the encoder '
                    'proposals (the sensitivity setting proposals=True)')
@@ -122,13 +127,17 @@ def main() -> int:
     cfg.custom_hooks = [h for h in cfg.get('custom_hooks', [])
                         if h.get('type') != 'DistillSensitivityHook']
     os.makedirs(args.work_dir, exist_ok=True)
+    cfg.test_evaluator['outfile_prefix'] = detections_prefix(args.work_dir,
+                                                             'float')
+    detections = cfg.test_evaluator['outfile_prefix'] + '.bbox.json'
     runner = Runner.from_cfg(cfg)
     float_metrics = runner.test()  # loads the checkpoint, float row
     model = runner.model.module if hasattr(runner.model, 'module') else \
         runner.model
     float_state = copy.deepcopy(model.state_dict())
     results = [dict(precision='Float', label='N/A', estimator='',
-                    mAP=float_metrics['coco/bbox_mAP'])]
+                    mAP=float_metrics['coco/bbox_mAP'], out='float',
+                    **bootstrap(cfg, detections, args.bootstrap))]
     for row in rows_to_run(args):
         slug = (f"{row['precision']}_{row['hook']['metric']}_"
                 f"{row['estimator'] or 'none'}")
@@ -144,6 +153,8 @@ def main() -> int:
             hook = DistillSensitivityHook(out_subdir=osp.join('rows', out),
                                           **kwargs)
             hook.before_test(runner)
+            if seed == 0:
+                detections = keep_detections(runner, args.work_dir, out)
             runs.append(runner.test_loop.run()['coco/bbox_mAP'])
         record = dict(
             precision=row['precision'], label=row['label'],
@@ -151,7 +162,8 @@ def main() -> int:
             avg_bits=hook.summary['avg_bits'],
             packed_mib=hook.summary['packed_bytes'] / 2**20,
             seconds=round(time.time() - start, 1),
-            out=slug if len(runs) == 1 else f'{slug}_seed0')
+            out=slug if len(runs) == 1 else f'{slug}_seed0',
+            **bootstrap(cfg, detections, args.bootstrap))
         if len(runs) > 1:
             record.update(mAP_runs=runs, mAP_std=float(np.std(runs, ddof=1)))
         results.append(record)
@@ -163,11 +175,39 @@ def main() -> int:
     return 0
 
 
+def detections_prefix(work_dir: str, out: str) -> str:
+    """Where ``CocoMetric`` writes a row's detections (``.bbox.json``)."""
+    prefix = osp.join(work_dir, 'rows', out, 'detections')
+    os.makedirs(osp.dirname(prefix), exist_ok=True)
+    return prefix
+
+
+def keep_detections(runner: Runner, work_dir: str, out: str) -> str:
+    """Make the test evaluator's ``CocoMetric`` write the next run's
+    detections into ``<work_dir>/rows/<out>/``; returns that JSON file."""
+    prefix = detections_prefix(work_dir, out)
+    for metric in runner.test_loop.evaluator.metrics:
+        if hasattr(metric, 'outfile_prefix'):
+            metric.outfile_prefix = prefix
+    return f'{prefix}.bbox.json'
+
+
+def bootstrap(cfg: Config, detections: str, reps: int) -> dict:
+    """The row's 95% interval over the validation images (empty without
+    replicates)."""
+    if reps <= 0:
+        return {}
+    ci = coco_map_bootstrap(cfg.test_evaluator['ann_file'], detections,
+                            reps=reps)
+    return dict(mAP_ci=[ci['low'], ci['high']], bootstrap_reps=reps)
+
+
 def write_table(work_dir: str, results) -> None:
     uniform = {r['precision']: r['mAP'] for r in results
                if r['label'] == 'Uniform'}
-    lines = ['| Precision | Quant scheme | Estimator | mAP (%) | Δ vs uniform '
-             '| avg bits | packed MiB |', '|---|---|---|---|---|---|---|']
+    lines = ['| Precision | Quant scheme | Estimator | mAP (%) | 95% interval '
+             '(val images) | Δ vs uniform | avg bits | packed MiB |',
+             '|---|---|---|---|---|---|---|---|']
     for r in results:
         delta = '-' if r['label'] in ('Uniform', 'N/A') or \
             r['precision'] not in uniform else \
@@ -178,8 +218,10 @@ def write_table(work_dir: str, results) -> None:
                '': ''}[r['estimator']]
         cell = f"{100 * r['mAP']:.1f}" + (
             f" ± {100 * r['mAP_std']:.1f}" if 'mAP_std' in r else '')
+        ci = '-' if 'mAP_ci' not in r else \
+            f"{100 * r['mAP_ci'][0]:.1f}–{100 * r['mAP_ci'][1]:.1f}"
         lines.append(f"| {r['precision']} | {r['label']} | {est} | "
-                     f"{cell} | {delta} | {bits} | {size} |")
+                     f"{cell} | {ci} | {delta} | {bits} | {size} |")
     with open(osp.join(work_dir, 'table1.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))

@@ -44,8 +44,8 @@ from mmdet_hawq.engine.pipeline import (SENSITIVITY_DEFAULTS,
 from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.models import (DISTILLATION_DEFAULTS, class_activation,
                                decoder_outputs)
-from mmdet_hawq.quant import (fake_quantize, load_plan, quantizable_weights,
-                              quantization_error)
+from mmdet_hawq.quant import (error_terms, load_plan, quantizable_weights,
+                              temporarily_quantized)
 from mmdet_hawq.report import plot_prediction_scatter
 from mmdet_hawq.sensitivity import DistillationObjective, preprocess_batches
 
@@ -125,7 +125,6 @@ class Damage:
                  temperature: float, activation: str) -> None:
         self.model = model
         self.weights = weights
-        self.float = {n: p.detach().clone() for n, p in weights.items()}
         # the damage is measured on what the detector outputs: its decoder
         self.objective = DistillationObjective(
             model, teacher, batches, weights, lambda_kl, temperature,
@@ -136,26 +135,9 @@ class Damage:
     def __call__(self, bits: Dict[str, Optional[int]]) -> float:
         """Loss with every weight in ``bits`` fake-quantized (others float).
         """
-        for n, b in bits.items():
-            if b is not None:
-                self.weights[n].copy_(fake_quantize(self.float[n], b))
-        try:
+        with temporarily_quantized(self.weights, bits):
             return float(sum(self.objective.loss(i).item()
                              for i in range(self.num_batches)))
-        finally:
-            for n in bits:
-                self.weights[n].copy_(self.float[n])
-
-
-def error_terms(weights, metric: str, bits: List[int]
-                ) -> Dict[str, Dict[int, float]]:
-    """The ILP's error terms of ``metric``: against the 8-bit weights for
-    ``outquant``, the float weights otherwise."""
-    out = {}
-    for n, p in weights.items():
-        ref = fake_quantize(p.data, 8) if metric == 'outquant' else None
-        out[n] = {b: quantization_error(p.data, b, ref) for b in bits}
-    return out
 
 
 def random_plan(numels: Dict[str, int], bits: List[int],
@@ -199,16 +181,8 @@ def plan_map(cfg, checkpoint: str, out_dir: str
     params = dict(model.named_parameters())
 
     def evaluate(plan: Dict[str, int]) -> float:
-        saved = {n: params[n].detach().clone() for n in plan}
-        with torch.no_grad():
-            for n, b in plan.items():
-                params[n].copy_(fake_quantize(saved[n], b))
-        try:
+        with temporarily_quantized(params, plan):
             return float(runner.test_loop.run()['coco/bbox_mAP'])
-        finally:
-            with torch.no_grad():
-                for n in plan:
-                    params[n].copy_(saved[n])
 
     return evaluate
 
@@ -270,7 +244,8 @@ def main() -> int:
                           plan={n: plan.get(n) for n in names}))
     all_bits = sorted(set(all_bits) | {
         b for p in plans for b in p['plan'].values() if b is not None})
-    errors = {m: error_terms(weights, m, all_bits)
+    errors = {m: error_terms(weights, all_bits, reference_bits=8 if
+                             m == 'outquant' else None)
               for m in {r['metric'] for r in reports}}
     logger.info(f'per plan: {len(plans)} plans')
     bar = ProgressBar(len(plans))

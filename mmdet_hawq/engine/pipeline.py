@@ -31,7 +31,7 @@ from ..allocation.ilp import round_significant
 from ..errors import HawqUserError
 from ..models import (DISTILLATION_DEFAULTS, class_activation,
                       decoder_outputs, detector_family, distillation_outputs)
-from ..quant import (fake_quantize, quantization_error, quantize_weights_,
+from ..quant import (error_terms, fake_quantize, quantize_weights_,
                      uniform_plan)
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            TraceResult, cache_path, file_sha256,
@@ -301,11 +301,8 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
         runner.logger.warning(
             f'sensitivity: {len(fixed)} weight(s) have no gradient path but '
             f'change the outputs, kept at {bits[-1]} bits: {sorted(fixed)}')
-    errors = {}
-    for n, p in weights.items():
-        ref = fake_quantize(p.data, 8, axis) if metric == 'outquant' else None
-        errors[n] = {b: quantization_error(p.data, b, ref, axis)
-                     for b in bits}
+    errors = error_terms(weights, bits, axis,
+                         reference_bits=8 if metric == 'outquant' else None)
     used, errors = _plan_inputs(used, errors)
     numels = {n: p.numel() for n, p in weights.items()}
     alloc = solve_allocation(used, errors, numels, target_bits, bits,

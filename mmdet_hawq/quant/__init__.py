@@ -1,19 +1,20 @@
 from .packing import (is_packed, pack_codes, pack_state_dict,
                       unpack_checkpoint, unpack_codes)
 from .plan import (PrecisionPlan, apply_plan, load_plan, plan_stats,
-                   quantize_weights_, save_plan, uniform_plan, validate_plan)
+                   quantize_weights_, save_plan, temporarily_quantized,
+                   uniform_plan, validate_plan)
 from .quantizer import (QuantizedWeight, check_bits, choose_scale, dequantize,
-                        fake_quantize, quantization_error, quantize,
-                        quantize_weight)
+                        error_terms, fake_quantize, quantization_error,
+                        quantize, quantize_weight)
 from .selection import (DEFAULT_EXCLUDE, WeightInfo, list_weights,
                         quantizable_weights, weight_group)
 
 __all__ = [
     'is_packed', 'pack_codes', 'pack_state_dict', 'unpack_checkpoint',
     'unpack_codes', 'PrecisionPlan', 'apply_plan', 'load_plan', 'plan_stats',
-    'quantize_weights_',
-    'save_plan', 'uniform_plan', 'validate_plan', 'QuantizedWeight',
-    'check_bits', 'choose_scale', 'dequantize', 'fake_quantize',
+    'quantize_weights_', 'save_plan', 'temporarily_quantized',
+    'uniform_plan', 'validate_plan', 'QuantizedWeight', 'check_bits',
+    'choose_scale', 'dequantize', 'error_terms', 'fake_quantize',
     'quantization_error', 'quantize', 'quantize_weight', 'DEFAULT_EXCLUDE',
     'WeightInfo', 'list_weights', 'quantizable_weights', 'weight_group'
 ]

@@ -5,7 +5,8 @@ rewriting each weight's data with its fake-quantized copy. Plans are
 JSON-serialisable and saved next to results.
 """
 import json
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from contextlib import contextmanager
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -106,6 +107,31 @@ def quantize_weights_(weights: Mapping[str, nn.Parameter],
         param.data.copy_(qw.dequantize(param.dtype))
         applied[name] = qw
     return applied
+
+
+@contextmanager
+def temporarily_quantized(weights: Mapping[str, nn.Parameter],
+                          plan: Mapping[str, Optional[int]],
+                          axis: Optional[int] = None) -> Iterator[None]:
+    """The weights a plan names fake-quantized inside the block, restored
+    bit for bit after it (also when the block raises).
+
+    Args:
+        weights (Mapping[str, nn.Parameter]): Weights by name.
+        plan (Mapping): Name → bits, or None for float; names not in the
+            plan stay as they are.
+        axis (int, optional): Channel axis; None for per tensor. Defaults to
+            None.
+    """
+    saved = {n: weights[n].detach().clone() for n in plan}
+    try:
+        with torch.no_grad():
+            quantize_weights_({n: weights[n] for n in plan}, plan, axis)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                weights[n].copy_(value)
 
 
 def plan_stats(plan: Mapping[str, Optional[int]],

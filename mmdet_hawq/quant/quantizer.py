@@ -9,7 +9,7 @@ A tensor (or channel) that is all zeros gets scale 1 and codes 0, so it
 survives quantization unchanged.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -214,3 +214,30 @@ def quantization_error(weight: torch.Tensor, bits: int,
     ref = weight if reference is None else reference
     diff = fake_quantize(weight, bits, axis).double() - ref.detach().double()
     return float((diff * diff).sum())
+
+
+def error_terms(weights: Mapping[str, torch.Tensor], bits: Sequence[int],
+                axis: Optional[int] = None,
+                reference_bits: Optional[int] = None
+                ) -> Dict[str, Dict[int, float]]:
+    """The ILP's error terms ``e_l(b) = ||Q_b(W_l) - W_ref||²``.
+
+    Args:
+        weights (Mapping[str, Tensor]): Float weights by name.
+        bits (Sequence[int]): Candidate bit-widths.
+        axis (int, optional): Channel axis; None for per tensor. Defaults to
+            None.
+        reference_bits (int, optional): ``W_ref = Q_{reference_bits}(W)``
+            (8 for Out Sen Quant, whose Hessian is taken at the 8-bit
+            weights). Defaults to None (``W_ref = W``).
+
+    Returns:
+        dict: name → {bits → error}, in float64.
+    """
+    out = {}
+    for name, weight in weights.items():
+        w = weight.detach()
+        ref = None if reference_bits is None else fake_quantize(
+            w, reference_bits, axis)
+        out[name] = {b: quantization_error(w, b, ref, axis) for b in bits}
+    return out

@@ -105,3 +105,22 @@ def test_bad_bits_in_plan():
 def test_model_without_quantizable_weights():
     with pytest.raises(HawqUserError, match='no quantizable weights'):
         quantizable_weights(nn.Sequential(nn.LayerNorm(4), nn.ReLU()))
+
+
+def test_temporarily_quantized_restores_bit_for_bit():
+    from mmdet_hawq.quant import fake_quantize, temporarily_quantized
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4)
+    conv = torch.nn.Conv2d(2, 3, 3)
+    weights = {'lin': lin.weight, 'conv': conv.weight}
+    before = {n: p.detach().clone() for n, p in weights.items()}
+    with temporarily_quantized(weights, {'lin': 3, 'conv': None}):
+        assert torch.equal(lin.weight, fake_quantize(before['lin'], 3))
+        assert torch.equal(conv.weight, before['conv'])
+    assert all(torch.equal(weights[n], before[n]) for n in weights)
+    with pytest.raises(RuntimeError, match='inside'):
+        with temporarily_quantized(weights, {'lin': 2}, axis=0):
+            assert torch.equal(lin.weight,
+                               fake_quantize(before['lin'], 2, axis=0))
+            raise RuntimeError('inside')
+    assert all(torch.equal(weights[n], before[n]) for n in weights)

@@ -85,3 +85,16 @@ def test_bits_error_suggests_null_only_where_allowed():
     assert 'null' not in str(err.value)
     with pytest.raises(HawqUserError, match='or null'):
         check_bits(9, 'bit-width of x', null_ok=True)
+
+
+def test_error_terms_written_out():
+    from mmdet_hawq.quant import error_terms
+    torch.manual_seed(1)
+    w = torch.randn(6, 5)
+    for ref_bits, axis in ((None, None), (8, None), (8, 0)):
+        got = error_terms({'w': w}, [3, 4], axis, reference_bits=ref_bits)
+        for b in (3, 4):
+            ref = w if ref_bits is None else fake_quantize(w, ref_bits, axis)
+            want = float(((fake_quantize(w, b, axis).double()
+                           - ref.double()) ** 2).sum())
+            assert got['w'][b] == pytest.approx(want, rel=1e-12)

@@ -3,19 +3,15 @@ calibration budget): every row is produced and the markdown table is
 consistent with the JSON."""
 import json
 
-from ..conftest import run_tool
+import pytest
+
+from mmdet_hawq.evaluation import matched_images, resampled_map
+
+from ..conftest import run_table1, run_tool
 
 
 def test_table1_smoke(tiny_cfg, tmp_path):
-    cfg_file = tmp_path / 'tiny.py'
-    tiny_cfg.dump(str(cfg_file))
-    work = tmp_path / 'table'
-    proc = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
-                    tiny_cfg.load_from, '--work-dir', str(work),
-                    '--num-images', '4', '--hutchinson-samples', '2',
-                    '--gn-samples', '2', '--targets', '3')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.load(open(work / 'table1.json'))
+    _, work, rows = run_table1(tiny_cfg, tmp_path)
     labels = [(r['precision'], r['label'], r['estimator']) for r in rows]
     assert labels[:3] == [('Float', 'N/A', ''), ('8-bit', 'Uniform', ''),
                           ('3-bit', 'Uniform', '')]
@@ -24,20 +20,22 @@ def test_table1_smoke(tiny_cfg, tmp_path):
     table = (work / 'table1.md').read_text().splitlines()
     assert len(table) == 2 + len(rows)
     assert (work / 'fig1_traces.png').is_file()
+    # every row's detections are kept and bootstrapped over the val images
+    ann = tiny_cfg.test_evaluator.ann_file
+    for r in rows:
+        dets = str(work / 'rows' / r['out'] / 'detections.bbox.json')
+        ev = matched_images(ann, dets)
+        assert resampled_map(ev, range(4)) == pytest.approx(r['mAP'],
+                                                            abs=5e-4)
+        assert r['bootstrap_reps'] == 200
+        assert r['mAP_ci'][0] <= r['mAP_ci'][1]
 
 
 def test_table1_methods_and_temperature_on_a_tiny_dino(family_cfg, tmp_path):
     cfg = family_cfg('dino')
-    cfg_file = tmp_path / 'dino.py'
-    cfg.dump(str(cfg_file))
-    work = tmp_path / 'table'
-    proc = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
-                    cfg.load_from, '--work-dir', str(work),
-                    '--num-images', '4', '--gn-samples', '2', '--targets',
-                    '3', '--methods', 'outquant:gauss_newton',
-                    '--temperature', '2')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.load(open(work / 'table1.json'))
+    cfg_file, work, rows = run_table1(
+        cfg, tmp_path, '--methods', 'outquant:gauss_newton',
+        '--temperature', '2', name='dino')
     assert [(r['label'], r['estimator']) for r in rows[3:]] == [
         ('Out Sen Quant', 'gauss_newton')]
     traces = json.load(open(work / 'rows' / rows[3]['out'] / 'traces.json'))
@@ -49,15 +47,8 @@ def test_table1_methods_and_temperature_on_a_tiny_dino(family_cfg, tmp_path):
 
 
 def test_table1_seeds_repeat_the_sensitivity_rows(tiny_cfg, tmp_path):
-    cfg_file = tmp_path / 'tiny.py'
-    tiny_cfg.dump(str(cfg_file))
-    work = tmp_path / 'table'
-    proc = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
-                    tiny_cfg.load_from, '--work-dir', str(work),
-                    '--num-images', '4', '--gn-samples', '2', '--targets',
-                    '3', '--methods', 'outquant:gauss_newton', '--seeds', '2')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.load(open(work / 'table1.json'))
+    _, work, rows = run_table1(tiny_cfg, tmp_path, '--methods',
+                               'outquant:gauss_newton', '--seeds', '2')
     uniform, osq = rows[2], rows[3]
     assert 'mAP_runs' not in uniform  # nothing random to repeat
     assert len(osq['mAP_runs']) == 2

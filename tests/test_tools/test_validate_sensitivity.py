@@ -6,19 +6,13 @@ import math
 
 import torch
 
-from ..conftest import run_tool
+from ..conftest import run_table1, run_tool
 
 
 def test_predicted_vs_measured_on_a_tiny_detr(tiny_cfg, tmp_path):
-    cfg_file = tmp_path / 'tiny.py'
-    tiny_cfg.dump(str(cfg_file))
-    work = tmp_path / 'table'
-    proc = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
-                    tiny_cfg.load_from, '--work-dir', str(work),
-                    '--num-images', '4', '--gn-samples', '2', '--targets',
-                    '3', '--methods', 'outquant:gauss_newton', '--no-uniform')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.load(open(work / 'table1.json'))
+    cfg_file, work, rows = run_table1(
+        tiny_cfg, tmp_path, '--methods', 'outquant:gauss_newton',
+        '--no-uniform')
     assert [r['label'] for r in rows] == ['N/A', 'Out Sen Quant']
     run = work / 'rows' / rows[1]['out']
     out = tmp_path / 'val'
