@@ -245,3 +245,21 @@ def test_unsupported_operator_names_operator_and_layer(tiny_cfg, tmp_path):
     assert 'operator aten::special_bessel_j0 has no ONNX export' in message
     assert 'used by bbox_head.fc_cls.1' in message
     assert '\n' not in message
+
+
+@pytest.mark.parametrize('family', ['deformable_twostage', 'conditional',
+                                    'dab'])
+def test_every_family_member_exports(family_cfg, tmp_path, family):
+    """Deformable DETR (two-stage, refine), Conditional and DAB-DETR export
+    at 4 bits and match the fake-quantized model under ONNX Runtime."""
+    cfg = family_cfg(family)
+    made = make_packed(cfg, plan_fn=lambda m: uniform_plan(
+        quantizable_weights(m), 4))
+    model = fake_quantized(cfg, made['packed'])
+    out = str(tmp_path / f'{family}.onnx')
+    report = export_onnx(model, out, SHAPE, packed=made['packed']['packed'])
+    assert report['dequantize_nodes'] > 0
+    assert report['initializers']['INT4']['count'] > 0
+    assert not report['unused_weights']
+    scores, boxes = max_diffs(model, out)
+    assert scores < ATOL and boxes < ATOL

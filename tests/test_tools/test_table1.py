@@ -58,4 +58,8 @@ def test_table1_seeds_repeat_the_sensitivity_rows(tiny_cfg, tmp_path):
                             f'seed{s}' / 'traces.json'))['meta']['key'][
                                 'settings']['seed'] for s in (0, 1)}
     assert seeds == {0, 1}
+    # each seed's run keeps its own detections; the interval is seed 0's
+    for s in (0, 1):
+        assert (work / 'rows' / f'3-bit_outquant_gauss_newton_seed{s}' /
+                'detections.bbox.json').is_file()
     assert ' ± ' in (work / 'table1.md').read_text().splitlines()[-1]
