@@ -67,6 +67,10 @@ def parse_args() -> argparse.Namespace:
                    help='replicates of the bootstrap over the validation '
                    'images: a 95%% interval of every row\'s mAP (the same '
                    'draws for every row; 0: none)')
+    p.add_argument('--min-bits', nargs='+', metavar='PATTERN=BITS',
+                   default=[], help='the fewest bits the ILP may give the '
+                   'weights a pattern matches, e.g. \'backbone.*=3\' (the '
+                   'hook\'s min_bits)')
     p.add_argument('--proposals', action='store_true',
                    help='two-stage models: also distil the encoder '
                    'proposals (the sensitivity setting proposals=True)')
@@ -75,6 +79,19 @@ def parse_args() -> argparse.Namespace:
                    'sensitivity setting changes between runs)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     return p.parse_args()
+
+
+def parse_min_bits(items) -> dict:
+    """``['backbone.*=3', ...]`` → ``{'backbone.*': 3}``."""
+    out = {}
+    for item in items:
+        pattern, _, bits = item.rpartition('=')
+        if not pattern or not bits.isdigit():
+            raise HawqUserError(
+                f'--min-bits {item!r} is not PATTERN=BITS: give e.g. '
+                "'backbone.*=3'")
+        out[pattern] = int(bits)
+    return out
 
 
 def rows_to_run(args):
@@ -96,6 +113,7 @@ def rows_to_run(args):
             rows.append(dict(
                 precision=f'{target}-bit', label=label, estimator=est,
                 hook=dict(metric=metric, target_bits=target, bit_range=rng,
+                          min_bits=parse_min_bits(args.min_bits),
                           sensitivity=dict(
                               estimator=est, num_images=args.num_images,
                               tol=args.tol, min_samples=min(10, samples),

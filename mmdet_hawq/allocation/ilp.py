@@ -160,7 +160,9 @@ def solve_allocation(sensitivity: Mapping[str, float],
                      macs: Optional[Mapping[str, float]] = None,
                      max_bops: Optional[float] = None,
                      activation_bits: int = 32,
-                     fixed: Optional[Mapping[str, int]] = None) -> Allocation:
+                     fixed: Optional[Mapping[str, int]] = None,
+                     min_bits: Optional[Mapping[str, int]] = None
+                     ) -> Allocation:
     """Solve the bit allocation ILP exactly, whatever the scale of the costs.
 
     Among plans of minimal predicted perturbation, one with the most bits is
@@ -187,6 +189,9 @@ def solve_allocation(sensitivity: Mapping[str, float],
         fixed (Mapping[str, int], optional): Layers whose bit-width is set
             (e.g. gradient blind spots kept at the top of the range); each
             must be one of ``bit_choices``. Defaults to None.
+        min_bits (Mapping[str, int], optional): Layers that may not go below
+            a bit-width (e.g. the backbone at 3 bits or more). Defaults to
+            None.
 
     Returns:
         Allocation: The optimal plan.
@@ -221,6 +226,14 @@ def solve_allocation(sensitivity: Mapping[str, float],
                 f'layer {name!r} is fixed at {b} bits, outside the '
                 f'candidate bit-widths {bits}')
         allowed[names.index(name)] = np.array(bits) == b
+    for name, b in (min_bits or {}).items():
+        if b > bits[-1]:
+            raise HawqUserError(
+                f'layer {name!r} may not go below {b} bits, above the '
+                f'largest candidate bit-width {bits[-1]}: lower its min_bits '
+                'or raise the bit range')
+        if name not in (fixed or {}):
+            allowed[names.index(name)] &= np.array(bits) >= b
     width = np.array(bits, dtype=np.float64)[None]
     bit_use = n[:, None] * width
     budgets = [(bit_use, target_bits * total + TARGET_SLACK * total)]
@@ -237,7 +250,8 @@ def solve_allocation(sensitivity: Mapping[str, float],
             f'the bit allocation is infeasible: with bit-widths {bits} the '
             f'achievable averages run from {lo_avg} to {hi_avg}, and even '
             'the fewest bits allowed exceed a budget; loosen the memory/BOPs '
-            'budget, unfix layers or widen the range')
+            'budget or the target, lower min_bits, unfix layers or widen '
+            'the range')
     problem = _Problem(cost, allowed, budgets, bit_use)
     first, message = problem.least_cost()
     choice = problem.most_bits(first)
@@ -502,8 +516,10 @@ def pareto_sweep(sensitivity: Mapping[str, float],
                  errors: Mapping[str, Mapping[int, float]],
                  numels: Mapping[str, int], targets: Sequence[float],
                  bit_choices: Sequence[int],
-                 fixed: Optional[Mapping[str, int]] = None) -> List[Dict]:
-    """Solve for many average-bit targets with one set of traces.
+                 fixed: Optional[Mapping[str, int]] = None,
+                 min_bits: Optional[Mapping[str, int]] = None) -> List[Dict]:
+    """Solve for many average-bit targets with one set of traces (and the
+    same ``fixed`` and ``min_bits`` as :func:`solve_allocation`).
 
     Returns:
         list[dict]: ``target``, ``avg_bits`` and ``perturbation`` per target
@@ -513,7 +529,7 @@ def pareto_sweep(sensitivity: Mapping[str, float],
     for t in targets:
         try:
             a = solve_allocation(sensitivity, errors, numels, t, bit_choices,
-                                 fixed=fixed)
+                                 fixed=fixed, min_bits=min_bits)
         except HawqUserError:
             continue
         points.append(dict(target=float(t), avg_bits=a.avg_bits,

@@ -256,7 +256,8 @@ def sensitivity_plan(runner, model: nn.Module,
                      weights: Dict[str, nn.Parameter], metric: str,
                      target_bits: float, bit_range: Sequence[int],
                      axis: Optional[int], settings: Optional[dict],
-                     out_dir: str
+                     out_dir: str,
+                     min_bits: Optional[Dict[str, int]] = None
                      ) -> Tuple[Dict[str, int], Dict[str, Dict], Dict]:
     """Traces → error terms → ILP plan, plus per-layer report columns and
     the data of the sensitivity report (traces, Pareto curve; see
@@ -276,13 +277,14 @@ def sensitivity_plan(runner, model: nn.Module,
     result = compute_traces(runner, model, weights, metric, s, out_dir, axis,
                             influence_bits=bit_range[0])
     return run_on_main(_allocate, runner, result, weights, metric,
-                       target_bits, bit_range, axis, s)
+                       target_bits, bit_range, axis, s, min_bits)
 
 
 def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
               metric: str, target_bits: float, bit_range: Sequence[int],
-              axis: Optional[int],
-              s: dict) -> Tuple[Dict[str, int], Dict[str, Dict], Dict]:
+              axis: Optional[int], s: dict,
+              min_bits: Optional[Dict[str, int]] = None
+              ) -> Tuple[Dict[str, int], Dict[str, Dict], Dict]:
     """The ILP on the traces, and the Pareto curve of the same inputs."""
     names = list(weights)
     mean, se = result.mean(), result.stderr()
@@ -306,7 +308,7 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
     used, errors = _plan_inputs(used, errors)
     numels = {n: p.numel() for n, p in weights.items()}
     alloc = solve_allocation(used, errors, numels, target_bits, bits,
-                             fixed=fixed)
+                             fixed=fixed, min_bits=min_bits)
     extra = {}
     for i, n in enumerate(names):
         extra[n] = dict(
@@ -319,7 +321,8 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
         metric=metric, estimator=result.estimator, names=names,
         traces=dict(result.to_dict(), tol=s['tol'], mean=mean.tolist(),
                     se=se.tolist()),
-        pareto=pareto_sweep(used, errors, numels, targets, bits, fixed))
+        pareto=pareto_sweep(used, errors, numels, targets, bits, fixed,
+                            min_bits))
     runner.logger.info(
         f'allocation: {alloc.avg_bits:.3f} bits on average (target '
         f'{target_bits}), predicted perturbation {alloc.objective:.4g}')

@@ -6,7 +6,8 @@ from .plan import (PrecisionPlan, apply_plan, load_plan, plan_stats,
 from .quantizer import (QuantizedWeight, check_bits, choose_scale, dequantize,
                         error_terms, fake_quantize, quantization_error,
                         quantize, quantize_weight)
-from .selection import (DEFAULT_EXCLUDE, WeightInfo, list_weights,
+from .selection import (DEFAULT_EXCLUDE, WeightInfo, bit_floors,
+                        list_weights,
                         quantizable_weights, weight_group)
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     'uniform_plan', 'validate_plan', 'QuantizedWeight', 'check_bits',
     'choose_scale', 'dequantize', 'error_terms', 'fake_quantize',
     'quantization_error', 'quantize', 'quantize_weight', 'DEFAULT_EXCLUDE',
-    'WeightInfo', 'list_weights', 'quantizable_weights', 'weight_group'
+    'WeightInfo', 'bit_floors', 'list_weights', 'quantizable_weights',
+    'weight_group'
 ]

@@ -12,7 +12,7 @@ matching a user's ``exclude`` pattern stay in float too.
 """
 import fnmatch
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -162,3 +162,32 @@ def weight_group(name: str) -> str:
     if 'query' in name:
         return 'decoder'
     return head
+
+
+def bit_floors(names: Sequence[str],
+               min_bits: Mapping[str, int]) -> Dict[str, int]:
+    """The fewest bits each weight may get, from ``{pattern: bits}``.
+
+    Args:
+        names (Sequence[str]): The planned weights' names.
+        min_bits (Mapping[str, int]): Glob pattern (matched like ``include``)
+            → lowest bit-width of the weights it matches; a weight matched by
+            several patterns takes the highest floor.
+
+    Returns:
+        dict[str, int]: Name → floor, for the matched weights only.
+
+    Raises:
+        HawqUserError: A pattern matches none of ``names``.
+    """
+    floors: Dict[str, int] = {}
+    for pattern, bits in min_bits.items():
+        hits = [n for n in names if _matches(n, [pattern]) is not None]
+        if not hits:
+            raise HawqUserError(
+                f'min_bits pattern {pattern!r} matches none of the planned '
+                'weights: check it against `tools/ptq.py CONFIG '
+                '--list-layers`')
+        for n in hits:
+            floors[n] = max(floors.get(n, bits), bits)
+    return floors

@@ -380,3 +380,51 @@ def test_ilp_is_exact_at_detr_r50_size(seed):
         [[numels[n] * b for b in bits] for n in names],
         int(np.floor(target * total + TARGET_SLACK * total)))
     assert a.objective == pytest.approx(best, rel=1e-9, abs=0)
+
+
+def brute_force_floors(names, sens, numels, errors, bits, target, floors):
+    """Exhaustive search over plans that respect per-layer floors."""
+    best, total = None, sum(numels.values())
+    for combo in itertools.product(bits, repeat=len(names)):
+        if any(b < floors.get(n, 0) for n, b in zip(names, combo)):
+            continue
+        avg = sum(numels[n] * b for n, b in zip(names, combo)) / total
+        if avg > target + 1e-9:
+            continue
+        cost = sum(sens[n] * errors[n][b] for n, b in zip(names, combo))
+        if best is None or cost < best:
+            best = cost
+    return best
+
+
+@pytest.mark.parametrize('seed', range(12))
+def test_min_bits_equals_exhaustive_search(seed):
+    rng = np.random.RandomState(100 + seed)
+    bits = [2, 3, 4, 5]
+    names, sens, numels, errors = random_instance(rng, rng.randint(3, 7),
+                                                  bits)
+    floors = {n: int(rng.choice([3, 4])) for n in names[:2]}
+    fewest = sum(numels[n] * floors.get(n, 2) for n in names) / sum(
+        numels.values())
+    target = rng.uniform(fewest, 5)
+    alloc = solve_allocation(sens, errors, numels, target, bits,
+                             min_bits=floors)
+    assert all(alloc.plan[n] >= b for n, b in floors.items())
+    expected = brute_force_floors(names, sens, numels, errors, bits, target,
+                                  floors)
+    assert alloc.objective == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    curve = pareto_sweep(sens, errors, numels, [target], bits,
+                         min_bits=floors)
+    assert curve[0]['perturbation'] == pytest.approx(alloc.objective,
+                                                     rel=1e-9)
+
+
+def test_min_bits_above_the_range_or_budget_is_refused():
+    names, sens, numels, errors = random_instance(
+        np.random.RandomState(0), 3, [2, 3, 4])
+    with pytest.raises(HawqUserError, match='above the largest candidate'):
+        solve_allocation(sens, errors, numels, 3, [2, 3, 4],
+                         min_bits={names[0]: 5})
+    with pytest.raises(HawqUserError, match='lower min_bits'):
+        solve_allocation(sens, errors, numels, 2.0, [2, 3, 4],
+                         min_bits={n: 4 for n in names})

@@ -246,3 +246,43 @@ def test_plan_does_not_depend_on_the_thread_count(tiny_cfg, tmp_path):
     print(f'median rel. trace difference 1 vs 2 threads: {rel:.3g}')
     assert rel < 1e-4  # float noise only, far below the traces' SE
     assert plans[1] == plans[2]
+
+
+def test_min_bits_bad_inputs(build_tiny_model):
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    with pytest.raises(HawqUserError, match="metric='uniform' has none"):
+        DistillSensitivityHook(metric='uniform', bits=4,
+                               min_bits={'backbone.*': 4})
+    with pytest.raises(HawqUserError, match=r'int from 3 to 6'):
+        DistillSensitivityHook(metric='outquant', target_bits=4,
+                               min_bits={'backbone.*': 7})
+    with pytest.raises(HawqUserError, match='is not a dict'):
+        DistillSensitivityHook(metric='outquant', target_bits=4,
+                               min_bits=['backbone.*'])
+    model = build_tiny_model()
+    hook = DistillSensitivityHook(metric='outquant', target_bits=4,
+                                  min_bits={'backbnoe.*': 4})
+    with pytest.raises(HawqUserError, match="'backbnoe.*' matches none"):
+        hook.check_model(model)
+    hook = DistillSensitivityHook(metric='outquant', target_bits=4,
+                                  min_bits={'*': 5})
+    with pytest.raises(HawqUserError, match='alone averages 5.000 bits'):
+        hook.check_model(model)
+
+
+def test_min_bits_bounds_the_plan(tiny_cfg, tmp_path):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.work_dir = str(tmp_path)
+    floors = {'backbone.*': 5, 'encoder.*': 4}
+    cfg.custom_hooks = [dict(
+        type='DistillSensitivityHook', metric='outquant', target_bits=4,
+        bit_range=(3, 6), min_bits=floors, sensitivity=dict(
+            num_images=4, batch_size=2, min_samples=2, max_samples=2))]
+    Runner.from_cfg(cfg).test()
+    out = osp.join(cfg.work_dir, 'hawq')
+    plan = json.load(open(osp.join(out, 'plan.json')))
+    assert all(b >= 5 for n, b in plan.items() if n.startswith('backbone.'))
+    assert all(b >= 4 for n, b in plan.items() if n.startswith('encoder.'))
+    assert min(plan.values()) == 3  # the others pay for it
+    assert json.load(open(osp.join(out, 'summary.json')))[
+        'avg_bits'] <= 4 + 1e-9

@@ -17,7 +17,7 @@ import inspect
 import os
 import os.path as osp
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.dist import is_main_process
@@ -27,8 +27,8 @@ from mmengine.model import is_model_wrapper
 from mmdet.registry import HOOKS
 from ...errors import HawqUserError, set_interrupt_note
 from ...models import class_activation
-from ...quant import (DEFAULT_EXCLUDE, apply_plan, check_bits, list_weights,
-                      load_plan, pack_state_dict, plan_stats,
+from ...quant import (DEFAULT_EXCLUDE, apply_plan, bit_floors, check_bits,
+                      list_weights, load_plan, pack_state_dict, plan_stats,
                       quantizable_weights, save_plan, uniform_plan,
                       validate_plan)
 from ...quant.selection import weight_group
@@ -69,6 +69,10 @@ class DistillSensitivityHook(Hook):
             top of the head's final class and box FFNs, which always stay
             float (found by structure, see
             :mod:`mmdet_hawq.quant.selection`). Defaults to ().
+        min_bits (dict, optional): Glob pattern (matched like ``include``) →
+            the fewest bits the sensitivity metrics' ILP may give the weights
+            it matches, e.g. ``{'backbone.*': 4}``. Defaults to None (every
+            weight may take the low end of ``bit_range``).
         per_channel (bool): Per-output-channel scales instead of the paper's
             per-tensor ones. Defaults to False.
         save_packed (bool): Also save a packed low-bit checkpoint.
@@ -91,6 +95,7 @@ class DistillSensitivityHook(Hook):
                  sensitivity: Optional[dict] = None,
                  include: Optional[Sequence[str]] = None,
                  exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                 min_bits: Optional[Dict[str, int]] = None,
                  per_channel: bool = False,
                  save_packed: bool = True,
                  out_subdir: str = 'hawq',
@@ -123,6 +128,7 @@ class DistillSensitivityHook(Hook):
                     f'DistillSensitivityHook: bit_range {tuple(bit_range)} '
                     'is empty: give (low, high) with low <= high')
             check_budget(target_bits, lo, hi)
+        check_min_bits(min_bits, metric, tuple(bit_range))
         self.metric = metric
         self.bits = bits
         self.plan_file = plan_file
@@ -131,6 +137,7 @@ class DistillSensitivityHook(Hook):
         self.sensitivity = dict(sensitivity or {})
         self.include = include
         self.exclude = tuple(exclude)
+        self.min_bits = dict(min_bits or {})
         self.axis = 0 if per_channel else None
         self.save_packed = save_packed
         self.out_subdir = out_subdir
@@ -171,8 +178,25 @@ class DistillSensitivityHook(Hook):
         if self.metric not in ('uniform', 'plan'):
             resolve_settings(self.metric, self.sensitivity,
                              class_activation(model))
+            self._floors(weights)
         if self.metric == 'plan':
             validate_plan(load_plan(self.plan_file), weights, self.plan_file)
+
+    def _floors(self, weights: Dict[str, torch.nn.Parameter]
+                ) -> Dict[str, int]:
+        """``min_bits`` resolved per weight, checked against the budget.
+        """
+        floors = bit_floors(list(weights), self.min_bits)
+        low = self.bit_range[0]
+        total = sum(p.numel() for p in weights.values())
+        fewest = sum(p.numel() * max(low, floors.get(n, low))
+                     for n, p in weights.items()) / total
+        if fewest > self.target_bits + 1e-9:
+            raise HawqUserError(
+                f'DistillSensitivityHook: min_bits {self.min_bits} alone '
+                f'averages {fewest:.3f} bits, above target_bits='
+                f'{self.target_bits}: lower min_bits or raise target_bits')
+        return floors
 
     def before_test(self, runner) -> None:
         """Quantize ``runner.model`` in place and write the reports."""
@@ -197,7 +221,8 @@ class DistillSensitivityHook(Hook):
         else:
             plan, rows_extra, sens_report = sensitivity_plan(
                 runner, model, weights, self.metric, self.target_bits,
-                self.bit_range, self.axis, self.sensitivity, out_dir)
+                self.bit_range, self.axis, self.sensitivity, out_dir,
+                self._floors(weights))
         quantized = apply_plan(model, plan, self.axis, self.include,
                                self.exclude)
         numels = {n: p.numel() for n, p in weights.items()}
@@ -266,6 +291,31 @@ def unknown_argument(name: str) -> str:
     hint = f'did you mean {close[0]!r}? ' if close else ''
     return (f'DistillSensitivityHook: unknown argument {name!r}: {hint}'
             f'the valid ones are {", ".join(valid)}')
+
+
+def check_min_bits(min_bits: Optional[Dict[str, int]], metric: str,
+                   bit_range: Tuple[int, int]) -> None:
+    """Raise unless ``min_bits`` maps patterns to bit-widths inside
+    ``bit_range``, for a metric that allocates bits."""
+    if not min_bits:
+        return
+    if metric in ('uniform', 'plan'):
+        raise HawqUserError(
+            f'DistillSensitivityHook: min_bits bounds the ILP of the '
+            f"sensitivity metrics; metric='{metric}' has none: drop min_bits "
+            "or use metric='outquant'")
+    if not isinstance(min_bits, dict):
+        raise HawqUserError(
+            f'DistillSensitivityHook: min_bits {min_bits!r} is not a dict: '
+            "give {pattern: bits}, e.g. {'backbone.*': 4}")
+    low, high = bit_range
+    for pattern, bits in min_bits.items():
+        if not isinstance(pattern, str) or isinstance(bits, bool) or \
+                not isinstance(bits, int) or not low <= bits <= high:
+            raise HawqUserError(
+                f'DistillSensitivityHook: min_bits entry {pattern!r}: '
+                f'{bits!r} is not a bit-width in bit_range {bit_range}: give '
+                f'a weight pattern and an int from {low} to {high}')
 
 
 def check_budget(target_bits: float, low: int, high: int) -> None:
