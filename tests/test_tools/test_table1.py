@@ -3,6 +3,8 @@ calibration budget): every row is produced and the markdown table is
 consistent with the JSON."""
 import json
 
+import pytest
+
 from ..conftest import run_tool
 
 
@@ -68,3 +70,38 @@ def test_table1_seeds_repeat_the_sensitivity_rows(tiny_cfg, tmp_path):
                                 'settings']['seed'] for s in (0, 1)}
     assert seeds == {0, 1}
     assert ' ± ' in (work / 'table1.md').read_text().splitlines()[-1]
+
+
+def test_table1_critical_classes_report_their_ap(tiny_cfg, tmp_path):
+    cfg_file = tmp_path / 'tiny.py'
+    tiny_cfg.dump(str(cfg_file))
+    work = tmp_path / 'table'
+    proc = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
+                    tiny_cfg.load_from, '--work-dir', str(work),
+                    '--num-images', '4', '--gn-samples', '2', '--targets',
+                    '3', '--methods', 'outquant:gauss_newton',
+                    '--critical-classes', 'cross', 'ellipse',
+                    '--also-all-classes')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.load(open(work / 'table1.json'))
+    assert [r.get('kl_classes') for r in rows] == [
+        None, None, None, 'all', ['cross', 'ellipse']]
+    for r in rows:  # float and uniform rows too
+        assert set(r['critical_AP']) == {'cross', 'ellipse'}
+        aps = list(r['critical_AP'].values())
+        # NaN: a class without boxes among the 4 val images
+        assert r['critical_mAP'] == pytest.approx(sum(aps) / 2, nan_ok=True)
+    keys = [json.load(open(work / 'rows' / r['out'] / 'traces.json'))[
+        'meta']['key']['settings'] for r in rows[3:]]
+    assert 'critical_classes' not in keys[0]
+    assert keys[1]['critical_classes'] == ['ellipse', 'cross']
+    table = (work / 'table1.md').read_text().splitlines()
+    assert '| KL classes |' in table[0] and '| cross AP | ellipse AP |' \
+        in table[0] and 'critical mean AP' in table[0]
+    assert table[-1].split(' | ')[3] == 'cross, ellipse'
+    bad = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
+                   tiny_cfg.load_from, '--work-dir', str(work / 'bad'),
+                   '--critical-classes', 'sqare')
+    assert bad.returncode == 2
+    assert ("'sqare' is not a class of the dataset: the classes are "
+            'ellipse, rectangle, triangle, cross') in bad.stderr
