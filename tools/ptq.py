@@ -160,7 +160,7 @@ def check_hooks(cfg: Config, model: torch.nn.Module) -> None:
                   if k not in ('type', 'priority')}
         # built directly: the registry would prefix its own text
         hook = DistillSensitivityHook(**kwargs)
-        hook.check_model(model, cfg.load_from)
+        hook.check_model(model, cfg.load_from, hook.declared_classes(cfg))
 
 
 def hawq_hooks(cfg: Config) -> list:

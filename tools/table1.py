@@ -7,6 +7,13 @@ targets through the hook's cache. Writes ``table1.md``, ``table1.json``,
 ``fig1_traces.png`` (log averaged trace per layer) and ``fig2_bits_5bit.png``
 (bits per layer at 5 bits) into the work dir.
 
+With ``--critical-classes NAME ...`` every sensitivity row restricts the
+distillation KL term to those classes (the sensitivity setting
+``critical_classes``), mmdet's ``CocoMetric`` runs class-wise and every row
+(float and uniform included) records the AP of each critical class and
+their mean beside the overall mAP; ``--also-all-classes`` runs every
+sensitivity row with the KL over all classes too.
+
 Example:
     python tools/table1.py configs/detr_tiny_shapes.py \
         --checkpoint checkpoints/detr_tiny_shapes.pth --work-dir results/table1
@@ -18,11 +25,15 @@ import os
 import os.path as osp
 import time
 
+from typing import Dict, List, Optional, Sequence
+
 import numpy as np
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
+from mmdet_hawq.engine.critical import check_critical_form, critical_indices
 from mmdet_hawq.engine.hooks import DistillSensitivityHook
+from mmdet_hawq.engine.pipeline import calibration_classes
 from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.evaluation import coco_map_bootstrap
 from mmdet_hawq.report import plot_bits, plot_traces
@@ -77,6 +88,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--no-uniform', action='store_true',
                    help='skip the 8-bit and uniform rows (e.g. when only a '
                    'sensitivity setting changes between runs)')
+    p.add_argument('--critical-classes', nargs='+', metavar='NAME',
+                   help='restrict the distillation KL term of every '
+                   'sensitivity row to these dataset classes and report '
+                   'their AP (class-wise CocoMetric) on every row')
+    p.add_argument('--also-all-classes', action='store_true',
+                   help='with --critical-classes: run every sensitivity row '
+                   'with the KL over all classes too')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     return p.parse_args()
 
@@ -110,21 +128,77 @@ def rows_to_run(args):
                 continue
             samples = args.gn_samples if est == 'gauss_newton' else \
                 args.hutchinson_samples
-            rows.append(dict(
-                precision=f'{target}-bit', label=label, estimator=est,
-                hook=dict(metric=metric, target_bits=target, bit_range=rng,
-                          min_bits=parse_min_bits(args.min_bits),
-                          sensitivity=dict(
-                              estimator=est, num_images=args.num_images,
-                              tol=args.tol, min_samples=min(10, samples),
-                              negative_traces=args.negative_traces,
-                              cache_dir=args.cache_dir or osp.join(
-                                  args.work_dir, 'cache'),
-                              temperature=args.temperature,
-                              lambda_kl=args.lambda_kl,
-                              proposals=args.proposals,
-                              max_samples=samples))))
+            for critical in kl_classes(args):
+                sens = dict(
+                    estimator=est, num_images=args.num_images,
+                    tol=args.tol, min_samples=min(10, samples),
+                    negative_traces=args.negative_traces,
+                    cache_dir=args.cache_dir or osp.join(args.work_dir,
+                                                         'cache'),
+                    temperature=args.temperature, lambda_kl=args.lambda_kl,
+                    proposals=args.proposals, max_samples=samples)
+                if critical is not None:
+                    sens['critical_classes'] = list(critical)
+                rows.append(dict(
+                    precision=f'{target}-bit', label=label, estimator=est,
+                    kl_classes=critical,
+                    hook=dict(metric=metric, target_bits=target,
+                              bit_range=rng,
+                              min_bits=parse_min_bits(args.min_bits),
+                              sensitivity=sens)))
     return rows
+
+
+def kl_classes(args) -> List[Optional[List[str]]]:
+    """The KL classes each sensitivity row runs with: None (all classes),
+    the critical classes, or both."""
+    if not args.critical_classes:
+        return [None]
+    return ([None] if args.also_all_classes else []) + [
+        list(args.critical_classes)]
+
+
+def check_critical(args, cfg: Config) -> None:
+    """Check the critical class names before any run, and turn on the
+    class-wise AP of the test evaluator."""
+    if args.also_all_classes and not args.critical_classes:
+        raise HawqUserError('--also-all-classes needs --critical-classes')
+    if not args.critical_classes:
+        return
+    names = check_critical_form(args.critical_classes, 'outquant')
+    classes = calibration_classes(cfg, None)
+    if classes:
+        critical_indices(names, classes)
+    evaluators = cfg.test_evaluator if isinstance(
+        cfg.test_evaluator, (list, tuple)) else [cfg.test_evaluator]
+    for ev in evaluators:
+        if ev.get('type') == 'CocoMetric':
+            ev['classwise'] = True
+
+
+def critical_ap(metrics: Dict[str, float],
+                names: Sequence[str]) -> Dict[str, float]:
+    """``{class: AP}`` from class-wise ``CocoMetric`` metrics (keys
+    ``coco/<class>_precision``)."""
+    missing = [n for n in names if f'coco/{n}_precision' not in metrics]
+    if missing:
+        raise HawqUserError(
+            f'the test metrics have no class-wise AP of {missing} (keys '
+            f'{sorted(metrics)}): the test evaluator must be a CocoMetric '
+            "whose annotation file names these categories")
+    return {n: float(metrics[f'coco/{n}_precision']) for n in names}
+
+
+def with_critical_ap(record: dict, runs: Sequence[Dict[str, float]],
+                     names: Optional[Sequence[str]]) -> dict:
+    """Add the critical classes' AP (mean over ``runs``) and their mean."""
+    if not names:
+        return record
+    per_run = [critical_ap(m, names) for m in runs]
+    ap = {n: float(np.mean([r[n] for r in per_run])) for n in names}
+    record.update(critical_AP=ap, critical_mAP=float(np.mean(list(
+        ap.values()))))
+    return record
 
 
 def main() -> int:
@@ -144,6 +218,8 @@ def main() -> int:
     cfg.work_dir = args.work_dir
     cfg.custom_hooks = [h for h in cfg.get('custom_hooks', [])
                         if h.get('type') != 'DistillSensitivityHook']
+    check_critical(args, cfg)
+    names = args.critical_classes
     os.makedirs(args.work_dir, exist_ok=True)
     cfg.test_evaluator['outfile_prefix'] = detections_prefix(args.work_dir,
                                                              'float')
@@ -153,12 +229,15 @@ def main() -> int:
     model = runner.model.module if hasattr(runner.model, 'module') else \
         runner.model
     float_state = copy.deepcopy(model.state_dict())
-    results = [dict(precision='Float', label='N/A', estimator='',
-                    mAP=float_metrics['coco/bbox_mAP'], out='float',
-                    **bootstrap(cfg, detections, args.bootstrap))]
+    results = [with_critical_ap(
+        dict(precision='Float', label='N/A', estimator='',
+             mAP=float_metrics['coco/bbox_mAP'], out='float',
+             **bootstrap(cfg, detections, args.bootstrap)),
+        [float_metrics], names)]
     for row in rows_to_run(args):
         slug = (f"{row['precision']}_{row['hook']['metric']}_"
-                f"{row['estimator'] or 'none'}")
+                f"{row['estimator'] or 'none'}") + (
+                    '_critical' if row.get('kl_classes') else '')
         seeds = range(args.seeds) if 'sensitivity' in row['hook'] else [0]
         runs, start = [], time.time()
         for seed in seeds:
@@ -173,22 +252,25 @@ def main() -> int:
             hook.before_test(runner)
             written = keep_detections(runner, args.work_dir, out)
             detections = written if seed == 0 else detections
-            runs.append(runner.test_loop.run()['coco/bbox_mAP'])
+            runs.append(runner.test_loop.run())
+        maps = [m['coco/bbox_mAP'] for m in runs]
         record = dict(
             precision=row['precision'], label=row['label'],
-            estimator=row['estimator'], mAP=float(np.mean(runs)),
+            estimator=row['estimator'], mAP=float(np.mean(maps)),
             avg_bits=hook.summary['avg_bits'],
             packed_mib=hook.summary['packed_bytes'] / 2**20,
             seconds=round(time.time() - start, 1),
             out=slug if len(runs) == 1 else f'{slug}_seed0',
             **bootstrap(cfg, detections, args.bootstrap))
         if len(runs) > 1:
-            record.update(mAP_runs=runs, mAP_std=float(np.std(runs, ddof=1)))
-        results.append(record)
+            record.update(mAP_runs=maps, mAP_std=float(np.std(maps, ddof=1)))
+        if 'sensitivity' in row['hook'] and names:
+            record['kl_classes'] = row['kl_classes'] or 'all'
+        results.append(with_critical_ap(record, runs, names))
         runner.logger.info(f'table1: {record}')
         with open(osp.join(args.work_dir, 'table1.json'), 'w') as f:
             json.dump(results, f, indent=1)
-    write_table(args.work_dir, results)
+    write_table(args.work_dir, results, names)
     write_figures(args.work_dir, results, list(float_state))
     return 0
 
@@ -220,13 +302,20 @@ def bootstrap(cfg: Config, detections: str, reps: int) -> dict:
     return dict(mAP_ci=[ci['low'], ci['high']], bootstrap_reps=reps)
 
 
-def write_table(work_dir: str, results) -> None:
+def write_table(work_dir: str, results,
+                names: Optional[Sequence[str]] = None) -> None:
+    """``table1.md``; with critical ``names``, a column of the KL classes
+    of the sensitivity rows and the AP of each critical class and their
+    mean."""
     uniform = {r['precision']: r['mAP'] for r in results
                if r['label'] == 'Uniform'}
-    lines = ['| Precision | Quant scheme | Estimator | mAP (%) | 95% interval '
-             'over val images (seed 0\'s run) | Δ vs uniform | avg bits | '
-             'packed MiB |',
-             '|---|---|---|---|---|---|---|---|']
+    extra = ['KL classes'] if names else []
+    aps = [f'{n} AP' for n in names or ()] + (
+        ['critical mean AP'] if names else [])
+    head = ['Precision', 'Quant scheme', 'Estimator', *extra, 'mAP (%)',
+            '95% interval over val images (seed 0\'s run)', 'Δ vs uniform',
+            *aps, 'avg bits', 'packed MiB']
+    lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for r in results:
         delta = '-' if r['label'] in ('Uniform', 'N/A') or \
             r['precision'] not in uniform else \
@@ -239,8 +328,16 @@ def write_table(work_dir: str, results) -> None:
             f" ± {100 * r['mAP_std']:.1f}" if 'mAP_std' in r else '')
         ci = '-' if 'mAP_ci' not in r else \
             f"{100 * r['mAP_ci'][0]:.1f}–{100 * r['mAP_ci'][1]:.1f}"
-        lines.append(f"| {r['precision']} | {r['label']} | {est} | "
-                     f"{cell} | {ci} | {delta} | {bits} | {size} |")
+        cells = [r['precision'], r['label'], est]
+        if names:
+            kl = r.get('kl_classes', '')
+            cells.append(kl if isinstance(kl, str) else ', '.join(kl))
+        cells += [cell, ci, delta]
+        if names:
+            cells += [f"{100 * r['critical_AP'][n]:.1f}" for n in names]
+            cells.append(f"{100 * r['critical_mAP']:.1f}")
+        cells += [bits, size]
+        lines.append('| ' + ' | '.join(cells) + ' |')
     with open(osp.join(work_dir, 'table1.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))
@@ -255,6 +352,8 @@ def write_figures(work_dir: str, results, state_names) -> None:
         tfile = osp.join(out, 'traces.json')
         label = f"{r['label']} ({r['estimator']})" if r['estimator'] else \
             r['label']
+        if isinstance(r.get('kl_classes'), list):
+            label += ' critical'
         if osp.isfile(tfile) and label not in traces:
             with open(tfile) as f:
                 t = json.load(f)

@@ -40,6 +40,7 @@ from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            output_influence, preprocess_batches, save_cached,
                            select_calibration_indices)
 from .checkpoint import prepare_state_dict
+from .critical import check_critical_form, critical_indices, declared_classes
 from .dist import process_shard, run_on_main
 
 #: Defaults of the ``sensitivity`` dict of ``DistillSensitivityHook``.
@@ -61,6 +62,9 @@ SENSITIVITY_DEFAULTS = dict(
     use_cache=True,
     cache_dir=None,  # None: <work_dir>/<out_subdir>/cache
     dataset=None,  # None: the train split with the test pipeline
+    critical_classes=None,  # None: every class; else names of the dataset's
+    #                         classes the KL term is restricted to
+    #                         (sensitivity.critical, engine.critical)
 )
 ESTIMATORS = ('hutchinson', 'hutchinson_per_layer', 'gauss_newton')
 #: Version of how random draws are seeded (part of the cache key): 2 = one
@@ -116,6 +120,8 @@ def resolve_settings(metric: str, settings: Optional[dict],
     if s['num_images'] < 1:
         raise HawqUserError(
             f"calibration num_images is {s['num_images']}: use at least 1")
+    s['critical_classes'] = check_critical_form(s['critical_classes'],
+                                                metric)
     return s
 
 
@@ -126,6 +132,13 @@ def calibration_dataset_cfg(cfg) -> dict:
     ds.pop('filter_cfg', None)
     ds['test_mode'] = False
     return ds
+
+
+def calibration_classes(cfg, settings: Optional[dict]) -> Optional[list]:
+    """The class names the calibration dataset's config declares (no data
+    is loaded), or None when it does not say."""
+    ds_cfg = (settings or {}).get('dataset') or calibration_dataset_cfg(cfg)
+    return declared_classes(ds_cfg)
 
 
 def build_calibration(cfg, settings: dict):
@@ -158,6 +171,8 @@ def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
     keep = {k: v for k, v in settings.items()
             if k not in ('use_cache', 'cache_dir', 'max_samples',
                          'min_samples', 'tol', 'negative_traces')}
+    if keep.get('critical_classes') is None:  # the keys of before the option
+        keep.pop('critical_classes', None)
     return dict(
         metric=metric,
         draws=DRAWS_VERSION,
@@ -182,6 +197,13 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
     family = detector_family(model)
     activation = class_activation(model)
     loader, img_ids = build_calibration(runner.cfg, settings)
+    critical = None
+    if settings['critical_classes'] is not None:
+        classes = list(loader.dataset.metainfo['classes'])
+        critical = critical_indices(settings['critical_classes'], classes)
+        # column order: the same classes in another order are one objective
+        settings = dict(settings,
+                        critical_classes=[classes[i] for i in critical])
     batches = preprocess_batches(model, loader)
     estimator = settings['estimator']
     key = _cache_key(runner, metric, settings, img_ids)
@@ -227,7 +249,7 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
                     settings['lambda_kl'], settings['temperature'],
                     settings['decoder_layers'], activation,
                     distillation_outputs if settings['proposals'] else
-                    decoder_outputs)
+                    decoder_outputs, critical)
             if estimator == 'gauss_newton':
                 result = gauss_newton_traces(
                     weights, objective.gauss_newton_sample, index, **common)
@@ -270,7 +292,9 @@ def sensitivity_plan(runner, model: nn.Module,
     s = resolve_settings(metric, settings, activation)
     what = (f"loss: {family.loss_note or 'mmdet loss in eval mode'}"
             if metric == 'losssen' else
-            f"lambda_kl {s['lambda_kl']}, temperature {s['temperature']}")
+            f"lambda_kl {s['lambda_kl']}, temperature {s['temperature']}" +
+            (f", KL on the critical classes {s['critical_classes']}"
+             if s['critical_classes'] else ''))
     runner.logger.info(
         f'sensitivity: {family.name} ({activation} class head), metric '
         f"{metric}, estimator {s['estimator']}, {what}")

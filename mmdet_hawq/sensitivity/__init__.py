@@ -2,6 +2,8 @@ from .cache import (cache_path, file_sha256, key_hash, load_cached,
                     save_cached, saved_samples_note)
 from .calibration import (class_histogram, distribution_distance,
                           select_calibration_indices)
+from .critical import (fisher_draw, fold_softmax_logits,
+                       folded_softmax_fisher_draw)
 from .double_backward import (double_backward_kernels,
                               pytorch_deformable_attention)
 from .gauss_newton import (gauss_newton_traces, sigmoid_fisher_draw,
@@ -20,6 +22,7 @@ __all__ = [
     'saved_samples_note',
     'class_histogram', 'distribution_distance', 'select_calibration_indices',
     'gauss_newton_traces', 'softmax_fisher_draw', 'sigmoid_fisher_draw',
+    'fisher_draw', 'fold_softmax_logits', 'folded_softmax_fisher_draw',
     'double_backward_kernels', 'pytorch_deformable_attention',
     'output_influence', 'detector_training_flag', 'temperature_kl',
     'batch_hvp',

@@ -14,6 +14,8 @@
   sigmoid (focal) head the per-class Bernoulli KL between ``σ(z_s/T)`` and
   ``σ(z_t/T)``, summed over classes. Queries are matched by index (no
   Hungarian matching); every decoder layer's output goes through the head.
+  With ``critical`` classes the KL term covers those classes only
+  (:mod:`.critical`); the box term is unchanged.
 
 Batches are indices into preprocessed calibration batches; each objective's
 ``loss(i)`` returns batch ``i``'s share of the calibration-set loss, so the
@@ -33,12 +35,11 @@ from typing import (Callable, Dict, Iterator, List, Optional, Sequence,
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import HawqUserError, short_list
 from ..models.family import decoder_outputs
-from .gauss_newton import sigmoid_fisher_draw, softmax_fisher_draw
+from .critical import check_columns, fisher_draw, temperature_kl
 
 Batch = Dict  # {'inputs': Tensor (B, 3, H, W), 'data_samples': [...]}
 Group = Tuple[torch.Tensor, torch.Tensor]  # scores (L, B, Q, C), boxes
@@ -175,6 +176,9 @@ class DistillationObjective:
             :func:`~mmdet_hawq.models.family.distillation_outputs`); each
             group is averaged over its images and queries. Defaults to None
             (:func:`~mmdet_hawq.models.family.decoder_outputs`).
+        critical (Sequence[int], optional): Column indices of the critical
+            classes (``0 .. K − 1``); the KL term is restricted to them (see
+            :mod:`.critical`). Defaults to None (every class).
     """
 
     def __init__(self,
@@ -186,11 +190,14 @@ class DistillationObjective:
                  temperature: float = 6.0,
                  layers: Optional[Sequence[int]] = None,
                  activation: str = 'softmax',
-                 outputs: Optional[OutputsFn] = None) -> None:
+                 outputs: Optional[OutputsFn] = None,
+                 critical: Optional[Sequence[int]] = None) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f'activation must be one of {ACTIVATIONS}, '
                              f'got {activation!r}')
         self.activation = activation
+        self.critical = None if critical is None else sorted(
+            int(c) for c in critical)
         self.outputs = outputs or decoder_outputs
         self.student = student
         self.batches = list(batches)
@@ -213,6 +220,9 @@ class DistillationObjective:
         if self.layers is not None:
             cls, box = groups[0]
             groups[0] = (cls[self.layers], box[self.layers])
+        if self.critical is not None:
+            for cls, _ in groups:
+                check_columns(self.critical, cls.shape[-1], self.activation)
         return groups
 
     def target(self, index: int) -> List[Group]:
@@ -241,7 +251,7 @@ class DistillationObjective:
                                                            index),
                                               self.target(index)):
             kl = temperature_kl(cls, t_cls, self.temperature,
-                                self.activation)
+                                self.activation, self.critical)
             l1 = (box - t_box).abs().sum()
             loss = loss + (self.lambda_kl * kl + l1) * self._norm(cls)
         check_batch_finite((loss, ), "the student's distillation loss",
@@ -251,48 +261,19 @@ class DistillationObjective:
     def gauss_newton_sample(self, index: int,
                             generator: torch.Generator) -> torch.Tensor:
         """``s = Σ u·z`` with ``E[uuᵀ]`` = the KL term's output Hessian at
-        the student's probabilities, over every group (the L1 term has no
+        the student's probabilities (:func:`.critical.fisher_draw`), over
+        every group (the L1 term has no
         curvature; at the 8-bit student the residual terms are omitted)."""
         groups = self._groups(self.student, index)
         check_batch_finite([t for g in groups for t in g],
                            "the student's outputs", self.batches, index)
-        draw = softmax_fisher_draw if self.activation == 'softmax' else \
-            sigmoid_fisher_draw
         s = 0.0
         for cls, _ in groups:
-            u = draw(cls, self.temperature,
-                     self.lambda_kl * self._norm(cls), generator)
+            u = fisher_draw(cls, self.temperature,
+                            self.lambda_kl * self._norm(cls), generator,
+                            self.activation, self.critical)
             s = s + (u * cls).sum()
         return s
-
-
-def temperature_kl(student: torch.Tensor, teacher: torch.Tensor,
-                   temperature: float, activation: str) -> torch.Tensor:
-    """``Σ KL(p_s ‖ p_t)`` at temperature ``T``, summed over all entries.
-
-    Softmax: ``p = softmax(z / T)`` over the last axis (the paper's Eq. 5).
-    Sigmoid: ``p = σ(z / T)`` per class, and the Bernoulli KL
-    ``p_s log(p_s/p_t) + (1 − p_s) log((1 − p_s)/(1 − p_t))``, summed over
-    classes; its Hessian in ``z_s`` at ``z_s = z_t`` is ``p(1 − p) / T²``
-    (no focal modulation: that would vanish there).
-
-    Args:
-        student (Tensor): Student logits (..., C).
-        teacher (Tensor): Teacher logits, same shape.
-        temperature (float): ``T``.
-        activation (str): ``'softmax'`` or ``'sigmoid'``.
-
-    Returns:
-        Tensor: Scalar; exactly 0.0 when the logits are equal.
-    """
-    zs, zt = student / temperature, teacher / temperature
-    if activation == 'softmax':
-        log_s = F.log_softmax(zs, dim=-1)
-        log_t = F.log_softmax(zt, dim=-1)
-        return (log_s.exp() * (log_s - log_t)).sum()
-    p = torch.sigmoid(zs)
-    return (p * (F.logsigmoid(zs) - F.logsigmoid(zt)) +
-            (1 - p) * (F.logsigmoid(-zs) - F.logsigmoid(-zt))).sum()
 
 
 @contextmanager

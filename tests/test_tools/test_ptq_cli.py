@@ -86,3 +86,16 @@ def test_checkpoint_of_another_model_stops_before_the_float_run(tmp_path):
         '--checkpoint', str(bad), '--work-dir', str(work)))
     assert 'other.pth' in line and 'query_embedding.weight' in line
     assert not (work / 'float').exists()
+
+
+def test_unknown_critical_class_stops_before_any_data(tmp_path):
+    """--cfg-options sets the sensitivity's critical_classes; a typo is one
+    line listing the dataset's classes, before the data is read."""
+    line = one_error_line(run_tool(
+        'tools/ptq.py', 'configs/detr_tiny_shapes_outquant_4bit.py',
+        '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+        'custom_hooks.0.sensitivity.critical_classes=[cross,sqare]',
+        f'test_dataloader.dataset.data_root={tmp_path}/nowhere/'))
+    assert ("'sqare' is not a class of the dataset: the classes are "
+            'ellipse, rectangle, triangle, cross') in line
+    assert 'nowhere' not in line

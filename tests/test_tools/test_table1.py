@@ -63,3 +63,30 @@ def test_table1_seeds_repeat_the_sensitivity_rows(tiny_cfg, tmp_path):
         assert (work / 'rows' / f'3-bit_outquant_gauss_newton_seed{s}' /
                 'detections.bbox.json').is_file()
     assert ' ± ' in (work / 'table1.md').read_text().splitlines()[-1]
+
+
+def test_table1_critical_classes_report_their_ap(tiny_cfg, tmp_path):
+    cfg_file, work, rows = run_table1(
+        tiny_cfg, tmp_path, '--methods', 'outquant:gauss_newton',
+        '--critical-classes', 'cross', 'ellipse', '--also-all-classes')
+    assert [r.get('kl_classes') for r in rows] == [
+        None, None, None, 'all', ['cross', 'ellipse']]
+    for r in rows:  # float and uniform rows too
+        assert set(r['critical_AP']) == {'cross', 'ellipse'}
+        aps = list(r['critical_AP'].values())
+        # NaN: a class without boxes among the 4 val images
+        assert r['critical_mAP'] == pytest.approx(sum(aps) / 2, nan_ok=True)
+    keys = [json.load(open(work / 'rows' / r['out'] / 'traces.json'))[
+        'meta']['key']['settings'] for r in rows[3:]]
+    assert 'critical_classes' not in keys[0]
+    assert keys[1]['critical_classes'] == ['ellipse', 'cross']
+    table = (work / 'table1.md').read_text().splitlines()
+    assert '| KL classes |' in table[0] and '| cross AP | ellipse AP |' \
+        in table[0] and 'critical mean AP' in table[0]
+    assert table[-1].split(' | ')[3] == 'cross, ellipse'
+    bad = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
+                   tiny_cfg.load_from, '--work-dir', str(work / 'bad'),
+                   '--critical-classes', 'sqare')
+    assert bad.returncode == 2
+    assert ("'sqare' is not a class of the dataset: the classes are "
+            'ellipse, rectangle, triangle, cross') in bad.stderr

@@ -36,7 +36,9 @@ from ...report import (plot_bits, write_layer_report,
                        write_sensitivity_report)
 from ...sensitivity import saved_samples_note
 from ..checkpoint import check_finite, prepare_state_dict
-from ..pipeline import resolve_settings, sensitivity_plan
+from ..critical import critical_indices
+from ..pipeline import (calibration_classes, resolve_settings,
+                        sensitivity_plan)
 
 METRICS = ('uniform', 'plan', 'losssen', 'outfloat', 'outquant')
 
@@ -60,9 +62,10 @@ class DistillSensitivityHook(Hook):
         bit_range (Sequence[int]): Smallest and largest bit-width a layer may
             get. Defaults to (3, 6), the paper's range for 4 and 5 bits.
         sensitivity (dict, optional): Settings of the sensitivity analysis
-            (estimator, calibration set, tolerances); see
-            :func:`mmdet_hawq.engine.pipeline.sensitivity_plan`. Defaults to
-            None (the defaults there).
+            (estimator, calibration set, tolerances, ``critical_classes``:
+            names of the dataset's classes the distillation KL term is
+            restricted to); see :data:`mmdet_hawq.engine.pipeline.
+            SENSITIVITY_DEFAULTS`. Defaults to None (the defaults there).
         include (Sequence[str], optional): Only weights matching these glob
             patterns are quantized. Defaults to None (all candidates).
         exclude (Sequence[str]): Glob patterns of weights kept in float on
@@ -156,17 +159,23 @@ class DistillSensitivityHook(Hook):
         prepare_state_dict(model, checkpoint, runner.cfg.get('load_from'))
 
     def check_model(self, model: torch.nn.Module,
-                    source: Optional[str] = None) -> None:
+                    source: Optional[str] = None,
+                    classes: Optional[Sequence[str]] = None) -> None:
         """Every check on the model that needs no data, before any data.
 
         The include/exclude patterns must select weights, those weights
-        must be finite, the sensitivity settings must be known, and a plan
-        file must fit the weights.
+        must be finite, the sensitivity settings must be known (the
+        ``critical_classes`` among ``classes`` when these are known), and a
+        plan file must fit the weights.
 
         Args:
             model (nn.Module): The detector with its weights (unwrapped).
             source (str, optional): Where the weights come from, for the
                 message. Defaults to None.
+            classes (Sequence[str], optional): The class names the
+                calibration dataset's config declares
+                (:func:`~mmdet_hawq.engine.pipeline.calibration_classes`).
+                Defaults to None (checked when the dataset is built).
 
         Raises:
             HawqUserError: One line naming what is wrong and the fix.
@@ -176,8 +185,10 @@ class DistillSensitivityHook(Hook):
             f' (from {source!r})' if source else '')
         check_finite({n: p.data for n, p in weights.items()}, what)
         if self.metric not in ('uniform', 'plan'):
-            resolve_settings(self.metric, self.sensitivity,
-                             class_activation(model))
+            s = resolve_settings(self.metric, self.sensitivity,
+                                 class_activation(model))
+            if s['critical_classes'] is not None and classes:
+                critical_indices(s['critical_classes'], classes)
             self._floors(weights)
         if self.metric == 'plan':
             validate_plan(load_plan(self.plan_file), weights, self.plan_file)
@@ -198,11 +209,20 @@ class DistillSensitivityHook(Hook):
                 f'{self.target_bits}: lower min_bits or raise target_bits')
         return floors
 
+    def declared_classes(self, cfg) -> Optional[List[str]]:
+        """The classes the calibration dataset's config declares, for the
+        ``critical_classes`` check (None for the metrics without
+        traces)."""
+        if self.metric in ('uniform', 'plan'):
+            return None
+        return calibration_classes(cfg, self.sensitivity)
+
     def before_test(self, runner) -> None:
         """Quantize ``runner.model`` in place and write the reports."""
         model = runner.model.module if is_model_wrapper(
             runner.model) else runner.model
-        self.check_model(model, runner.cfg.get('load_from'))
+        self.check_model(model, runner.cfg.get('load_from'),
+                         self.declared_classes(runner.cfg))
         out_dir = osp.join(runner.work_dir, self.out_subdir)
         os.makedirs(out_dir, exist_ok=True)
         start = time.time()
