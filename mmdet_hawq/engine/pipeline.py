@@ -67,6 +67,12 @@ SENSITIVITY_DEFAULTS = dict(
     #                         (sensitivity.critical, engine.critical)
 )
 ESTIMATORS = ('hutchinson', 'hutchinson_per_layer', 'gauss_newton')
+#: Settings that enter the trace cache key only away from these values (at
+#: them the traces are those of before the setting existed).
+OMITTED_AT_DEFAULT = dict(critical_classes=None)
+#: Settings the keys of older releases did not have: a cache written then
+#: is still read when the settings are at these values.
+OLDER_KEYS_WITHOUT = dict(proposals=False)
 #: Version of how random draws are seeded (part of the cache key): 2 = one
 #: generator per (sample, batch), the same in every process; 3 = sigmoid
 #: heads' Rademacher draws, seeded loss inputs.
@@ -166,13 +172,25 @@ def build_calibration(cfg, settings: dict):
     return loader, img_ids
 
 
+def _older_key(key: dict) -> Optional[dict]:
+    """``key`` as releases before :data:`OLDER_KEYS_WITHOUT` wrote it (None
+    when those settings are not at their old values)."""
+    settings = dict(key['settings'])
+    for name, default in OLDER_KEYS_WITHOUT.items():
+        if settings.pop(name, default) != default:
+            return None
+    return dict(key, settings=settings) if settings != key['settings'] \
+        else None
+
+
 def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
     ckpt = runner.cfg.get('load_from')
     keep = {k: v for k, v in settings.items()
             if k not in ('use_cache', 'cache_dir', 'max_samples',
                          'min_samples', 'tol', 'negative_traces')}
-    if keep.get('critical_classes') is None:  # the keys of before the option
-        keep.pop('critical_classes', None)
+    for name, default in OMITTED_AT_DEFAULT.items():
+        if keep.get(name, default) == default:
+            keep.pop(name, None)
     return dict(
         metric=metric,
         draws=DRAWS_VERSION,
@@ -211,6 +229,10 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
                       metric, estimator, key)
     previous = run_on_main(load_cached, path, key) \
         if settings['use_cache'] else None
+    older = _older_key(key)
+    if previous is None and older is not None and settings['use_cache']:
+        previous = run_on_main(load_cached, cache_path(
+            osp.dirname(path), metric, estimator, older), older)
     if previous is not None:
         runner.logger.info(f'sensitivity: {previous.num_samples} cached '
                            f'samples from {path}')

@@ -2,6 +2,7 @@
 config; the distillation objective on mmdet's DETR."""
 import copy
 import json
+import os
 import os.path as osp
 
 import pytest
@@ -286,3 +287,36 @@ def test_min_bits_bounds_the_plan(tiny_cfg, tmp_path):
     assert min(plan.values()) == 3  # the others pay for it
     assert json.load(open(osp.join(out, 'summary.json')))[
         'avg_bits'] <= 4 + 1e-9
+
+
+def test_cache_written_before_the_proposals_setting_is_read(tiny_cfg,
+                                                            tmp_path):
+    """A trace cache whose key has no ``proposals`` (older releases) is
+    used when proposals is off, not recomputed."""
+    from mmdet_hawq.engine.pipeline import _older_key
+    from mmdet_hawq.sensitivity import cache_path
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.work_dir = str(tmp_path)
+    cfg.custom_hooks = [dict(
+        type='DistillSensitivityHook', metric='outquant', target_bits=4,
+        sensitivity=dict(num_images=4, batch_size=2, min_samples=2,
+                         max_samples=2))]
+    Runner.from_cfg(copy.deepcopy(cfg)).test()
+    cache = osp.join(cfg.work_dir, 'hawq', 'cache')
+    (current, ) = os.listdir(cache)
+    data = json.load(open(osp.join(cache, current)))
+    assert data['key']['settings']['proposals'] is False
+    older = _older_key(data['key'])
+    assert 'proposals' not in older['settings']
+    assert _older_key(dict(data['key'], settings=dict(
+        data['key']['settings'], proposals=True))) is None
+    # the file an older release wrote: its key, marked samples
+    data['key'] = older
+    data['result']['samples'] = [[2 * v for v in s]
+                                 for s in data['result']['samples']]
+    os.remove(osp.join(cache, current))
+    with open(cache_path(cache, 'outquant', 'gauss_newton', older), 'w') as f:
+        json.dump(data, f)
+    Runner.from_cfg(copy.deepcopy(cfg)).test()
+    reread = json.load(open(osp.join(cache, current)))
+    assert reread['result']['samples'] == data['result']['samples']
