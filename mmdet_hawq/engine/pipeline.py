@@ -229,13 +229,13 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
                       metric, estimator, key)
     previous = run_on_main(load_cached, path, key) \
         if settings['use_cache'] else None
-    older = _older_key(key)
+    read_from, older = path, _older_key(key)
     if previous is None and older is not None and settings['use_cache']:
-        previous = run_on_main(load_cached, cache_path(
-            osp.dirname(path), metric, estimator, older), older)
+        read_from = cache_path(osp.dirname(path), metric, estimator, older)
+        previous = run_on_main(load_cached, read_from, older)
     if previous is not None:
         runner.logger.info(f'sensitivity: {previous.num_samples} cached '
-                           f'samples from {path}')
+                           f'samples from {read_from}')
     float_state = {n: p.detach().clone() for n, p in weights.items()}
     teacher = None
     if metric in ('outfloat', 'outquant'):
