@@ -103,7 +103,9 @@ def coco_map_bootstrap(gt_file: str, results_file: str, reps: int = 200,
 
     Returns:
         dict: ``mAP`` (all images), ``low`` and ``high`` (the interval's
-        ends), ``std`` (of the replicates), ``reps``, ``level``, ``images``.
+        ends), ``std`` (of the replicates), ``reps``, ``level``, ``images``
+        and the ``replicates`` themselves (paired across results files of
+        one ground truth and seed: replicate ``i`` draws the same images).
     """
     ev = matched_images(gt_file, results_file)
     num_images = len(ev._paramsEval.imgIds)
@@ -115,4 +117,4 @@ def coco_map_bootstrap(gt_file: str, results_file: str, reps: int = 200,
     low, high = np.percentile(draws, [tail, 100 - tail])
     return dict(mAP=resampled_map(ev, range(num_images)), low=float(low),
                 high=float(high), std=float(np.std(draws, ddof=1)),
-                reps=reps, level=level, images=num_images)
+                reps=reps, level=level, images=num_images, replicates=draws)

@@ -99,6 +99,8 @@ def test_interval(tmp_path):
     assert out['mAP'] == pytest.approx(coco_map(gt, dets), abs=1e-12)
     assert out['low'] < out['mAP'] < out['high']
     assert out['std'] > 0 and out['images'] == 30
+    assert len(out['replicates']) == 60
+    assert out['low'] == pytest.approx(np.percentile(out['replicates'], 2.5))
     assert coco_map_bootstrap(*files, reps=60, seed=0) == out
     assert coco_map_bootstrap(*files, reps=60, seed=1) != out
 

@@ -29,6 +29,10 @@ def test_table1_smoke(tiny_cfg, tmp_path):
                                                             abs=5e-4)
         assert r['bootstrap_reps'] == 200
         assert r['mAP_ci'][0] <= r['mAP_ci'][1]
+        assert len(r['mAP_replicates']) == 200
+    # the sensitivity rows' Δ vs uniform carries the paired interval
+    assert 'Δ vs uniform (paired 95% interval)' in table[0]
+    assert all(' to ' in line.split(' | ')[5] for line in table[-5:])
 
 
 def test_table1_methods_and_temperature_on_a_tiny_dino(family_cfg, tmp_path):
