@@ -21,9 +21,11 @@ def random_instance(rng, num_layers, bits):
     return names, sens, numels, errors
 
 
-def brute_force(names, sens, numels, errors, bits, target):
+def brute_force(names, sens, numels, errors, bits, target, floors=None):
     best, total = None, sum(numels.values())
     for combo in itertools.product(bits, repeat=len(names)):
+        if any(b < (floors or {}).get(n, 0) for n, b in zip(names, combo)):
+            continue
         avg = sum(numels[n] * b for n, b in zip(names, combo)) / total
         if avg > target + 1e-9:
             continue
@@ -382,21 +384,6 @@ def test_ilp_is_exact_at_detr_r50_size(seed):
     assert a.objective == pytest.approx(best, rel=1e-9, abs=0)
 
 
-def brute_force_floors(names, sens, numels, errors, bits, target, floors):
-    """Exhaustive search over plans that respect per-layer floors."""
-    best, total = None, sum(numels.values())
-    for combo in itertools.product(bits, repeat=len(names)):
-        if any(b < floors.get(n, 0) for n, b in zip(names, combo)):
-            continue
-        avg = sum(numels[n] * b for n, b in zip(names, combo)) / total
-        if avg > target + 1e-9:
-            continue
-        cost = sum(sens[n] * errors[n][b] for n, b in zip(names, combo))
-        if best is None or cost < best:
-            best = cost
-    return best
-
-
 @pytest.mark.parametrize('seed', range(12))
 def test_min_bits_equals_exhaustive_search(seed):
     rng = np.random.RandomState(100 + seed)
@@ -410,8 +397,8 @@ def test_min_bits_equals_exhaustive_search(seed):
     alloc = solve_allocation(sens, errors, numels, target, bits,
                              min_bits=floors)
     assert all(alloc.plan[n] >= b for n, b in floors.items())
-    expected = brute_force_floors(names, sens, numels, errors, bits, target,
-                                  floors)
+    expected = brute_force(names, sens, numels, errors, bits, target,
+                           floors)
     assert alloc.objective == pytest.approx(expected, rel=1e-9, abs=1e-12)
     curve = pareto_sweep(sens, errors, numels, [target], bits,
                          min_bits=floors)
