@@ -1,6 +1,7 @@
 from .backbone_pretrainer import BackbonePretrainer
-from .family import (DISTILLATION_DEFAULTS, FAMILIES, DetrFamily,
-                     class_activation, decoder_outputs, detector_family,
+from .family import (DEFORMABLE_ATTENTION_FLOORS, DISTILLATION_DEFAULTS,
+                     FAMILIES, DetrFamily, class_activation, decoder_outputs,
+                     default_min_bits, detector_family,
                      distillation_outputs, final_head_weights,
                      proposal_branches)
 from .official_detr import (COCO_CATEGORY_IDS, convert_official_detr,
@@ -10,6 +11,7 @@ __all__ = [
     'BackbonePretrainer', 'COCO_CATEGORY_IDS', 'convert_official_detr',
     'is_official_detr', 'official_detr_state', 'DISTILLATION_DEFAULTS',
     'FAMILIES', 'DetrFamily', 'class_activation', 'decoder_outputs',
+    'DEFORMABLE_ATTENTION_FLOORS', 'default_min_bits',
     'detector_family', 'distillation_outputs', 'final_head_weights',
     'proposal_branches'
 ]

@@ -117,3 +117,35 @@ def test_two_stage_with_proposals_gives_memory_trans_fc_a_trace(
                                                           'layers.json')))}
     assert rows['memory_trans_fc.weight']['trace_mean'] > 0
     assert 'blind spot' not in rows['memory_trans_fc.weight']['trace_note']
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_default_floors_cover_every_deformable_attention(family_cfg, name):
+    """The structural floors hold the sampling offsets and attention weights
+    of every multi-scale deformable attention at 3 bits, and nothing else.
+    """
+    from mmcv.ops import MultiScaleDeformableAttention
+
+    from mmdet_hawq.models import default_min_bits
+    model = build_from(family_cfg(name))
+    expected = {f'{m}.{c}.weight' for m, mod in model.named_modules()
+                if isinstance(mod, MultiScaleDeformableAttention)
+                for c in ('sampling_offsets', 'attention_weights')}
+    floors = default_min_bits(model)
+    assert set(floors) == expected and set(floors.values()) <= {3}
+    assert bool(expected) == name.startswith(('deformable', 'dino'))
+
+
+def test_default_floors_bound_a_3bit_plan(family_cfg, tmp_path):
+    cfg = family_cfg('dino')
+    cfg.work_dir = str(tmp_path)
+    cfg.custom_hooks = [dict(
+        type='DistillSensitivityHook', metric='outquant', target_bits=3,
+        bit_range=(2, 5), sensitivity=dict(
+            num_images=4, batch_size=2, min_samples=2, max_samples=2))]
+    Runner.from_cfg(cfg).test()
+    plan = json.load(open(osp.join(cfg.work_dir, 'hawq', 'plan.json')))
+    held = [n for n in plan if n.endswith(('sampling_offsets.weight',
+                                           'attention_weights.weight'))]
+    assert held and all(plan[n] >= 3 for n in held)
+    assert min(plan.values()) == 2

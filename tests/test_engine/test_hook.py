@@ -267,7 +267,7 @@ def test_min_bits_bad_inputs(build_tiny_model):
         hook.check_model(model)
     hook = DistillSensitivityHook(metric='outquant', target_bits=4,
                                   min_bits={'*': 5})
-    with pytest.raises(HawqUserError, match='alone averages 5.000 bits'):
+    with pytest.raises(HawqUserError, match='alone average 5.000 bits'):
         hook.check_model(model)
 
 

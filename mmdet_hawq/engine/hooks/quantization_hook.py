@@ -26,7 +26,7 @@ from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
 from ...errors import HawqUserError, set_interrupt_note
-from ...models import class_activation
+from ...models import class_activation, default_min_bits
 from ...quant import (DEFAULT_EXCLUDE, apply_plan, bit_floors, check_bits,
                       list_weights, load_plan, pack_state_dict, plan_stats,
                       quantizable_weights, save_plan, uniform_plan,
@@ -74,8 +74,11 @@ class DistillSensitivityHook(Hook):
             :mod:`mmdet_hawq.quant.selection`). Defaults to ().
         min_bits (dict, optional): Glob pattern (matched like ``include``) →
             the fewest bits the sensitivity metrics' ILP may give the weights
-            it matches, e.g. ``{'backbone.*': 4}``. Defaults to None (every
-            weight may take the low end of ``bit_range``).
+            it matches, e.g. ``{'backbone.*': 4}``; it replaces the default
+            floors (``{}``: none). Defaults to None: the floors found from
+            the model's structure, 3 bits for the sampling offsets and
+            attention weights of deformable attention
+            (:func:`~mmdet_hawq.models.default_min_bits`).
         per_channel (bool): Per-output-channel scales instead of the paper's
             per-tensor ones. Defaults to False.
         save_packed (bool): Also save a packed low-bit checkpoint.
@@ -140,7 +143,7 @@ class DistillSensitivityHook(Hook):
         self.sensitivity = dict(sensitivity or {})
         self.include = include
         self.exclude = tuple(exclude)
-        self.min_bits = dict(min_bits or {})
+        self.min_bits = None if min_bits is None else dict(min_bits)
         self.axis = 0 if per_channel else None
         self.save_packed = save_packed
         self.out_subdir = out_subdir
@@ -189,24 +192,32 @@ class DistillSensitivityHook(Hook):
                                  class_activation(model))
             if s['critical_classes'] is not None and classes:
                 critical_indices(s['critical_classes'], classes)
-            self._floors(weights)
+            self._floors(model, weights)
         if self.metric == 'plan':
             validate_plan(load_plan(self.plan_file), weights, self.plan_file)
 
-    def _floors(self, weights: Dict[str, torch.nn.Parameter]
-                ) -> Dict[str, int]:
-        """``min_bits`` resolved per weight, checked against the budget.
-        """
-        floors = bit_floors(list(weights), self.min_bits)
-        low = self.bit_range[0]
+    def _floors(self, model: torch.nn.Module,
+                weights: Dict[str, torch.nn.Parameter]) -> Dict[str, int]:
+        """``min_bits`` resolved per weight (by default the model's
+        structural floors, :func:`~mmdet_hawq.models.default_min_bits`),
+        checked against the budget."""
+        low, high = self.bit_range
+        if self.min_bits is None:
+            floors = {n: min(b, high) for n, b in
+                      default_min_bits(model).items() if n in weights}
+            what = ('the default floors of deformable attention (pass '
+                    'min_bits={} to drop them)')
+        else:
+            floors = bit_floors(list(weights), self.min_bits)
+            what = f'min_bits {self.min_bits}'
         total = sum(p.numel() for p in weights.values())
         fewest = sum(p.numel() * max(low, floors.get(n, low))
                      for n, p in weights.items()) / total
         if fewest > self.target_bits + 1e-9:
             raise HawqUserError(
-                f'DistillSensitivityHook: min_bits {self.min_bits} alone '
-                f'averages {fewest:.3f} bits, above target_bits='
-                f'{self.target_bits}: lower min_bits or raise target_bits')
+                f'DistillSensitivityHook: {what} alone average '
+                f'{fewest:.3f} bits, above target_bits={self.target_bits}: '
+                'lower min_bits or raise target_bits')
         return floors
 
     def declared_classes(self, cfg) -> Optional[List[str]]:
@@ -242,7 +253,7 @@ class DistillSensitivityHook(Hook):
             plan, rows_extra, sens_report = sensitivity_plan(
                 runner, model, weights, self.metric, self.target_bits,
                 self.bit_range, self.axis, self.sensitivity, out_dir,
-                self._floors(weights))
+                self._floors(model, weights))
         quantized = apply_plan(model, plan, self.axis, self.include,
                                self.exclude)
         numels = {n: p.numel() for n, p in weights.items()}
