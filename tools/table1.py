@@ -99,8 +99,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def parse_min_bits(items) -> dict:
-    """``['backbone.*=3', ...]`` → ``{'backbone.*': 3}``."""
+def parse_min_bits(items) -> Optional[dict]:
+    """``['backbone.*=3', ...]`` → ``{'backbone.*': 3}``; nothing given →
+    None (the hook's default floors)."""
+    if not items:
+        return None
     out = {}
     for item in items:
         pattern, _, bits = item.rpartition('=')
@@ -300,7 +303,7 @@ def bootstrap(cfg: Config, detections: str, reps: int) -> dict:
     ci = coco_map_bootstrap(cfg.test_evaluator['ann_file'], detections,
                             reps=reps)
     return dict(mAP_ci=[ci['low'], ci['high']], bootstrap_reps=reps,
-                mAP_replicates=ci['replicates'])
+                mAP_replicates=[round(x, 6) for x in ci['replicates']])
 
 
 def paired_delta(row: dict, base: dict) -> str:

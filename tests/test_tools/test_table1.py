@@ -45,6 +45,12 @@ def test_table1_methods_and_temperature_on_a_tiny_dino(family_cfg, tmp_path):
     traces = json.load(open(work / 'rows' / rows[3]['out'] / 'traces.json'))
     assert traces['meta']['key']['settings']['temperature'] == 2.0
     assert traces['meta']['key']['settings']['lambda_kl'] == 0.05
+    # without --min-bits the hook's default floors hold: deformable
+    # attention's offsets and attention weights stay at 3 bits or more
+    plan = json.load(open(work / 'rows' / rows[3]['out'] / 'plan.json'))
+    held = [n for n in plan if n.endswith(('sampling_offsets.weight',
+                                           'attention_weights.weight'))]
+    assert held and all(plan[n] >= 3 for n in held)
     bad = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
                    cfg.load_from, '--methods', 'outquant:newton')
     assert bad.returncode == 2 and 'outquant:newton' in bad.stderr
