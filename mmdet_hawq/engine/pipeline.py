@@ -22,7 +22,7 @@ import torch.nn as nn
 from mmengine.dataset import pseudo_collate
 from mmengine.dist import is_main_process
 from mmengine.runner import CheckpointLoader
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from mmdet.registry import DATASETS, MODELS
 from ..allocation import (pareto_sweep, sensitivities_from_traces,
@@ -166,7 +166,11 @@ def build_calibration(cfg, settings: dict):
     indices = select_calibration_indices(cat_ids, settings['num_images'],
                                          num_classes, settings['seed'])
     img_ids = [dataset.get_data_info(i)['img_id'] for i in indices]
-    subset = dataset.get_subset(indices)
+    # not BaseDataset.get_subset: mmengine 0.10's copy behind it keeps one
+    # deepcopy memo for the whole process (a mutable default argument), so
+    # a later copy can get back an object of an earlier one whose id was
+    # reused ("'ShapesDataset' object is not callable" inside the pipeline)
+    subset = Subset(dataset, indices)
     loader = DataLoader(subset, batch_size=settings['batch_size'],
                         shuffle=False, collate_fn=pseudo_collate)
     return loader, img_ids
@@ -217,7 +221,7 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
     loader, img_ids = build_calibration(runner.cfg, settings)
     critical = None
     if settings['critical_classes'] is not None:
-        classes = list(loader.dataset.metainfo['classes'])
+        classes = list(loader.dataset.dataset.metainfo['classes'])
         critical = critical_indices(settings['critical_classes'], classes)
         # column order: the same classes in another order are one objective
         settings = dict(settings,

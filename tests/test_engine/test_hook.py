@@ -320,3 +320,23 @@ def test_cache_written_before_the_proposals_setting_is_read(tiny_cfg,
     Runner.from_cfg(copy.deepcopy(cfg)).test()
     reread = json.load(open(osp.join(cache, current)))
     assert reread['result']['samples'] == data['result']['samples']
+
+
+def test_calibration_subset_does_not_use_mmengines_shared_copy_memo(
+        tiny_cfg):
+    """mmengine 0.10's ``BaseDataset.get_subset`` copies through one deepcopy
+    memo kept for the whole process (a mutable default argument): a later
+    copy can get back an object of an earlier one whose id was reused, which
+    once put a dataset into a pipeline ("'ShapesDataset' object is not
+    callable"). The calibration subset must not go through it."""
+    from mmengine.dataset import BaseDataset
+
+    from mmdet_hawq.engine.pipeline import build_calibration, resolve_settings
+    memo = BaseDataset._copy_without_annotation.__defaults__[0]
+    before = len(memo)
+    loader, img_ids = build_calibration(
+        tiny_cfg, dict(resolve_settings('outquant', None), num_images=4))
+    assert len(memo) == before
+    assert len(loader.dataset) == len(img_ids) == 4
+    batch = next(iter(loader))
+    assert len(batch['inputs']) == 4  # batch_size 4 by default
