@@ -295,6 +295,9 @@ class HessianAccumulator:
             None (CPU).
         dtype (torch.dtype): Of the sum. Defaults to ``torch.float64``.
 
+    Only the (d, d) sum is kept; one call's rows are converted to ``dtype``
+    while they are added (for a conv, one batch's patches).
+
     Attributes:
         sum (Tensor): (d, d) ``Xᵀ X`` of the rows added so far.
         count (int): Rows added so far.
@@ -469,8 +472,9 @@ class HessianCollector:
 
     @staticmethod
     def _add_mha(mha: nn.MultiheadAttention, target: GptqTarget,
-                 acc: List[HessianAccumulator], inputs: Dict[str,
-                                                             Any]) -> None:
+                 acc: List[HessianAccumulator],
+                 inputs: Dict[str, Any]) -> None:
+        """Add a multi-head attention call's inputs to ``target``'s sums."""
         mask = inputs.get('key_padding_mask')
         q, k, v = inputs['query'], inputs['key'], inputs['value']
         if target.kind == 'mha_in':
@@ -574,8 +578,9 @@ def gptq_apply(model: nn.Module,
     * ``sequential=True``: ``stage_size`` weights at a time, each stage's
       ``H`` collected with every earlier weight already quantized — one pass
       over the calibration batches per stage, so ``ceil(n / stage_size)``
-      passes for ``n`` weights (one pass per weight by default); peak ``H``
-      memory is that of the largest stage (:func:`hessian_bytes`);
+      passes for ``n`` weights (one pass per weight by default: 114 passes
+      for DETR-R50); peak ``H`` memory is that of the largest stage
+      (:func:`hessian_bytes`);
     * ``sequential=False``: every ``H`` from the float model in one pass;
       all of them are held at once.
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from mmdet_hawq.quant import quantizable_weights, quantize_weights_
 from mmdet_hawq.quant.gptq import (HessianCollector, collect_hessians,
-                                   conv2d_patches, gptq_apply,
+                                   conv2d_patches, forward_order, gptq_apply,
                                    gptq_quantize, gptq_targets,
                                    hessian_bytes, mha_head_outputs)
 from mmdet_hawq.quant.quantizer import choose_scale, quantize_weight
@@ -335,6 +335,22 @@ def test_sequential_uses_quantized_upstream_inputs():
     want = gptq_quantize(model[2].weight, c.hessians('2.weight'), 2)
     assert torch.equal(got_par['2.weight'].codes, want.codes)
     assert not torch.equal(got_par['2.weight'].codes, got['2.weight'].codes)
+
+
+def test_forward_order_follows_calls_not_registration():
+    model = nn.ModuleDict(dict(late=nn.Linear(8, 8), unused=nn.Linear(8, 8),
+                               attn=nn.MultiheadAttention(8, 2),
+                               early=nn.Linear(8, 8)))
+
+    def forward(m, x):
+        x = m['early'](x)
+        return m['late'](m['attn'](x, x, x)[0])
+
+    names = ['unused.weight', 'attn.out_proj.weight', 'late.weight',
+             'attn.in_proj_weight', 'early.weight']
+    got = forward_order(model, names, torch.randn(3, 2, 8), forward)
+    assert got == ['early.weight', 'attn.in_proj_weight',
+                   'attn.out_proj.weight', 'late.weight', 'unused.weight']
 
 
 def test_hessian_bytes_counts_blocks_and_stages():
