@@ -20,7 +20,9 @@ def write_layer_report(out_dir: str, rows: List[Dict],
 
     Args:
         out_dir (str): Folder, created if missing.
-        rows (list[dict]): One dict per weight (same keys in every row).
+        rows (list[dict]): One dict per weight; the CSV's columns are every
+            key of any row, in order of first appearance (empty where a row
+            lacks one).
         summary (Mapping): Run-level facts (bits, sizes, settings).
 
     Returns:
@@ -34,7 +36,7 @@ def write_layer_report(out_dir: str, rows: List[Dict],
     with open(paths['json'], 'w') as f:
         json.dump(rows, f, indent=1)
     if rows:
-        keys = list(rows[0])
+        keys = list(dict.fromkeys(k for row in rows for k in row))
         with open(paths['csv'], 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()

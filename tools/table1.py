@@ -95,6 +95,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--also-all-classes', action='store_true',
                    help='with --critical-classes: run every sensitivity row '
                    'with the KL over all classes too')
+    p.add_argument('--roundings', nargs='+', choices=('nearest', 'gptq'),
+                   default=['nearest'],
+                   help='run every quantized row with each rounding: '
+                   "nearest (the paper's) and/or GPTQ (the hook's "
+                   "rounding='gptq')")
+    p.add_argument('--scales', nargs='+', choices=('tensor', 'channel'),
+                   default=['tensor'],
+                   help='run every quantized row with per-tensor (the '
+                   "paper's) and/or per-channel scales")
+    p.add_argument('--gptq-error-terms', nargs='+',
+                   choices=('nearest', 'gptq'), default=['nearest'],
+                   help='ILP error terms of the GPTQ sensitivity rows: '
+                   "nearest rounding's, and/or scaled by GPTQ's "
+                   'output-error ratio (one row each)')
+    p.add_argument('--gptq-options', nargs='+', action=DictAction,
+                   help='other GPTQ settings of the hook, e.g. '
+                   'sequential=False damp=0.01')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     return p.parse_args()
 
@@ -122,34 +139,89 @@ def rows_to_run(args):
     for target, rng in TARGETS:
         if target not in args.targets:
             continue
-        if not args.no_uniform:
-            rows.append(dict(precision=f'{target}-bit', label='Uniform',
-                             estimator='', hook=dict(metric='uniform',
-                                                     bits=target)))
-        for label, metric, est in METHODS:
-            if args.methods and f'{metric}:{est}' not in args.methods:
-                continue
-            samples = args.gn_samples if est == 'gauss_newton' else \
-                args.hutchinson_samples
-            for critical in kl_classes(args):
-                sens = dict(
-                    estimator=est, num_images=args.num_images,
-                    tol=args.tol, min_samples=min(10, samples),
-                    negative_traces=args.negative_traces,
-                    cache_dir=args.cache_dir or osp.join(args.work_dir,
-                                                         'cache'),
-                    temperature=args.temperature, lambda_kl=args.lambda_kl,
-                    proposals=args.proposals, max_samples=samples)
-                if critical is not None:
-                    sens['critical_classes'] = list(critical)
-                rows.append(dict(
-                    precision=f'{target}-bit', label=label, estimator=est,
-                    kl_classes=critical,
-                    hook=dict(metric=metric, target_bits=target,
-                              bit_range=rng,
-                              min_bits=parse_min_bits(args.min_bits),
-                              sensitivity=sens)))
+        for variant in variants(args):
+            rows += target_rows(args, target, rng, variant)
     return rows
+
+
+def variants(args) -> List[dict]:
+    """Rounding × scales (× GPTQ error terms) of the quantized rows, as
+    ``rounding``/``scales``/``error_terms`` fields."""
+    out = []
+    for rounding in args.roundings:
+        for scales in args.scales:
+            for terms in (args.gptq_error_terms if rounding == 'gptq'
+                          else [None]):
+                out.append(dict(rounding=rounding, scales=scales,
+                                error_terms=terms))
+    return out
+
+
+def variant_hook(args, variant: dict, sensitivity: bool) -> dict:
+    """The hook arguments of a variant."""
+    hook = dict(per_channel=variant['scales'] == 'channel')
+    if variant['rounding'] == 'gptq':
+        gptq = dict(args.gptq_options or {})
+        if sensitivity:
+            gptq['error_terms'] = variant['error_terms']
+        sens = dict(num_images=args.num_images)
+        hook.update(rounding='gptq', gptq=gptq)
+        if not sensitivity:
+            hook['sensitivity'] = sens
+    return hook
+
+
+def target_rows(args, target: int, rng, variant: dict) -> List[dict]:
+    """The uniform and sensitivity rows of one bit target and variant."""
+    rows = []
+    tag = dict(rounding=variant['rounding'], scales=variant['scales'])
+    if not args.no_uniform and variant['error_terms'] in (None, 'nearest'):
+        rows.append(dict(precision=f'{target}-bit', label='Uniform',
+                         estimator='', **tag,
+                         hook=dict(metric='uniform', bits=target,
+                                   **variant_hook(args, variant, False))))
+    for label, metric, est in METHODS:
+        if args.methods and f'{metric}:{est}' not in args.methods:
+            continue
+        samples = args.gn_samples if est == 'gauss_newton' else \
+            args.hutchinson_samples
+        for critical in kl_classes(args):
+            sens = dict(
+                estimator=est, num_images=args.num_images,
+                tol=args.tol, min_samples=min(10, samples),
+                negative_traces=args.negative_traces,
+                cache_dir=args.cache_dir or osp.join(args.work_dir,
+                                                     'cache'),
+                temperature=args.temperature, lambda_kl=args.lambda_kl,
+                proposals=args.proposals, max_samples=samples)
+            if critical is not None:
+                sens['critical_classes'] = list(critical)
+            rows.append(dict(
+                precision=f'{target}-bit', label=label, estimator=est,
+                kl_classes=critical, error_terms=variant['error_terms'],
+                **tag,
+                hook=dict(metric=metric, target_bits=target,
+                          bit_range=rng,
+                          min_bits=parse_min_bits(args.min_bits),
+                          sensitivity=sens,
+                          **variant_hook(args, variant, True))))
+    return rows
+
+
+def row_slug(row: dict) -> str:
+    """The row's folder under ``rows/``: precision, metric, estimator, and
+    the variant where it is not the paper's."""
+    slug = (f"{row['precision']}_{row['hook']['metric']}_"
+            f"{row['estimator'] or 'none'}")
+    if row.get('kl_classes'):
+        slug += '_critical'
+    if row.get('rounding', 'nearest') != 'nearest':
+        slug += f"_{row['rounding']}"
+        if row.get('error_terms') == 'gptq':
+            slug += '_gptqterms'
+    if row.get('scales', 'tensor') != 'tensor':
+        slug += '_perchannel'
+    return slug
 
 
 def kl_classes(args) -> List[Optional[List[str]]]:
@@ -238,16 +310,15 @@ def main() -> int:
              **bootstrap(cfg, detections, args.bootstrap)),
         [float_metrics], names)]
     for row in rows_to_run(args):
-        slug = (f"{row['precision']}_{row['hook']['metric']}_"
-                f"{row['estimator'] or 'none'}") + (
-                    '_critical' if row.get('kl_classes') else '')
-        seeds = range(args.seeds) if 'sensitivity' in row['hook'] else [0]
+        slug = row_slug(row)
+        sensitivity = row['hook']['metric'] != 'uniform'
+        seeds = range(args.seeds) if sensitivity else [0]
         runs, start = [], time.time()
         for seed in seeds:
             out = slug if args.seeds == 1 or len(seeds) == 1 else \
                 f'{slug}_seed{seed}'
             kwargs = copy.deepcopy(row['hook'])
-            if 'sensitivity' in kwargs:
+            if sensitivity:
                 kwargs['sensitivity']['seed'] = seed
             model.load_state_dict(float_state)
             hook = DistillSensitivityHook(out_subdir=osp.join('rows', out),
@@ -263,11 +334,17 @@ def main() -> int:
             avg_bits=hook.summary['avg_bits'],
             packed_mib=hook.summary['packed_bytes'] / 2**20,
             seconds=round(time.time() - start, 1),
+            plan_seconds=hook.summary['plan_seconds'],
+            rounding_seconds=hook.summary['rounding_seconds'],
+            rounding=row.get('rounding', 'nearest'),
+            scales=row.get('scales', 'tensor'),
             out=slug if len(runs) == 1 else f'{slug}_seed0',
             **bootstrap(cfg, detections, args.bootstrap))
         if len(runs) > 1:
             record.update(mAP_runs=maps, mAP_std=float(np.std(maps, ddof=1)))
-        if 'sensitivity' in row['hook'] and names:
+        if row.get('error_terms'):
+            record['error_terms'] = row['error_terms']
+        if sensitivity and names:
             record['kl_classes'] = row['kl_classes'] or 'all'
         results.append(with_critical_ap(record, runs, names))
         runner.logger.info(f'table1: {record}')
@@ -318,24 +395,38 @@ def paired_delta(row: dict, base: dict) -> str:
     return f'{text} ({low:+.1f} to {high:+.1f})'
 
 
+def variant_key(row: dict) -> tuple:
+    """Rows compared with one uniform row: same bits, rounding, scales."""
+    return (row['precision'], row.get('rounding', 'nearest'),
+            row.get('scales', 'tensor'))
+
+
 def write_table(work_dir: str, results,
                 names: Optional[Sequence[str]] = None) -> None:
     """``table1.md``; with critical ``names``, a column of the KL classes
     of the sensitivity rows and the AP of each critical class and their
-    mean."""
-    uniform = {r['precision']: r for r in results if r['label'] == 'Uniform'}
+    mean. With rows of other roundings or scales than the paper's, columns
+    of the rounding, the scales, the ILP's error terms, the gap to float
+    and the seconds of the plan and of the rounding."""
+    uniform = {variant_key(r): r for r in results if r['label'] == 'Uniform'}
+    varied = any(r.get('rounding', 'nearest') != 'nearest' or
+                 r.get('scales', 'tensor') != 'tensor' for r in results)
+    float_row = next((r for r in results if r['label'] == 'N/A'), None)
     extra = ['KL classes'] if names else []
     aps = [f'{n} AP' for n in names or ()] + (
         ['critical mean AP'] if names else [])
-    head = ['Precision', 'Quant scheme', 'Estimator', *extra, 'mAP (%)',
-            '95% interval over val images (seed 0\'s run)',
-            'Δ vs uniform (paired 95% interval)',
-            *aps, 'avg bits', 'packed MiB']
+    kind = ['Rounding', 'Scales', 'ILP error terms'] if varied else []
+    gap = ['Δ vs float (paired 95% interval)'] if varied else []
+    secs = ['plan s', 'rounding s'] if varied else []
+    head = ['Precision', 'Quant scheme', 'Estimator', *kind, *extra,
+            'mAP (%)', '95% interval over val images (seed 0\'s run)',
+            'Δ vs uniform (paired 95% interval)', *gap,
+            *aps, 'avg bits', 'packed MiB', *secs]
     lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for r in results:
         delta = '-' if r['label'] in ('Uniform', 'N/A') or \
-            r['precision'] not in uniform else \
-            paired_delta(r, uniform[r['precision']])
+            variant_key(r) not in uniform else \
+            paired_delta(r, uniform[variant_key(r)])
         bits = f"{r['avg_bits']:.2f}" if 'avg_bits' in r else '32'
         size = f"{r['packed_mib']:.2f}" if 'packed_mib' in r else '-'
         est = {'gauss_newton': 'Gauss-Newton', 'hutchinson': 'Hutchinson',
@@ -345,14 +436,26 @@ def write_table(work_dir: str, results,
         ci = '-' if 'mAP_ci' not in r else \
             f"{100 * r['mAP_ci'][0]:.1f}–{100 * r['mAP_ci'][1]:.1f}"
         cells = [r['precision'], r['label'], est]
+        if varied:
+            quantized = r['label'] != 'N/A'
+            cells += [r.get('rounding', 'nearest') if quantized else '-',
+                      f"per {r.get('scales', 'tensor')}" if quantized
+                      else '-',
+                      r.get('error_terms') or '-']
         if names:
             kl = r.get('kl_classes', '')
             cells.append(kl if isinstance(kl, str) else ', '.join(kl))
         cells += [cell, ci, delta]
+        if varied:
+            cells.append('-' if r is float_row or float_row is None else
+                         paired_delta(r, float_row))
         if names:
             cells += [f"{100 * r['critical_AP'][n]:.1f}" for n in names]
             cells.append(f"{100 * r['critical_mAP']:.1f}")
         cells += [bits, size]
+        if varied:
+            cells += [str(r.get('plan_seconds', '-')),
+                      str(r.get('rounding_seconds', '-'))]
         lines.append('| ' + ' | '.join(cells) + ' |')
     with open(osp.join(work_dir, 'table1.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
@@ -363,7 +466,8 @@ def write_figures(work_dir: str, results, state_names) -> None:
     traces, plans = {}, {}
     for r in results:
         out = osp.join(work_dir, 'rows', r.get('out', ''))
-        if r.get('out') is None:
+        if r.get('out') is None or variant_key(r)[1:] != ('nearest',
+                                                          'tensor'):
             continue
         tfile = osp.join(out, 'traces.json')
         label = f"{r['label']} ({r['estimator']})" if r['estimator'] else \

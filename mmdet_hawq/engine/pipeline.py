@@ -187,7 +187,8 @@ def _older_key(key: dict) -> Optional[dict]:
         else None
 
 
-def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
+def _cache_key(runner, metric: str, settings: dict, img_ids,
+               axis: Optional[int] = None) -> dict:
     ckpt = runner.cfg.get('load_from')
     keep = {k: v for k, v in settings.items()
             if k not in ('use_cache', 'cache_dir', 'max_samples',
@@ -195,6 +196,8 @@ def _cache_key(runner, metric: str, settings: dict, img_ids) -> dict:
     for name, default in OMITTED_AT_DEFAULT.items():
         if keep.get(name, default) == default:
             keep.pop(name, None)
+    if axis is not None and metric == 'outquant':
+        keep['per_channel'] = True  # the 8-bit point has per-channel scales
     return dict(
         metric=metric,
         draws=DRAWS_VERSION,
@@ -228,7 +231,7 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
                         critical_classes=[classes[i] for i in critical])
     batches = preprocess_batches(model, loader)
     estimator = settings['estimator']
-    key = _cache_key(runner, metric, settings, img_ids)
+    key = _cache_key(runner, metric, settings, img_ids, axis)
     path = cache_path(settings['cache_dir'] or osp.join(out_dir, 'cache'),
                       metric, estimator, key)
     previous = run_on_main(load_cached, path, key) \
@@ -305,11 +308,15 @@ def sensitivity_plan(runner, model: nn.Module,
                      target_bits: float, bit_range: Sequence[int],
                      axis: Optional[int], settings: Optional[dict],
                      out_dir: str,
-                     min_bits: Optional[Dict[str, int]] = None
+                     min_bits: Optional[Dict[str, int]] = None,
+                     error_scale: Optional[Dict[str, Dict[int, float]]] = None
                      ) -> Tuple[Dict[str, int], Dict[str, Dict], Dict]:
     """Traces → error terms → ILP plan, plus per-layer report columns and
     the data of the sensitivity report (traces, Pareto curve; see
     :func:`~mmdet_hawq.report.write_sensitivity_report`).
+
+    ``error_scale`` (weight → bits → factor) multiplies the error terms,
+    e.g. GPTQ's output-error ratios (:mod:`.rounding`).
 
     Every rank computes its share of the traces (``out_dir`` holds the
     cache); the plan is solved on rank 0 and given to every rank.
@@ -327,13 +334,14 @@ def sensitivity_plan(runner, model: nn.Module,
     result = compute_traces(runner, model, weights, metric, s, out_dir, axis,
                             influence_bits=bit_range[0])
     return run_on_main(_allocate, runner, result, weights, metric,
-                       target_bits, bit_range, axis, s, min_bits)
+                       target_bits, bit_range, axis, s, min_bits, error_scale)
 
 
 def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
               metric: str, target_bits: float, bit_range: Sequence[int],
               axis: Optional[int], s: dict,
-              min_bits: Optional[Dict[str, int]] = None
+              min_bits: Optional[Dict[str, int]] = None,
+              error_scale: Optional[Dict[str, Dict[int, float]]] = None
               ) -> Tuple[Dict[str, int], Dict[str, Dict], Dict]:
     """The ILP on the traces, and the Pareto curve of the same inputs."""
     names = list(weights)
@@ -355,6 +363,9 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
             f'change the outputs, kept at {bits[-1]} bits: {sorted(fixed)}')
     errors = error_terms(weights, bits, axis,
                          reference_bits=8 if metric == 'outquant' else None)
+    if error_scale is not None:
+        errors = {n: {b: e * error_scale[n][b] for b, e in by_bits.items()}
+                  for n, by_bits in errors.items()}
     used, errors = _plan_inputs(used, errors)
     numels = {n: p.numel() for n, p in weights.items()}
     alloc = solve_allocation(used, errors, numels, target_bits, bits,
@@ -365,6 +376,9 @@ def _allocate(runner, result: TraceResult, weights: Dict[str, nn.Parameter],
             trace_mean=float(mean[i]), trace_se=float(se[i]),
             trace_used=used[n], trace_note=notes[n],
             error_by_bits={str(b): errors[n][b] for b in bits})
+        if error_scale is not None:
+            extra[n]['gptq_error_ratio'] = {
+                str(b): error_scale[n][b] for b in bits}
     # the Pareto curve of the same traces: predicted perturbation vs bits
     targets = np.round(np.arange(bits[0], bits[-1] + 1e-9, 0.25), 2)
     report = dict(

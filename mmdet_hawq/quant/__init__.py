@@ -1,3 +1,5 @@
+from .gptq import (GptqResult, gptq_apply, gptq_error_ratios, gptq_quantize,
+                   hessian_bytes)
 from .packing import (is_packed, pack_codes, pack_state_dict,
                       unpack_checkpoint, unpack_codes)
 from .plan import (PrecisionPlan, apply_plan, load_plan, plan_stats,
@@ -11,6 +13,8 @@ from .selection import (DEFAULT_EXCLUDE, WeightInfo, bit_floors,
                         quantizable_weights, weight_group)
 
 __all__ = [
+    'GptqResult', 'gptq_apply', 'gptq_error_ratios', 'gptq_quantize',
+    'hessian_bytes',
     'is_packed', 'pack_codes', 'pack_state_dict', 'unpack_checkpoint',
     'unpack_codes', 'PrecisionPlan', 'apply_plan', 'load_plan', 'plan_stats',
     'quantize_weights_', 'save_plan', 'temporarily_quantized',

@@ -556,6 +556,24 @@ def forward_order(model: nn.Module, names: Sequence[str], batch: Any,
         targets[n].kind == 'mha_out', position[n]))
 
 
+@dataclass
+class GptqResult:
+    """What :func:`gptq_apply` did.
+
+    Attributes:
+        applied (dict[str, QuantizedWeight]): Codes and scale of each
+            quantized weight, in plan order, as
+            :func:`~mmdet_hawq.quant.plan.quantize_weights_` returns them.
+        rounding (dict[str, str]): ``'gptq'`` or ``'nearest'`` per weight.
+        notes (dict[str, str]): Why a weight got nearest rounding, or that
+            its ``H`` had fewer input rows than columns (dampened).
+    """
+
+    applied: Dict[str, QuantizedWeight]
+    rounding: Dict[str, str]
+    notes: Dict[str, str]
+
+
 @torch.no_grad()
 def gptq_apply(model: nn.Module,
                plan: Mapping[str, Optional[int]],
@@ -566,13 +584,15 @@ def gptq_apply(model: nn.Module,
                act_order: bool = False,
                block_size: int = 128,
                sequential: bool = True,
-               stage_size: int = 1) -> Dict[str, QuantizedWeight]:
+               stage_size: int = 1) -> GptqResult:
     """Fake-quantize a plan's weights in place with GPTQ codes.
 
     Weights without a GPTQ path (embeddings, ``Conv1d``/``Conv3d``) and
     those that see no input on the calibration batches get nearest rounding
     (the first before any ``H`` is collected, so later layers see them
-    quantized). The others are quantized in forward order
+    quantized), and so does a weight whose ``H`` is not finite or not
+    positive definite even after dampening; each gets a note, and no weight
+    is ever left non-finite. The others are quantized in forward order
     (:func:`forward_order`):
 
     * ``sequential=True``: ``stage_size`` weights at a time, each stage's
@@ -600,9 +620,7 @@ def gptq_apply(model: nn.Module,
         stage_size (int): Weights per stage when sequential. Defaults to 1.
 
     Returns:
-        dict[str, QuantizedWeight]: Codes and scale of each quantized weight,
-        in plan order, as :func:`~mmdet_hawq.quant.plan.quantize_weights_`
-        returns them.
+        GptqResult: Codes, rounding and notes per weight.
 
     Raises:
         HawqUserError: The plan names a weight the model does not have.
@@ -618,23 +636,43 @@ def gptq_apply(model: nn.Module,
     targets = gptq_targets(model)
     todo = [n for n, b in plan.items() if b is not None]
     applied: Dict[str, QuantizedWeight] = {}
+    rounding: Dict[str, str] = {}
+    notes: Dict[str, str] = {}
 
-    def nearest(name: str) -> None:
+    def nearest(name: str, why: str) -> None:
         applied[name] = quantize_weight(params[name].data, plan[name], axis)
         params[name].data.copy_(applied[name].dequantize(params[name].dtype))
+        rounding[name], notes[name] = 'nearest', why
 
     def gptq(name: str, collector: HessianCollector) -> None:
-        if collector.count(name) == 0:
-            nearest(name)
+        rows = collector.count(name)
+        if rows == 0:
+            nearest(name, 'nearest rounding: no input on the calibration '
+                    'batches')
             return
-        applied[name] = gptq_quantize(
-            params[name].data, collector.hessians(name), plan[name], axis,
-            damp, act_order, block_size)
-        params[name].data.copy_(applied[name].dequantize(params[name].dtype))
+        hessians = collector.hessians(name)
+        if not all(bool(torch.isfinite(h).all()) for h in hessians):
+            nearest(name, 'nearest rounding: its inputs on the calibration '
+                    'batches are not finite')
+            return
+        try:
+            qw = gptq_quantize(params[name].data, hessians, plan[name], axis,
+                               damp, act_order, block_size)
+        except ValueError as exc:  # not positive definite, even dampened
+            nearest(name, f'nearest rounding: {exc}')
+            return
+        applied[name], rounding[name] = qw, 'gptq'
+        params[name].data.copy_(qw.dequantize(params[name].dtype))
+        d = max(targets[name].dims)
+        if rows < d:
+            notes[name] = (f'{rows} calibration input rows for a {d} x {d} '
+                           'H: singular, rounded with the dampened H; use '
+                           'more calibration images')
 
     for name in todo:
         if name not in targets:
-            nearest(name)
+            nearest(name, 'nearest rounding: no GPTQ path (no inputs it '
+                    'multiplies, e.g. an embedding)')
     names = [n for n in todo if n in targets]
     if names and batches:
         names = forward_order(model, names, batches[0], forward_fn)
@@ -649,7 +687,91 @@ def gptq_apply(model: nn.Module,
             for name in stage:
                 gptq(name, collector)
             del collector
-    return {n: applied[n] for n in plan if n in applied}
+    return GptqResult({n: applied[n] for n in plan if n in applied},
+                      {n: rounding[n] for n in plan if n in rounding},
+                      notes)
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor,
+                 hessian: Hessians) -> float:
+    """The layer-output error ``||X Wᵀ − X Qᵀ||² = Σ_g tr(ΔW_g H_g ΔW_gᵀ)``.
+
+    Args:
+        weight (Tensor): (out, ...) weight.
+        quantized (Tensor): Its quantized value, same shape.
+        hessian (Tensor | Sequence[Tensor]): ``H`` of each row block, as in
+            :func:`gptq_quantize`.
+
+    Returns:
+        float: The error summed over the calibration inputs.
+    """
+    hessians = [hessian] if torch.is_tensor(hessian) else list(hessian)
+    delta = (weight.detach().double() - quantized.detach().double()
+             ).reshape(weight.shape[0], -1)
+    rows = weight.shape[0] // len(hessians)
+    return float(sum(
+        ((delta[g * rows:(g + 1) * rows] @ h.double()) *
+         delta[g * rows:(g + 1) * rows]).sum()
+        for g, h in enumerate(hessians)))
+
+
+@torch.no_grad()
+def gptq_error_ratios(model: nn.Module,
+                      names: Sequence[str],
+                      bits: Sequence[int],
+                      batches: Sequence[Any],
+                      forward_fn: ForwardFn,
+                      axis: Optional[int] = None,
+                      damp: float = 0.01,
+                      act_order: bool = False,
+                      block_size: int = 128) -> Dict[str, Dict[int, float]]:
+    """How much GPTQ lowers each weight's layer-output error, per bit-width.
+
+    With every ``H`` from the float model (one pass over the batches), the
+    ratio of :func:`output_error` with GPTQ codes to that with nearest
+    rounding, for each weight and bit-width. Multiplying nearest rounding's
+    error terms ``||Q_b(W) − W||²`` by it gives error terms that reflect
+    GPTQ's rounding in the ILP. Weights GPTQ cannot round (or whose ``H``
+    fails) get 1.0.
+
+    Args:
+        model (nn.Module): The float model (unwrapped), in eval mode.
+        names (Sequence[str]): Weights to rate.
+        bits (Sequence[int]): Candidate bit-widths.
+        batches (Sequence): Calibration batches.
+        forward_fn (Callable): ``(model, batch) → anything``.
+        axis (int, optional): 0 for per-channel scales. Defaults to None.
+        damp (float): See :func:`gptq_quantize`. Defaults to 0.01.
+        act_order (bool): See :func:`gptq_quantize`. Defaults to False.
+        block_size (int): See :func:`gptq_quantize`. Defaults to 128.
+
+    Returns:
+        dict[str, dict[int, float]]: Ratio per weight and bit-width, in
+        ``[0, ∞)``; below 1 where GPTQ helps.
+    """
+    targets = gptq_targets(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    rated = [n for n in names if n in targets]
+    collector = collect_hessians(model, rated, batches, forward_fn)
+    ratios = {n: {b: 1.0 for b in bits} for n in names}
+    for name in rated:
+        hessians = collector.hessians(name)
+        if collector.count(name) == 0 or not all(
+                bool(torch.isfinite(h).all()) for h in hessians):
+            continue
+        w = params[name].data
+        for b in bits:
+            near = output_error(w, quantize_weight(w, b, axis).dequantize(
+                torch.float64), hessians)
+            try:
+                codes = gptq_quantize(w, hessians, b, axis, damp, act_order,
+                                      block_size)
+            except ValueError:
+                continue
+            if near > 0:
+                ratios[name][b] = output_error(
+                    w, codes.dequantize(torch.float64), hessians) / near
+    return ratios
 
 
 def hessian_bytes(model: nn.Module, names: Sequence[str],

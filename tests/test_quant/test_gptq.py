@@ -9,8 +9,10 @@ import torch.nn as nn
 from mmdet_hawq.quant import quantizable_weights, quantize_weights_
 from mmdet_hawq.quant.gptq import (HessianCollector, collect_hessians,
                                    conv2d_patches, forward_order, gptq_apply,
-                                   gptq_quantize, gptq_targets,
-                                   hessian_bytes, mha_head_outputs)
+                                   gptq_error_ratios, gptq_quantize,
+                                   gptq_targets, hessian_bytes,
+                                   mha_head_outputs)
+from mmdet_hawq.quant.gptq import output_error as layer_output_error
 from mmdet_hawq.quant.quantizer import choose_scale, quantize_weight
 
 F64 = torch.float64
@@ -306,7 +308,7 @@ def test_embeddings_and_unused_weights_keep_nearest_rounding():
 
     plan = {'emb.weight': 3, 'lin.weight': 3, 'unused.weight': 3}
     ref = copy.deepcopy(model)
-    got = gptq_apply(model, plan, batches, forward)
+    got = gptq_apply(model, plan, batches, forward).applied
     assert list(got) == list(plan)
     for name in ('emb.weight', 'unused.weight'):
         w = dict(ref.named_parameters())[name]
@@ -321,7 +323,7 @@ def test_sequential_uses_quantized_upstream_inputs():
     batches = [correlated_inputs(64, 16, seed=i).float() for i in range(2)]
     plan = {'0.weight': 2, '2.weight': 2, '0.bias': None}
     seq = copy.deepcopy(model)
-    got = gptq_apply(seq, plan, batches, lambda m, x: m(x))
+    got = gptq_apply(seq, plan, batches, lambda m, x: m(x)).applied
     assert set(got) == {'0.weight', '2.weight'}
     stage0 = copy.deepcopy(model)
     stage0[0].weight.data = got['0.weight'].dequantize()
@@ -330,7 +332,7 @@ def test_sequential_uses_quantized_upstream_inputs():
     assert torch.equal(got['2.weight'].codes, want.codes)
     par = copy.deepcopy(model)
     got_par = gptq_apply(par, plan, batches, lambda m, x: m(x),
-                         sequential=False)
+                         sequential=False).applied
     c = collect_hessians(model, ['2.weight'], batches, lambda m, x: m(x))
     want = gptq_quantize(model[2].weight, c.hessians('2.weight'), 2)
     assert torch.equal(got_par['2.weight'].codes, want.codes)
@@ -395,7 +397,7 @@ def test_tiny_detr_three_bits_beats_nearest(build_tiny_model, tiny_cfg):
     nearest = build_tiny_model()
     quantize_weights_(quantizable_weights(nearest), plan)
     gptq = build_tiny_model()
-    got = gptq_apply(gptq, plan, batches, decoder_outputs)
+    got = gptq_apply(gptq, plan, batches, decoder_outputs).applied
     assert list(got) == list(plan)
     params = dict(gptq.named_parameters())
     for name, qw in got.items():
@@ -426,7 +428,7 @@ def test_tiny_dino_deformable_linears_get_gptq_codes(family_cfg):
     weights = quantizable_weights(float_model)
     plan = {n: 3 for n in weights}
     model = copy.deepcopy(float_model)
-    got = gptq_apply(model, plan, batches, decoder_outputs)
+    got = gptq_apply(model, plan, batches, decoder_outputs).applied
     msda = [n for n in plan if n.rsplit('.', 2)[-2] in (
         'sampling_offsets', 'attention_weights', 'value_proj',
         'output_proj')]
@@ -452,3 +454,78 @@ def test_tiny_dino_deformable_linears_get_gptq_codes(family_cfg):
 def test_collector_rejects_non_targets():
     with pytest.raises(KeyError):
         HessianCollector(nn.Embedding(3, 4), ['weight'])
+
+
+def test_bad_input_statistics_fall_back_or_are_noted():
+    """Empty, non-finite and too-few-rows inputs: nearest rounding or a
+    dampened H, a note each, and never a non-finite weight."""
+    model = nn.ModuleDict(dict(a=nn.Linear(8, 4), nan=nn.Linear(8, 4),
+                               few=nn.Linear(8, 4), unused=nn.Linear(8, 4)))
+    ref = copy.deepcopy(model)
+
+    def forward(m, x):
+        m['a'](x)
+        m['nan'](torch.full_like(x, float('nan')))
+        return m['few'](x[:3])  # 3 rows for an 8 x 8 H
+
+    plan = {f'{k}.weight': 3 for k in ('a', 'nan', 'few', 'unused')}
+    got = gptq_apply(model, plan, [torch.randn(20, 8, generator=gen(0))],
+                     forward)
+    assert got.rounding == {'a.weight': 'gptq', 'nan.weight': 'nearest',
+                            'few.weight': 'gptq', 'unused.weight': 'nearest'}
+    assert 'not finite' in got.notes['nan.weight']
+    assert 'no input' in got.notes['unused.weight']
+    assert '3 calibration input rows for a 8 x 8 H' in got.notes['few.weight']
+    assert 'a.weight' not in got.notes
+    for name in ('nan.weight', 'unused.weight'):
+        w = dict(ref.named_parameters())[name]
+        assert torch.equal(got.applied[name].codes,
+                           quantize_weight(w, 3).codes)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_not_positive_definite_falls_back_to_nearest(monkeypatch):
+    import mmdet_hawq.quant.gptq as gptq_module
+
+    def failing(*args, **kwargs):
+        raise ValueError('the input Hessian is not positive definite')
+
+    monkeypatch.setattr(gptq_module, '_inverse_cholesky_upper', failing)
+    model = nn.Linear(6, 3)
+    w = model.weight.detach().clone()
+    got = gptq_apply(model, {'weight': 4},
+                     [torch.randn(10, 6, generator=gen(1))],
+                     lambda m, x: m(x))
+    assert got.rounding == {'weight': 'nearest'}
+    assert 'not positive definite' in got.notes['weight']
+    assert torch.equal(got.applied['weight'].codes,
+                       quantize_weight(w, 4).codes)
+
+
+def test_output_error_is_the_layer_output_error_written_out():
+    x = correlated_inputs(40, 6, seed=3)
+    w = torch.randn(4, 6, generator=gen(3), dtype=F64)
+    q = quantize_weight(w, 3).dequantize(F64)
+    assert layer_output_error(w, q, x.T @ x) == pytest.approx(
+        output_error(x, w, q), rel=1e-10)
+    # two row blocks with their own inputs
+    x2 = correlated_inputs(40, 6, seed=4)
+    want = output_error(x, w[:2], q[:2]) + output_error(x2, w[2:], q[2:])
+    assert layer_output_error(w, q, [x.T @ x, x2.T @ x2]) == pytest.approx(
+        want, rel=1e-10)
+
+
+def test_error_ratios_are_gptq_over_nearest_output_error():
+    model = nn.Sequential(nn.Linear(12, 6), nn.Linear(6, 4))
+    x = correlated_inputs(50, 12, seed=5).float()
+    ratios = gptq_error_ratios(model, ['0.weight', '1.weight'], [2, 3, 8],
+                               [x], lambda m, x: m(x))
+    h = (x.double().T @ x.double())
+    w = model[0].weight.detach()
+    for b in (2, 3, 8):
+        near = layer_output_error(w, quantize_weight(w, b).dequantize(F64),
+                                  h)
+        gq = layer_output_error(w, gptq_quantize(w, h, b).dequantize(F64), h)
+        assert ratios['0.weight'][b] == pytest.approx(gq / near, rel=1e-9)
+        assert 0 < ratios['0.weight'][b] < 1
+        assert ratios['1.weight'][b] > 0

@@ -8,7 +8,9 @@ only orchestrates; each step lives in its own module:
 2. pick a precision plan: ``metric='uniform'`` (``bits`` everywhere),
    ``plan_file`` (a JSON plan), or a sensitivity metric (see
    :mod:`mmdet_hawq.engine.pipeline`);
-3. fake-quantize the weights in place (:func:`~mmdet_hawq.quant.apply_plan`);
+3. fake-quantize the weights in place: nearest rounding
+   (:func:`~mmdet_hawq.quant.apply_plan`, the paper's) or GPTQ on the same
+   grid (:mod:`mmdet_hawq.engine.rounding`);
 4. write the plan, the per-layer report, the summary and optionally a packed
    low-bit checkpoint to ``<work_dir>/<out_subdir>/``.
 """
@@ -39,6 +41,8 @@ from ..checkpoint import check_finite, prepare_state_dict
 from ..critical import critical_indices
 from ..pipeline import (calibration_classes, resolve_settings,
                         sensitivity_plan)
+from ..rounding import (calibration_batches, gptq_error_scales, gptq_round,
+                        resolve_gptq)
 
 METRICS = ('uniform', 'plan', 'losssen', 'outfloat', 'outquant')
 
@@ -81,6 +85,16 @@ class DistillSensitivityHook(Hook):
             (:func:`~mmdet_hawq.models.default_min_bits`).
         per_channel (bool): Per-output-channel scales instead of the paper's
             per-tensor ones. Defaults to False.
+        rounding (str): How weights are rounded to the grid: ``'nearest'``
+            (the paper's) or ``'gptq'`` (second-order rounding from the
+            calibration images' layer inputs, same grid and scales; see
+            :mod:`mmdet_hawq.engine.rounding`). Defaults to 'nearest'.
+        gptq (dict, optional): GPTQ settings (``damp``, ``act_order``,
+            ``block_size``, ``sequential``, ``stage_size``, and
+            ``error_terms``: ``'gptq'`` scales the ILP's error terms by
+            GPTQ's output-error ratio per bit-width); see
+            :data:`mmdet_hawq.engine.rounding.GPTQ_DEFAULTS`. Only with
+            ``rounding='gptq'``. Defaults to None (the defaults there).
         save_packed (bool): Also save a packed low-bit checkpoint.
             Defaults to True.
         out_subdir (str): Folder under the work dir for the outputs.
@@ -103,6 +117,8 @@ class DistillSensitivityHook(Hook):
                  exclude: Sequence[str] = DEFAULT_EXCLUDE,
                  min_bits: Optional[Dict[str, int]] = None,
                  per_channel: bool = False,
+                 rounding: str = 'nearest',
+                 gptq: Optional[dict] = None,
                  save_packed: bool = True,
                  out_subdir: str = 'hawq',
                  **unknown: Any) -> None:
@@ -135,6 +151,8 @@ class DistillSensitivityHook(Hook):
                     'is empty: give (low, high) with low <= high')
             check_budget(target_bits, lo, hi)
         check_min_bits(min_bits, metric, tuple(bit_range))
+        self.gptq = resolve_gptq(rounding, gptq)
+        self.rounding = rounding
         self.metric = metric
         self.bits = bits
         self.plan_file = plan_file
@@ -245,23 +263,38 @@ class DistillSensitivityHook(Hook):
             cache_dir = self.sensitivity.get('cache_dir') or osp.join(
                 out_dir, 'cache')
             set_interrupt_note(lambda: saved_samples_note(cache_dir))
+        batches = calibration_batches(runner, model, self.sensitivity) \
+            if self.rounding == 'gptq' else None
         if self.metric == 'uniform':
             plan = uniform_plan(weights, self.bits)
         elif self.metric == 'plan':
             plan = load_plan(self.plan_file)
         else:
+            scale = None
+            if batches is not None and self.gptq['error_terms'] == 'gptq':
+                scale = gptq_error_scales(
+                    runner, model, list(weights),
+                    range(self.bit_range[0], self.bit_range[1] + 1),
+                    self.axis, batches, self.gptq)
             plan, rows_extra, sens_report = sensitivity_plan(
                 runner, model, weights, self.metric, self.target_bits,
                 self.bit_range, self.axis, self.sensitivity, out_dir,
-                self._floors(model, weights))
-        quantized = apply_plan(model, plan, self.axis, self.include,
-                               self.exclude)
+                self._floors(model, weights), scale)
+        plan_seconds = time.time() - start
+        quantized = self._round(runner, model, plan, weights, batches,
+                                rows_extra)
         numels = {n: p.numel() for n, p in weights.items()}
         stats = plan_stats(plan, numels)
         self.summary = dict(
             metric=self.metric, per_channel=self.axis is not None,
-            num_weights=len(plan), num_quantized=len(quantized),
-            seconds=round(time.time() - start, 2), **stats)
+            rounding=self.rounding, num_weights=len(plan),
+            num_quantized=len(quantized),
+            seconds=round(time.time() - start, 2),
+            plan_seconds=round(plan_seconds, 2),
+            rounding_seconds=round(time.time() - start - plan_seconds, 2),
+            **stats)
+        if self.rounding == 'gptq':
+            self.summary['gptq'] = dict(self.gptq)
         if is_main_process():
             self._write_outputs(model, out_dir, weights, quantized, plan,
                                 rows_extra, stats)
@@ -273,6 +306,26 @@ class DistillSensitivityHook(Hook):
             f'average, {stats["weight_bytes"] / 2**20:.2f} MiB of weights '
             f'(fp32: {stats["fp32_bytes"] / 2**20:.2f} MiB); outputs in '
             f'{out_dir}')
+
+    def _round(self, runner, model: torch.nn.Module,
+               plan: Dict[str, Optional[int]],
+               weights: Dict[str, torch.nn.Parameter],
+               batches: Optional[List[Any]],
+               rows_extra: Dict[str, Dict]) -> Dict[str, Any]:
+        """Fake-quantize the plan in place, nearest or GPTQ; the rounding
+        of each weight (and any note) goes into ``rows_extra``."""
+        if self.rounding == 'nearest':
+            return apply_plan(model, plan, self.axis, self.include,
+                              self.exclude)
+        validate_plan(plan, weights)
+        result = gptq_round(runner, model, plan, self.axis, batches,
+                            self.gptq)
+        for name, how in result.rounding.items():
+            row = rows_extra.setdefault(name, {})
+            row['rounding'] = how
+            if name in result.notes:
+                row['rounding_note'] = result.notes[name]
+        return result.applied
 
     def _write_outputs(self, model, out_dir: str,
                        weights: Dict[str, torch.nn.Parameter],
