@@ -492,10 +492,16 @@ class HessianCollector:
                 bool(inputs.get('is_causal', False))))
 
 
+class _StopForward(Exception):
+    """Ends a forward pass once no hooked module is called any more."""
+
+
 @torch.no_grad()
 def collect_hessians(model: nn.Module, names: Sequence[str],
                      batches: Sequence[Any],
-                     forward_fn: ForwardFn) -> HessianCollector:
+                     forward_fn: ForwardFn,
+                     calls: Optional['CallSequence'] = None
+                     ) -> HessianCollector:
     """Run ``forward_fn`` over the batches and collect the weights' ``H``.
 
     Args:
@@ -503,18 +509,113 @@ def collect_hessians(model: nn.Module, names: Sequence[str],
         names (Sequence[str]): GPTQ targets to collect for.
         batches (Sequence): Calibration batches.
         forward_fn (Callable): ``(model, batch) → anything``.
+        calls (CallSequence, optional): The targets' call sequence on a
+            batch (:func:`call_sequence`): each pass then stops after the
+            last call of these weights' modules, as long as the pass calls
+            the modules in that sequence (else it runs to the end).
+            Defaults to None (whole passes).
 
     Returns:
         HessianCollector: With the sums over all batches.
     """
     collector = HessianCollector(model, names)
     with collector:
-        for batch in batches:
-            forward_fn(model, batch)
+        stopper = calls.stopper(collector.targets.values()) if calls else \
+            None
+        try:
+            for batch in batches:
+                if stopper is not None:
+                    stopper.reset()
+                try:
+                    forward_fn(model, batch)
+                except _StopForward:
+                    pass
+        finally:
+            if stopper is not None:
+                stopper.remove()
     return collector
 
 
+class CallSequence:
+    """The order in which a model's GPTQ target modules are called.
+
+    Args:
+        modules (dict[int, nn.Module]): The target modules by ``id``.
+        order (list[int]): Module ids in call order, with repeats.
+    """
+
+    def __init__(self, modules: Dict[int, nn.Module],
+                 order: List[int]) -> None:
+        self.modules = modules
+        self.order = order
+
+    def stopper(self, targets: Any) -> Optional['_Stopper']:
+        """Hooks that end a pass after the last call of ``targets``'
+        modules (None when those are called last anyway)."""
+        wanted = {id(t.module) for t in targets}
+        last = max((i for i, m in enumerate(self.order) if m in wanted),
+                   default=len(self.order))
+        if last >= len(self.order) - 1:
+            return None
+        return _Stopper(self, last)
+
+
+class _Stopper:
+    """Counting pre-hooks on every target module: the call after ``last``
+    raises :class:`_StopForward` while the calls follow the sequence."""
+
+    def __init__(self, calls: CallSequence, last: int) -> None:
+        self.calls, self.last = calls, last
+        self.count, self.follows = 0, True
+        self.handles = [m.register_forward_pre_hook(self._hook)
+                        for m in calls.modules.values()]
+
+    def reset(self) -> None:
+        self.count, self.follows = 0, True
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        order = self.calls.order
+        if self.count >= len(order) or order[self.count] != id(module):
+            self.follows = False  # another call sequence: run to the end
+        self.count += 1
+        if self.follows and self.count > self.last + 1:
+            raise _StopForward
+
+
 @torch.no_grad()
+def call_sequence(model: nn.Module, names: Sequence[str], batch: Any,
+                  forward_fn: ForwardFn) -> CallSequence:
+    """The calls of ``names``' modules during one pass over ``batch``.
+
+    Args:
+        model (nn.Module): The model.
+        names (Sequence[str]): GPTQ targets.
+        batch: One calibration batch.
+        forward_fn (Callable): ``(model, batch) → anything``.
+
+    Returns:
+        CallSequence: Module ids in call order, repeats included.
+    """
+    targets = gptq_targets(model)
+    modules = {id(targets[n].module): targets[n].module for n in names}
+    order: List[int] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        order.append(id(module))
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
+    try:
+        forward_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return CallSequence(modules, order)
+
+
 def forward_order(model: nn.Module, names: Sequence[str], batch: Any,
                   forward_fn: ForwardFn) -> List[str]:
     """``names`` in the order their modules are first called on ``batch``.
@@ -532,25 +633,18 @@ def forward_order(model: nn.Module, names: Sequence[str], batch: Any,
     Returns:
         list[str]: The same names, reordered.
     """
+    return _first_call_order(model, names,
+                             call_sequence(model, names, batch, forward_fn))
+
+
+def _first_call_order(model: nn.Module, names: Sequence[str],
+                      calls: CallSequence) -> List[str]:
     targets = gptq_targets(model)
-    seen: List[int] = []
-    handles = []
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        if id(module) not in seen:
-            seen.append(id(module))
-
-    for module in {id(targets[n].module): targets[n].module
-                   for n in names}.values():
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        forward_fn(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    rank = {m: i for i, m in enumerate(seen)}
+    rank: Dict[int, int] = {}
+    for m in calls.order:
+        rank.setdefault(m, len(rank))
     position = {n: i for i, n in enumerate(names)}
-    never = len(seen)
+    never = len(rank)
     return sorted(names, key=lambda n: (
         rank.get(id(targets[n].module), never),
         targets[n].kind == 'mha_out', position[n]))
@@ -584,7 +678,9 @@ def gptq_apply(model: nn.Module,
                act_order: bool = False,
                block_size: int = 128,
                sequential: bool = True,
-               stage_size: int = 1) -> GptqResult:
+               stage_size: int = 1,
+               progress: Optional[Callable[[int, int], None]] = None
+               ) -> GptqResult:
     """Fake-quantize a plan's weights in place with GPTQ codes.
 
     Weights without a GPTQ path (embeddings, ``Conv1d``/``Conv3d``) and
@@ -618,6 +714,8 @@ def gptq_apply(model: nn.Module,
         sequential (bool): Collect each stage's ``H`` from the partly
             quantized model. Defaults to True.
         stage_size (int): Weights per stage when sequential. Defaults to 1.
+        progress (Callable, optional): Called as ``progress(done, total)``
+            after each weight GPTQ rounds. Defaults to None.
 
     Returns:
         GptqResult: Codes, rounding and notes per weight.
@@ -674,18 +772,30 @@ def gptq_apply(model: nn.Module,
             nearest(name, 'nearest rounding: no GPTQ path (no inputs it '
                     'multiplies, e.g. an embedding)')
     names = [n for n in todo if n in targets]
+    calls = None
     if names and batches:
-        names = forward_order(model, names, batches[0], forward_fn)
+        calls = call_sequence(model, names, batches[0], forward_fn)
+        names = _first_call_order(model, names, calls)
+    done = 0
+
+    def step(name: str, collector: HessianCollector) -> None:
+        nonlocal done
+        gptq(name, collector)
+        done += 1
+        if progress is not None:
+            progress(done, len(names))
+
     if not sequential:
         collector = collect_hessians(model, names, batches, forward_fn)
         for name in names:
-            gptq(name, collector)
+            step(name, collector)
     else:
         for start in range(0, len(names), stage_size):
             stage = names[start:start + stage_size]
-            collector = collect_hessians(model, stage, batches, forward_fn)
+            collector = collect_hessians(model, stage, batches, forward_fn,
+                                         calls)
             for name in stage:
-                gptq(name, collector)
+                step(name, collector)
             del collector
     return GptqResult({n: applied[n] for n in plan if n in applied},
                       {n: rounding[n] for n in plan if n in rounding},

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from mmdet_hawq.quant import quantizable_weights, quantize_weights_
-from mmdet_hawq.quant.gptq import (HessianCollector, collect_hessians,
+from mmdet_hawq.quant.gptq import (HessianCollector, call_sequence,
+                                   collect_hessians,
                                    conv2d_patches, forward_order, gptq_apply,
                                    gptq_error_ratios, gptq_quantize,
                                    gptq_targets, hessian_bytes,
@@ -91,7 +92,7 @@ def test_diagonal_hessian_gives_nearest_rounding(axis, act_order):
         assert torch.equal(got.codes, quantize_weight(w, bits, axis).codes)
 
 
-@pytest.mark.parametrize('bits', [2, 3, 4])
+@pytest.mark.parametrize('bits', range(2, 9))
 def test_lower_output_error_than_nearest(bits):
     d = 64
     for seed in range(3):
@@ -204,7 +205,7 @@ def test_conv2d_patches_hessian_and_error(kwargs):
     calib = torch.cat(batches)
     qconv = copy.deepcopy(conv)
     nconv = copy.deepcopy(conv)
-    for bits in (2, 3, 4):
+    for bits in range(2, 9):
         qw = gptq_quantize(conv.weight, c.hessians('weight'), bits)
         assert qw.codes.shape == conv.weight.shape
         assert torch.equal(qw.scale, choose_scale(conv.weight, bits))
@@ -529,3 +530,43 @@ def test_error_ratios_are_gptq_over_nearest_output_error():
         assert ratios['0.weight'][b] == pytest.approx(gq / near, rel=1e-9)
         assert 0 < ratios['0.weight'][b] < 1
         assert ratios['1.weight'][b] > 0
+
+
+def test_passes_stop_after_the_last_call_of_the_stage():
+    """A stage's pass ends once its modules are done (a module called twice
+    is waited for), with the same H as a whole pass; a batch whose calls
+    leave the recorded sequence runs to the end."""
+    model = nn.ModuleDict(dict(a=nn.Linear(6, 6), b=nn.Linear(6, 6),
+                               c=nn.Linear(6, 6)))
+    reached = []
+
+    def forward(m, x):
+        y = m['a'](x)
+        y = m['b'](torch.tanh(y))
+        y = m['a'](y)  # shared: called again after b
+        if x.shape[0] == 7:  # another call sequence
+            y = m['b'](y)
+        reached.append(True)
+        return m['c'](y)
+
+    names = ['a.weight', 'b.weight', 'c.weight']
+    batches = [torch.randn(5, 6, generator=gen(i)) for i in range(2)]
+    calls = call_sequence(model, names, batches[0], forward)
+    assert len(calls.order) == 4
+    # a's last call is the 3rd of 4: the pass ends at c, after `reached`;
+    # b's is the 2nd: the pass ends at a's second call
+    for name, passes_reaching_the_end in (('a.weight', 2), ('b.weight', 0)):
+        whole = collect_hessians(model, [name], batches, forward)
+        reached.clear()
+        early = collect_hessians(model, [name], batches, forward, calls)
+        assert torch.equal(whole.hessians(name)[0], early.hessians(name)[0])
+        assert early.count(name) == whole.count(name)
+        assert len(reached) == passes_reaching_the_end
+    odd = [torch.randn(7, 6, generator=gen(5))]
+    whole = collect_hessians(model, ['a.weight'], odd, forward)
+    reached.clear()
+    early = collect_hessians(model, ['a.weight'], odd, forward, calls)
+    assert len(reached) == 1  # b where c was recorded: to the end
+    assert torch.equal(whole.hessians('a.weight')[0],
+                       early.hessians('a.weight')[0])
+    assert not any(m._forward_pre_hooks for m in model.values())

@@ -263,36 +263,43 @@ class DistillSensitivityHook(Hook):
             cache_dir = self.sensitivity.get('cache_dir') or osp.join(
                 out_dir, 'cache')
             set_interrupt_note(lambda: saved_samples_note(cache_dir))
+        rounding_start = time.time()
         batches = calibration_batches(runner, model, self.sensitivity) \
             if self.rounding == 'gptq' else None
+        scale = None
+        if batches is not None and self.gptq['error_terms'] == 'gptq' and \
+                self.metric not in ('uniform', 'plan'):
+            scale = gptq_error_scales(
+                runner, model, list(weights),
+                range(self.bit_range[0], self.bit_range[1] + 1), self.axis,
+                batches, self.gptq)
+        rounding_seconds = time.time() - rounding_start
+        plan_start = time.time()
         if self.metric == 'uniform':
             plan = uniform_plan(weights, self.bits)
         elif self.metric == 'plan':
             plan = load_plan(self.plan_file)
         else:
-            scale = None
-            if batches is not None and self.gptq['error_terms'] == 'gptq':
-                scale = gptq_error_scales(
-                    runner, model, list(weights),
-                    range(self.bit_range[0], self.bit_range[1] + 1),
-                    self.axis, batches, self.gptq)
             plan, rows_extra, sens_report = sensitivity_plan(
                 runner, model, weights, self.metric, self.target_bits,
                 self.bit_range, self.axis, self.sensitivity, out_dir,
                 self._floors(model, weights), scale)
-        plan_seconds = time.time() - start
+        plan_seconds = time.time() - plan_start
+        rounding_start = time.time()
         quantized = self._round(runner, model, plan, weights, batches,
                                 rows_extra)
+        rounding_seconds += time.time() - rounding_start
         numels = {n: p.numel() for n, p in weights.items()}
         stats = plan_stats(plan, numels)
+        # plan: traces and ILP; rounding: GPTQ's calibration batches, error
+        # ratios and codes (or nearest rounding)
         self.summary = dict(
             metric=self.metric, per_channel=self.axis is not None,
             rounding=self.rounding, num_weights=len(plan),
             num_quantized=len(quantized),
             seconds=round(time.time() - start, 2),
             plan_seconds=round(plan_seconds, 2),
-            rounding_seconds=round(time.time() - start - plan_seconds, 2),
-            **stats)
+            rounding_seconds=round(rounding_seconds, 2), **stats)
         if self.rounding == 'gptq':
             self.summary['gptq'] = dict(self.gptq)
         if is_main_process():
