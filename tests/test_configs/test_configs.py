@@ -51,3 +51,31 @@ def test_config_builds_its_hook(path):
     if model.endswith('_r50'):
         assert cfg.model.backbone.depth == 50
         assert cfg.model.backbone.init_cfg is None  # no download at build
+
+
+GPTQ_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*bit_gptq.py')))
+
+
+def test_gptq_configs_cover_the_small_models_and_r50():
+    names = {osp.basename(c) for c in GPTQ_CONFIGS}
+    for model in ('detr_r50', 'dino_r50', 'deformable_detr_r50',
+                  'detr_tiny_shapes', 'dino_tiny_shapes',
+                  'deformable_detr_tiny_shapes'):
+        for bits in (4, 3):
+            assert f'{model}_outquant_{bits}bit_gptq.py' in names
+
+
+@pytest.mark.parametrize('path', GPTQ_CONFIGS, ids=osp.basename)
+def test_gptq_config_is_its_base_with_gptq_rounding(path):
+    cfg = Config.fromfile(path)
+    model, bits = re.match(r'(\w+?)_outquant_(\d)bit_gptq\.py',
+                           osp.basename(path)).groups()
+    base = Config.fromfile(osp.join(ROOT, 'configs',
+                                    f'{model}_outquant_4bit.py'))
+    assert cfg.model == base.model
+    (hook_cfg, ) = [h for h in cfg.custom_hooks
+                    if h['type'] == 'DistillSensitivityHook']
+    hook = HOOKS.build(dict(hook_cfg))
+    assert hook.metric == 'outquant' and hook.rounding == 'gptq'
+    assert hook.target_bits == int(bits)
+    assert hook.bit_range == ((3, 6) if bits == '4' else (2, 5))
