@@ -62,6 +62,9 @@ def main() -> int:
     p.add_argument('--repeats', type=int, default=1)
     p.add_argument('--gptq-options', nargs='+', action=DictAction,
                    help='GPTQ settings of the hook, e.g. sequential=False')
+    p.add_argument('--sensitivity-options', nargs='+', action=DictAction,
+                   help='sensitivity settings of the hook (default: the '
+                   'hook\'s defaults), e.g. max_samples=20')
     p.add_argument('--out', help='JSON file for the results')
     args = p.parse_args()
     cfg = Config.fromfile(args.config)
@@ -86,7 +89,8 @@ def main() -> int:
                 metric=args.metric, target_bits=args.target_bits,
                 bit_range=tuple(args.bit_range), rounding='gptq',
                 gptq=dict(args.gptq_options or {}),
-                sensitivity=dict(use_cache=False), save_packed=False,
+                sensitivity=dict(args.sensitivity_options or {},
+                                 use_cache=False), save_packed=False,
                 out_subdir=f'run{i}')
             hook.before_test(runner)
             s = hook.summary
@@ -104,7 +108,9 @@ def main() -> int:
         with open(args.out, 'w') as f:
             json.dump(dict(config=args.config, metric=args.metric,
                            target_bits=args.target_bits,
-                           gptq=args.gptq_options or {}, runs=runs,
+                           gptq=args.gptq_options or {},
+                           sensitivity=args.sensitivity_options or {},
+                           runs=runs,
                            median_ratio=ratio), f, indent=1)
     return 0
 
