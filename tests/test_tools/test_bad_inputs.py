@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import os.path as osp
+import re
 import signal
 import subprocess
 import sys
@@ -155,6 +156,32 @@ def case_unknown_sensitivity_key(tmp_path, tiny_cfg):
             ['num_image', 'sensitivity setting'])
 
 
+def case_bad_sensitivity_value(tmp_path, tiny_cfg):
+    # once found only after the whole sensitivity sampling
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, sensitivity=dict(
+            num_images=4, batch_size=2, min_samples=2, max_samples=2,
+            negative_traces='clip')))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ["negative_traces='clip'", 'ucb, zero, abs, error'])
+
+
+def case_zero_batch_size(tmp_path, tiny_cfg):
+    # once a torch DataLoader traceback after the calibration set was built
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, sensitivity=dict(
+            num_images=4, batch_size=0, min_samples=2, max_samples=2)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['batch_size=0', 'an integer of at least 1'])
+
+
+def case_bit_range_not_a_pair(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, bit_range=[3]))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['bit_range [3] is not a pair', '(low, high)'])
+
+
 def case_pattern_matches_nothing(tmp_path, tiny_cfg):
     cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
         metric='uniform', bits=4, include=['no_such_layer.*']))
@@ -208,9 +235,11 @@ CASES = [
     case_config_syntax_error, case_base_config_syntax_error,
     case_hook_argument_typo, case_infeasible_budget, case_bad_bits,
     case_bad_plan_entry, case_unknown_plan_weight,
-    case_unknown_sensitivity_key, case_pattern_matches_nothing,
-    case_checkpoint_url_unreachable, case_missing_checkpoint,
-    case_corrupted_checkpoint, case_missing_config, case_nonfinite_outputs,
+    case_unknown_sensitivity_key, case_bad_sensitivity_value,
+    case_zero_batch_size, case_bit_range_not_a_pair,
+    case_pattern_matches_nothing, case_checkpoint_url_unreachable,
+    case_missing_checkpoint, case_corrupted_checkpoint, case_missing_config,
+    case_nonfinite_outputs,
 ]
 #: The cases that reach the plugin through mmdet's test.py; the others stop
 #: in mmengine before it (config syntax, missing config or checkpoint
@@ -218,8 +247,9 @@ CASES = [
 MMDET_TEST_CASES = [
     case_hook_argument_typo, case_infeasible_budget, case_bad_bits,
     case_nan_checkpoint, case_bad_plan_entry, case_unknown_plan_weight,
-    case_unknown_sensitivity_key, case_pattern_matches_nothing,
-    case_nonfinite_outputs,
+    case_unknown_sensitivity_key, case_bad_sensitivity_value,
+    case_zero_batch_size, case_bit_range_not_a_pair,
+    case_pattern_matches_nothing, case_nonfinite_outputs,
 ]
 #: Cases found only on the calibration data, after the hook's first step.
 DATA_CASES = {case_nonfinite_outputs}
@@ -256,6 +286,57 @@ def test_bad_input_through_mmdet_test_py(case, tmp_path, tiny_cfg):
     before = sha256s(inputs)
     proc = run_tool(MMDET_TEST, *mmdet_test_args(args), env=MMDET_TEST_ENV)
     check_one_error_line(proc, case, tmp_path, inputs, before, expected)
+
+
+@pytest.mark.parametrize('kwargs,expected', [
+    (dict(sensitivity=dict(max_samples=0)), 'max_samples=0'),
+    (dict(sensitivity=dict(min_samples=20, max_samples=10)),
+     'min_samples <= max_samples'),
+    (dict(sensitivity=dict(tol=-0.1)), 'tol=-0.1'),
+    (dict(sensitivity=dict(num_images='100')), "num_images='100'"),
+    (dict(sensitivity=dict(temperature=0)), 'temperature=0'),
+    (dict(sensitivity=dict(use_cache='no')), "use_cache='no'"),
+    (dict(sensitivity=dict(decoder_layers=5)), 'decoder_layers=5'),
+    (dict(sensitivity='fast'), "sensitivity 'fast' is not a dict"),
+    (dict(bit_range=4), 'bit_range 4 is not a pair'),
+    (dict(target_bits=float('nan')), 'not a finite number'),
+])
+def test_option_values_are_checked_when_the_hook_is_built(kwargs,
+                                                          expected):
+    """Data-free checks at construction: in mmdet's test.py, before the
+    Runner builds any dataset."""
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    from mmdet_hawq.errors import HawqUserError
+    with pytest.raises(HawqUserError, match=re.escape(expected)):
+        DistillSensitivityHook(**dict(dict(metric='outquant',
+                                           target_bits=4), **kwargs))
+
+
+def test_plan_file_is_read_when_the_hook_is_built(tmp_path):
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    from mmdet_hawq.errors import HawqUserError
+    plan = tmp_path / 'myplan.json'
+    plan.write_text('{"a.weight": 4, "b.weight": 12}')
+    with pytest.raises(HawqUserError) as err:
+        DistillSensitivityHook(metric='plan', plan_file=str(plan))
+    assert 'myplan.json' in str(err.value) and "'b.weight'" in str(err.value)
+    assert 'or null to keep the weight in float' in str(err.value)
+    with pytest.raises(HawqUserError, match='could not be read'):
+        DistillSensitivityHook(metric='plan',
+                               plan_file=str(tmp_path / 'none.json'))
+
+
+def test_bit_width_message_offers_null_only_for_plans():
+    """Issue 15 item 11: ``bits=`` and ``bit_range=`` cannot be null."""
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    from mmdet_hawq.errors import HawqUserError
+    for kwargs in (dict(metric='uniform', bits=9),
+                   dict(metric='outquant', target_bits=4, bit_range=(1, 6)),
+                   dict(metric='outquant', target_bits=4, bit_range=(3, 9))):
+        with pytest.raises(HawqUserError) as err:
+            DistillSensitivityHook(**kwargs)
+        assert 'from 2 to 8' in str(err.value)
+        assert 'null' not in str(err.value)
 
 
 def test_excepthook_handles_only_user_errors(monkeypatch, capsys):
