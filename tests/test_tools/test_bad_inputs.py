@@ -368,6 +368,55 @@ def test_excepthook_handles_only_user_errors(monkeypatch, capsys):
     assert capsys.readouterr().err == ''
 
 
+def test_excepthook_ends_an_interrupt_once_work_is_saved(monkeypatch,
+                                                         capsys):
+    """Ctrl-C/SIGTERM in a program without run_cli (mmdet's test.py): one
+    line once a step said what it saves, Python's own handling before."""
+    from mmdet_hawq import errors
+    seen = []
+    monkeypatch.setattr(sys, 'excepthook',
+                        lambda exc_type, exc, tb: seen.append(exc_type))
+    monkeypatch.setattr(errors, '_in_process_group', lambda: False)
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    monkeypatch.setattr(errors, '_interrupt_note', None)
+    errors.install_excepthook()
+    hook = sys.excepthook
+    hook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert seen == [KeyboardInterrupt]  # no note: not the plugin's
+    errors.set_interrupt_note(lambda: '3 samples are saved in DIR')
+    for exc, status, name in ((KeyboardInterrupt(), 130, 'Ctrl-C (SIGINT)'),
+                              (errors.Terminated(), 143, 'SIGTERM')):
+        with pytest.raises(SystemExit) as stop:
+            hook(type(exc), exc, None)
+        assert stop.value.code == status
+        assert capsys.readouterr().err == \
+            f'error: interrupted by {name}: 3 samples are saved in DIR\n'
+    assert seen == [KeyboardInterrupt]
+
+
+@pytest.mark.skipif(os.name != 'posix', reason='POSIX signals')
+def test_terminate_as_interrupt_only_replaces_the_default():
+    from mmdet_hawq import errors
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with errors.terminate_as_interrupt():
+            with pytest.raises(errors.Terminated):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+        def mine(signum, frame):
+            pass
+
+        signal.signal(signal.SIGTERM, mine)  # a program's own: kept
+        with errors.terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_no_pkg_resources_warning_with_warnings_on():
     proc = run_tool('tools/ptq.py', 'configs/detr_tiny_shapes.py',
                     '--list-layers')
@@ -396,10 +445,11 @@ def saved_samples(cache) -> int:
 
 
 @pytest.mark.skipif(os.name != 'posix', reason='POSIX signals')
+@pytest.mark.parametrize('tool', ['ptq', 'mmdet_test'])
 @pytest.mark.parametrize('signum,status', [(signal.SIGINT, 130),
                                            (signal.SIGTERM, 143)])
 def test_interrupted_sensitivity_step_is_one_line(tiny_cfg, tmp_path,
-                                                  signum, status):
+                                                  signum, status, tool):
     cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
         metric='outquant', target_bits=4, save_packed=False,
         sensitivity=dict(num_images=4, batch_size=2, tol=0.0,
@@ -411,9 +461,13 @@ def test_interrupted_sensitivity_step_is_one_line(tiny_cfg, tmp_path,
     # a shell without job control (CI) starts background jobs with SIGINT
     # ignored, which Python then keeps: give the tool the default, as in a
     # terminal
+    args = [str(cfg), '--work-dir', str(work)]
+    # mmdet's test.py: the hook's own handlers and excepthook, no run_cli
+    args = [MMDET_TEST, *mmdet_test_args(args)] if tool == 'mmdet_test' \
+        else ['tools/ptq.py', *args]
     proc = subprocess.Popen(
-        [sys.executable, 'tools/ptq.py', str(cfg), '--work-dir', str(work)],
-        cwd=ROOT, env=USER_ENV,
+        [sys.executable, *args], cwd=ROOT,
+        env=MMDET_TEST_ENV if tool == 'mmdet_test' else USER_ENV,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:

@@ -26,7 +26,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
-from ...errors import HawqUserError, set_interrupt_note
+from ...errors import (HawqUserError, set_interrupt_note,
+                       terminate_as_interrupt)
 from ...models import class_activation, default_min_bits
 from ...quant import (DEFAULT_EXCLUDE, apply_plan, bit_floors, check_bits,
                       check_plan_bits, list_weights, load_plan,
@@ -251,15 +252,21 @@ class DistillSensitivityHook(Hook):
             cache_dir = self.sensitivity.get('cache_dir') or osp.join(
                 out_dir, 'cache')
             set_interrupt_note(lambda: saved_samples_note(cache_dir))
+        elif self.metric not in ('uniform', 'plan'):
+            set_interrupt_note(lambda: (
+                'the sensitivity cache is off (use_cache=False), nothing '
+                'was saved; rerun the same command to start again'))
         if self.metric == 'uniform':
             plan = uniform_plan(weights, self.bits)
         elif self.metric == 'plan':
             plan = load_plan(self.plan_file)
         else:
-            plan, rows_extra, sens_report = sensitivity_plan(
-                runner, model, weights, self.metric, self.target_bits,
-                self.bit_range, self.axis, self.sensitivity, out_dir,
-                self._floors(model, weights))
+            # SIGTERM too ends in one line (under mmdet's test.py as well)
+            with terminate_as_interrupt():
+                plan, rows_extra, sens_report = sensitivity_plan(
+                    runner, model, weights, self.metric, self.target_bits,
+                    self.bit_range, self.axis, self.sensitivity, out_dir,
+                    self._floors(model, weights))
         quantized = apply_plan(model, plan, self.axis, self.include,
                                self.exclude)
         numels = {n: p.numel() for n, p in weights.items()}
