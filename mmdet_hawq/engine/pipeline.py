@@ -219,10 +219,21 @@ def build_calibration(cfg, settings: dict):
     Returns:
         tuple: (DataLoader, list of image ids chosen).
     """
-    ds_cfg = settings['dataset'] or calibration_dataset_cfg(cfg)
+    ds_cfg = copy.deepcopy(settings['dataset'] or
+                           calibration_dataset_cfg(cfg))
+    # initialised here: mmengine's serialisation of an empty data list
+    # fails with numpy's "need at least one array to concatenate"
+    ds_cfg['lazy_init'] = True
     dataset = DATASETS.build(ds_cfg)
-    dataset.full_init()
-    if len(dataset) == 0:
+    try:
+        dataset.full_init()
+        empty = len(dataset) == 0
+    except ValueError:
+        # (a serialised dataset clears its data_list: only on failure)
+        if getattr(dataset, 'data_list', None) != []:
+            raise
+        empty = True
+    if empty:
         raise HawqUserError(
             'the calibration dataset is empty: point the train split (or '
             'sensitivity.dataset) at annotated images')

@@ -210,6 +210,55 @@ def case_corrupted_checkpoint(tmp_path, tiny_cfg):
              str(tmp_path / 'w')], [cfg, bad], ['bad.pth', 'corrupted'])
 
 
+def case_truncated_checkpoint(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    bad = tmp_path / 'half.pth'
+    with open(tiny_cfg.load_from, 'rb') as f:
+        data = f.read()
+    bad.write_bytes(data[:len(data) // 2])
+    return ([str(cfg), '--checkpoint', str(bad), '--work-dir',
+             str(tmp_path / 'w')], [cfg, bad], ['half.pth', 'corrupted'])
+
+
+def case_checkpoint_of_another_model(tmp_path, tiny_cfg):
+    state = torch.load(tiny_cfg.load_from, weights_only=False)
+    del state['state_dict']['query_embedding.weight']
+    other = tmp_path / 'other.pth'
+    torch.save(state, other)
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', load_from=str(other))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg, other],
+            ['other.pth', 'query_embedding.weight'])
+
+
+def case_bit_range_out_of_range(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, bit_range=(1, 6)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['bit_range low end 1', 'from 2 to 8'])
+
+
+def case_missing_data(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+             f'test_dataloader.dataset.data_root={tmp_path}/nowhere/'],
+            [cfg], ['nowhere', 'make data'])
+
+
+def case_empty_calibration_set(tmp_path, tiny_cfg):
+    ann = json.load(open(tiny_cfg.val_evaluator.ann_file))
+    empty = tmp_path / 'empty'
+    (empty / 'annotations').mkdir(parents=True)
+    (empty / 'annotations' / 'instances_train.json').write_text(
+        json.dumps(dict(ann, images=[], annotations=[])))
+    (empty / 'train').mkdir()
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, sensitivity=dict(
+            num_images=4, batch_size=2, min_samples=2, max_samples=2)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+             f'train_dataloader.dataset.data_root={empty}/'],
+            [cfg], ['calibration dataset is empty'])
+
+
 def case_missing_config(tmp_path, tiny_cfg):
     return [str(tmp_path / 'nope.py')], [], ['nope.py', 'does not exist']
 
@@ -238,8 +287,10 @@ CASES = [
     case_unknown_sensitivity_key, case_bad_sensitivity_value,
     case_zero_batch_size, case_bit_range_not_a_pair,
     case_pattern_matches_nothing, case_checkpoint_url_unreachable,
-    case_missing_checkpoint, case_corrupted_checkpoint, case_missing_config,
-    case_nonfinite_outputs,
+    case_missing_checkpoint, case_corrupted_checkpoint,
+    case_truncated_checkpoint, case_checkpoint_of_another_model,
+    case_bit_range_out_of_range, case_missing_data,
+    case_empty_calibration_set, case_missing_config, case_nonfinite_outputs,
 ]
 #: The cases that reach the plugin through mmdet's test.py; the others stop
 #: in mmengine before it (config syntax, missing config or checkpoint
@@ -250,9 +301,11 @@ MMDET_TEST_CASES = [
     case_unknown_sensitivity_key, case_bad_sensitivity_value,
     case_zero_batch_size, case_bit_range_not_a_pair,
     case_pattern_matches_nothing, case_nonfinite_outputs,
+    case_checkpoint_of_another_model, case_bit_range_out_of_range,
+    case_empty_calibration_set,
 ]
 #: Cases found only on the calibration data, after the hook's first step.
-DATA_CASES = {case_nonfinite_outputs}
+DATA_CASES = {case_nonfinite_outputs, case_empty_calibration_set}
 
 
 def stderr_lines(proc):
