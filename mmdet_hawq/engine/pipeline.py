@@ -127,7 +127,7 @@ def resolve_settings(metric: str, settings: Optional[dict],
         s['lambda_kl'] = lambda_kl
     if s['temperature'] is None:
         s['temperature'] = temperature
-    check_setting_values(s)
+    check_setting_values(s, list(settings or {}))
     s['critical_classes'] = check_critical_form(s['critical_classes'],
                                                 metric)
     return s
@@ -142,7 +142,7 @@ def _is_number(value) -> bool:
         and np.isfinite(value)
 
 
-def check_setting_values(s: dict) -> None:
+def check_setting_values(s: dict, given: Sequence[str] = ()) -> None:
     """Raise unless the sensitivity settings' values are usable: checked
     before any data, so that a bad value does not surface as a traceback
     (or a one-line error) only after calibration and sampling.
@@ -150,6 +150,9 @@ def check_setting_values(s: dict) -> None:
     Args:
         s (dict): The settings, defaults merged in (see
             :data:`SENSITIVITY_DEFAULTS`).
+        given (Sequence[str]): The names the user set. A ``max_samples``
+            below the default ``min_samples`` caps it; one below a
+            ``min_samples`` the user gave is an error. Defaults to ().
 
     Raises:
         HawqUserError: One line naming the setting, its value and what to
@@ -163,7 +166,7 @@ def check_setting_values(s: dict) -> None:
     for name in ('num_images', 'batch_size', 'min_samples', 'max_samples'):
         if not _is_int(s[name]) or s[name] < 1:
             raise bad(name, 'an integer of at least 1')
-    if s['min_samples'] > s['max_samples']:
+    if 'min_samples' in given and s['min_samples'] > s['max_samples']:
         raise HawqUserError(
             f"sensitivity settings min_samples={s['min_samples']} and "
             f"max_samples={s['max_samples']} do not fit: give min_samples "

@@ -365,6 +365,12 @@ def test_option_values_are_checked_when_the_hook_is_built(kwargs,
                                            target_bits=4), **kwargs))
 
 
+def test_max_samples_alone_caps_the_default_min_samples():
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    DistillSensitivityHook(metric='outquant', target_bits=4,
+                           sensitivity=dict(max_samples=3))
+
+
 def test_plan_file_is_read_when_the_hook_is_built(tmp_path):
     from mmdet_hawq.engine.hooks import DistillSensitivityHook
     from mmdet_hawq.errors import HawqUserError
