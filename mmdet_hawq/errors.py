@@ -7,14 +7,18 @@ a tool with one line too (:func:`run_cli`), saying what is saved.
 Run through another program (mmdet's own ``tools/test.py`` with the plugin
 loaded by ``custom_imports``), an uncaught :class:`HawqUserError` ends the
 program with the same line and exit status 2 (:func:`install_excepthook`,
-installed when the package is imported); ``MMDET_HAWQ_TRACEBACK=1`` shows the
-traceback instead.
+installed when the package is imported); so does Ctrl-C or SIGTERM once a
+step that saves work has said so (:func:`set_interrupt_note`, with
+:func:`terminate_as_interrupt` around that step), with exit status 130 or
+143. ``MMDET_HAWQ_TRACEBACK=1`` shows the traceback instead.
 """
 import os
 import signal
 import sys
+import threading
+from contextlib import contextmanager
 from types import TracebackType
-from typing import Callable, Optional, Sequence, Type
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Type
 
 #: Exit status after SIGINT (Ctrl-C) and SIGTERM, as a shell reports them.
 EXIT_SIGINT = 130
@@ -67,6 +71,34 @@ def _raise_terminated(signum: int, frame) -> None:
     raise Terminated()
 
 
+def _single_process() -> bool:
+    return int(os.environ.get('WORLD_SIZE', '1') or 1) <= 1
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises :class:`Terminated` (like Ctrl-C),
+    so that a step that saves work ends with one line saying so; outside,
+    SIGTERM is as before.
+
+    Only where SIGTERM still has its default action, in the main thread of
+    a single process (:func:`run_cli` sets it up for the project's own
+    tools; under ``torchrun`` the default action is kept): for programs
+    such as mmdet's own ``tools/test.py``.
+    """
+    installed = False
+    if _single_process() and \
+            threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        installed = True
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_cli(main: Callable[[], int]) -> None:
     """Run a tool's ``main``; a :class:`HawqUserError` becomes one line on
     stderr and exit status 2, Ctrl-C (SIGINT) or SIGTERM one line and exit
@@ -77,7 +109,7 @@ def run_cli(main: Callable[[], int]) -> None:
         main (Callable[[], int]): The tool's main function; returns the exit
             status.
     """
-    if int(os.environ.get('WORLD_SIZE', '1') or 1) <= 1:
+    if _single_process():
         # under torchrun, SIGTERM stops the ranks left after one failed: a
         # rank blocked in a collective must die at once, as by default
         try:
@@ -89,21 +121,30 @@ def run_cli(main: Callable[[], int]) -> None:
     except HawqUserError as err:
         _exit(f'error: {err}', EXIT_USER_ERROR)
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, Terminated)
-        _exit('error: ' + interrupt_message(
-            'SIGTERM' if terminated else 'Ctrl-C (SIGINT)'),
-            EXIT_SIGTERM if terminated else EXIT_SIGINT)
+        _exit(*_interrupt_exit(err))
+
+
+def _interrupt_exit(err: BaseException) -> Tuple[str, int]:
+    """The line and exit status of a Ctrl-C (or :class:`Terminated`)."""
+    terminated = isinstance(err, Terminated)
+    return ('error: ' + interrupt_message(
+        'SIGTERM' if terminated else 'Ctrl-C (SIGINT)'),
+        EXIT_SIGTERM if terminated else EXIT_SIGINT)
 
 
 def install_excepthook() -> None:
     """Chain a ``sys.excepthook`` that ends a program on an uncaught
-    :class:`HawqUserError` with one line and exit status 2.
+    :class:`HawqUserError` with one line and exit status 2, and on Ctrl-C
+    or :class:`Terminated` with one line saying what is saved and exit
+    status 130 or 143, once a step has registered what it saves
+    (:func:`set_interrupt_note`).
 
     For programs that do not use :func:`run_cli`, such as mmdet's own
     ``tools/test.py`` with the plugin loaded by ``custom_imports``: a
     :class:`HawqUserError` raised in the hook would otherwise end in a long
     traceback. Every other exception goes to the previous hook unchanged;
-    so does a :class:`HawqUserError` when ``MMDET_HAWQ_TRACEBACK`` is set.
+    so does a Ctrl-C before any step registered a note, and everything
+    when ``MMDET_HAWQ_TRACEBACK`` is set.
     An interactive session prints the line and goes on. Installing twice
     (a reloaded package) chains one hook only.
     """
@@ -121,16 +162,19 @@ def install_excepthook() -> None:
 def _user_error_hook(previous: Callable, exc_type: Type[BaseException],
                      exc: BaseException,
                      tb: Optional[TracebackType]) -> None:
-    if not issubclass(exc_type, HawqUserError) or os.environ.get(
-            TRACEBACK_ENV, '') not in ('', '0'):
+    interrupt = issubclass(exc_type, KeyboardInterrupt) and \
+        _interrupt_note is not None
+    if not (issubclass(exc_type, HawqUserError) or interrupt) or \
+            os.environ.get(TRACEBACK_ENV, '') not in ('', '0'):
         previous(exc_type, exc, tb)
         return
-    line = f'error: {exc}'
+    line, status = _interrupt_exit(exc) if interrupt else (
+        f'error: {exc}', EXIT_USER_ERROR)
     if hasattr(sys, 'ps1') or sys.flags.interactive:
         print(line, file=sys.stderr)  # a REPL goes on
         return
     # SystemExit raised by sys.excepthook sets the exit status
-    _exit(line, EXIT_USER_ERROR)
+    _exit(line, status)
 
 
 def _exit(line: str, status: int) -> None:

@@ -25,8 +25,8 @@ from mmengine.runner import CheckpointLoader
 from torch.utils.data import DataLoader, Subset
 
 from mmdet.registry import DATASETS, MODELS
-from ..allocation import (pareto_sweep, sensitivities_from_traces,
-                          solve_allocation)
+from ..allocation import (NEGATIVE_POLICIES, pareto_sweep,
+                          sensitivities_from_traces, solve_allocation)
 from ..allocation.ilp import round_significant
 from ..errors import HawqUserError
 from ..models import (DISTILLATION_DEFAULTS, class_activation,
@@ -101,6 +101,10 @@ def resolve_settings(metric: str, settings: Optional[dict],
     """Defaults merged with the user's settings, checked; the distillation
     defaults follow the class head's ``activation``."""
     s = dict(SENSITIVITY_DEFAULTS)
+    if settings is not None and not isinstance(settings, dict):
+        raise HawqUserError(
+            f'sensitivity {settings!r} is not a dict: give the settings as '
+            "a dict, e.g. dict(num_images=100)")
     unknown = set(settings or {}) - set(s)
     if unknown:
         raise HawqUserError(
@@ -123,12 +127,77 @@ def resolve_settings(metric: str, settings: Optional[dict],
         s['lambda_kl'] = lambda_kl
     if s['temperature'] is None:
         s['temperature'] = temperature
-    if s['num_images'] < 1:
-        raise HawqUserError(
-            f"calibration num_images is {s['num_images']}: use at least 1")
+    check_setting_values(s, list(settings or {}))
     s['critical_classes'] = check_critical_form(s['critical_classes'],
                                                 metric)
     return s
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and np.isfinite(value)
+
+
+def check_setting_values(s: dict, given: Sequence[str] = ()) -> None:
+    """Raise unless the sensitivity settings' values are usable: checked
+    before any data, so that a bad value does not surface as a traceback
+    (or a one-line error) only after calibration and sampling.
+
+    Args:
+        s (dict): The settings, defaults merged in (see
+            :data:`SENSITIVITY_DEFAULTS`).
+        given (Sequence[str]): The names the user set. A ``max_samples``
+            below the default ``min_samples`` caps it; one below a
+            ``min_samples`` the user gave is an error. Defaults to ().
+
+    Raises:
+        HawqUserError: One line naming the setting, its value and what to
+            give instead.
+    """
+    def bad(name: str, want: str) -> HawqUserError:
+        return HawqUserError(
+            f'sensitivity setting {name}={s[name]!r} is not valid: give '
+            f'{want}')
+
+    for name in ('num_images', 'batch_size', 'min_samples', 'max_samples'):
+        if not _is_int(s[name]) or s[name] < 1:
+            raise bad(name, 'an integer of at least 1')
+    if 'min_samples' in given and s['min_samples'] > s['max_samples']:
+        raise HawqUserError(
+            f"sensitivity settings min_samples={s['min_samples']} and "
+            f"max_samples={s['max_samples']} do not fit: give min_samples "
+            '<= max_samples')
+    if not _is_int(s['seed']):
+        raise bad('seed', 'an integer')
+    if not _is_number(s['tol']) or s['tol'] < 0:
+        raise bad('tol', 'a number >= 0 (the relative standard error at '
+                  'which sampling stops; 0: always max_samples)')
+    for name in ('lambda_kl', 'temperature'):
+        if not _is_number(s[name]) or s[name] < 0 or (
+                name == 'temperature' and s[name] == 0):
+            raise bad(name, 'a number > 0' if name == 'temperature' else
+                      'a number >= 0')
+    if s['negative_traces'] not in NEGATIVE_POLICIES:
+        raise bad('negative_traces', f'one of {", ".join(NEGATIVE_POLICIES)}')
+    for name in ('use_cache', 'proposals'):
+        if not isinstance(s[name], bool):
+            raise bad(name, 'True or False')
+    layers = s['decoder_layers']
+    if layers is not None and (
+            isinstance(layers, (str, bytes)) or
+            not isinstance(layers, (list, tuple)) or
+            not layers or not all(_is_int(i) for i in layers)):
+        raise bad('decoder_layers', 'None (every decoder layer) or a list '
+                  'of decoder layer indices')
+    if s['cache_dir'] is not None and not isinstance(s['cache_dir'], str):
+        raise bad('cache_dir', 'None or a folder path')
+    if s['dataset'] is not None and not isinstance(s['dataset'], dict):
+        raise bad('dataset', 'None (the train split) or a dataset config '
+                  'dict')
 
 
 def calibration_dataset_cfg(cfg) -> dict:
@@ -153,10 +222,21 @@ def build_calibration(cfg, settings: dict):
     Returns:
         tuple: (DataLoader, list of image ids chosen).
     """
-    ds_cfg = settings['dataset'] or calibration_dataset_cfg(cfg)
+    ds_cfg = copy.deepcopy(settings['dataset'] or
+                           calibration_dataset_cfg(cfg))
+    # initialised here: mmengine's serialisation of an empty data list
+    # fails with numpy's "need at least one array to concatenate"
+    ds_cfg['lazy_init'] = True
     dataset = DATASETS.build(ds_cfg)
-    dataset.full_init()
-    if len(dataset) == 0:
+    try:
+        dataset.full_init()
+        empty = len(dataset) == 0
+    except ValueError:
+        # (a serialised dataset clears its data_list: only on failure)
+        if getattr(dataset, 'data_list', None) != []:
+            raise
+        empty = True
+    if empty:
         raise HawqUserError(
             'the calibration dataset is empty: point the train split (or '
             'sensitivity.dataset) at annotated images')

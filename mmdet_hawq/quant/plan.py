@@ -48,6 +48,20 @@ def validate_plan(plan: Mapping[str, Optional[int]],
             f'{what} lacks {len(missing)} quantizable weight(s), '
             f'e.g. {missing[:3]}: give each a bit-width, or null to keep it '
             'in float')
+    check_plan_bits(plan, source)
+
+
+def check_plan_bits(plan: Mapping[str, Optional[int]],
+                    source: Optional[str] = None) -> None:
+    """Raise unless every entry of ``plan`` is a bit-width or None (needs
+    no model: the hook checks a plan file's entries when it is built).
+
+    Args:
+        plan (Mapping): Weight name → bits or None.
+        source (str, optional): The plan's file, named in the errors.
+            Defaults to None.
+    """
+    what = f'precision plan {source!r}' if source else 'the precision plan'
     for name, bits in plan.items():
         if bits is not None:
             check_bits(bits, f'{what}: bit-width of {name!r}', null_ok=True)

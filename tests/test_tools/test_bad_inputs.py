@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import os.path as osp
+import re
 import signal
 import subprocess
 import sys
@@ -155,6 +156,32 @@ def case_unknown_sensitivity_key(tmp_path, tiny_cfg):
             ['num_image', 'sensitivity setting'])
 
 
+def case_bad_sensitivity_value(tmp_path, tiny_cfg):
+    # once found only after the whole sensitivity sampling
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, sensitivity=dict(
+            num_images=4, batch_size=2, min_samples=2, max_samples=2,
+            negative_traces='clip')))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ["negative_traces='clip'", 'ucb, zero, abs, error'])
+
+
+def case_zero_batch_size(tmp_path, tiny_cfg):
+    # once a torch DataLoader traceback after the calibration set was built
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, sensitivity=dict(
+            num_images=4, batch_size=0, min_samples=2, max_samples=2)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['batch_size=0', 'an integer of at least 1'])
+
+
+def case_bit_range_not_a_pair(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, bit_range=[3]))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['bit_range [3] is not a pair', '(low, high)'])
+
+
 def case_pattern_matches_nothing(tmp_path, tiny_cfg):
     cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
         metric='uniform', bits=4, include=['no_such_layer.*']))
@@ -183,6 +210,55 @@ def case_corrupted_checkpoint(tmp_path, tiny_cfg):
              str(tmp_path / 'w')], [cfg, bad], ['bad.pth', 'corrupted'])
 
 
+def case_truncated_checkpoint(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    bad = tmp_path / 'half.pth'
+    with open(tiny_cfg.load_from, 'rb') as f:
+        data = f.read()
+    bad.write_bytes(data[:len(data) // 2])
+    return ([str(cfg), '--checkpoint', str(bad), '--work-dir',
+             str(tmp_path / 'w')], [cfg, bad], ['half.pth', 'corrupted'])
+
+
+def case_checkpoint_of_another_model(tmp_path, tiny_cfg):
+    state = torch.load(tiny_cfg.load_from, weights_only=False)
+    del state['state_dict']['query_embedding.weight']
+    other = tmp_path / 'other.pth'
+    torch.save(state, other)
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', load_from=str(other))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg, other],
+            ['other.pth', 'query_embedding.weight'])
+
+
+def case_bit_range_out_of_range(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, bit_range=(1, 6)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
+            ['bit_range low end 1', 'from 2 to 8'])
+
+
+def case_missing_data(tmp_path, tiny_cfg):
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+             f'test_dataloader.dataset.data_root={tmp_path}/nowhere/'],
+            [cfg], ['nowhere', 'make data'])
+
+
+def case_empty_calibration_set(tmp_path, tiny_cfg):
+    ann = json.load(open(tiny_cfg.val_evaluator.ann_file))
+    empty = tmp_path / 'empty'
+    (empty / 'annotations').mkdir(parents=True)
+    (empty / 'annotations' / 'instances_train.json').write_text(
+        json.dumps(dict(ann, images=[], annotations=[])))
+    (empty / 'train').mkdir()
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, sensitivity=dict(
+            num_images=4, batch_size=2, min_samples=2, max_samples=2)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+             f'train_dataloader.dataset.data_root={empty}/'],
+            [cfg], ['calibration dataset is empty'])
+
+
 def case_missing_config(tmp_path, tiny_cfg):
     return [str(tmp_path / 'nope.py')], [], ['nope.py', 'does not exist']
 
@@ -208,9 +284,13 @@ CASES = [
     case_config_syntax_error, case_base_config_syntax_error,
     case_hook_argument_typo, case_infeasible_budget, case_bad_bits,
     case_bad_plan_entry, case_unknown_plan_weight,
-    case_unknown_sensitivity_key, case_pattern_matches_nothing,
-    case_checkpoint_url_unreachable, case_missing_checkpoint,
-    case_corrupted_checkpoint, case_missing_config, case_nonfinite_outputs,
+    case_unknown_sensitivity_key, case_bad_sensitivity_value,
+    case_zero_batch_size, case_bit_range_not_a_pair,
+    case_pattern_matches_nothing, case_checkpoint_url_unreachable,
+    case_missing_checkpoint, case_corrupted_checkpoint,
+    case_truncated_checkpoint, case_checkpoint_of_another_model,
+    case_bit_range_out_of_range, case_missing_data,
+    case_empty_calibration_set, case_missing_config, case_nonfinite_outputs,
 ]
 #: The cases that reach the plugin through mmdet's test.py; the others stop
 #: in mmengine before it (config syntax, missing config or checkpoint
@@ -218,11 +298,14 @@ CASES = [
 MMDET_TEST_CASES = [
     case_hook_argument_typo, case_infeasible_budget, case_bad_bits,
     case_nan_checkpoint, case_bad_plan_entry, case_unknown_plan_weight,
-    case_unknown_sensitivity_key, case_pattern_matches_nothing,
-    case_nonfinite_outputs,
+    case_unknown_sensitivity_key, case_bad_sensitivity_value,
+    case_zero_batch_size, case_bit_range_not_a_pair,
+    case_pattern_matches_nothing, case_nonfinite_outputs,
+    case_checkpoint_of_another_model, case_bit_range_out_of_range,
+    case_empty_calibration_set,
 ]
 #: Cases found only on the calibration data, after the hook's first step.
-DATA_CASES = {case_nonfinite_outputs}
+DATA_CASES = {case_nonfinite_outputs, case_empty_calibration_set}
 
 
 def stderr_lines(proc):
@@ -258,6 +341,63 @@ def test_bad_input_through_mmdet_test_py(case, tmp_path, tiny_cfg):
     check_one_error_line(proc, case, tmp_path, inputs, before, expected)
 
 
+@pytest.mark.parametrize('kwargs,expected', [
+    (dict(sensitivity=dict(max_samples=0)), 'max_samples=0'),
+    (dict(sensitivity=dict(min_samples=20, max_samples=10)),
+     'min_samples <= max_samples'),
+    (dict(sensitivity=dict(tol=-0.1)), 'tol=-0.1'),
+    (dict(sensitivity=dict(num_images='100')), "num_images='100'"),
+    (dict(sensitivity=dict(temperature=0)), 'temperature=0'),
+    (dict(sensitivity=dict(use_cache='no')), "use_cache='no'"),
+    (dict(sensitivity=dict(decoder_layers=5)), 'decoder_layers=5'),
+    (dict(sensitivity='fast'), "sensitivity 'fast' is not a dict"),
+    (dict(bit_range=4), 'bit_range 4 is not a pair'),
+    (dict(target_bits=float('nan')), 'not a finite number'),
+])
+def test_option_values_are_checked_when_the_hook_is_built(kwargs,
+                                                          expected):
+    """Data-free checks at construction: in mmdet's test.py, before the
+    Runner builds any dataset."""
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    from mmdet_hawq.errors import HawqUserError
+    with pytest.raises(HawqUserError, match=re.escape(expected)):
+        DistillSensitivityHook(**dict(dict(metric='outquant',
+                                           target_bits=4), **kwargs))
+
+
+def test_max_samples_alone_caps_the_default_min_samples():
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    DistillSensitivityHook(metric='outquant', target_bits=4,
+                           sensitivity=dict(max_samples=3))
+
+
+def test_plan_file_is_read_when_the_hook_is_built(tmp_path):
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    from mmdet_hawq.errors import HawqUserError
+    plan = tmp_path / 'myplan.json'
+    plan.write_text('{"a.weight": 4, "b.weight": 12}')
+    with pytest.raises(HawqUserError) as err:
+        DistillSensitivityHook(metric='plan', plan_file=str(plan))
+    assert 'myplan.json' in str(err.value) and "'b.weight'" in str(err.value)
+    assert 'or null to keep the weight in float' in str(err.value)
+    with pytest.raises(HawqUserError, match='could not be read'):
+        DistillSensitivityHook(metric='plan',
+                               plan_file=str(tmp_path / 'none.json'))
+
+
+def test_bit_width_message_offers_null_only_for_plans():
+    """Issue 15 item 11: ``bits=`` and ``bit_range=`` cannot be null."""
+    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    from mmdet_hawq.errors import HawqUserError
+    for kwargs in (dict(metric='uniform', bits=9),
+                   dict(metric='outquant', target_bits=4, bit_range=(1, 6)),
+                   dict(metric='outquant', target_bits=4, bit_range=(3, 9))):
+        with pytest.raises(HawqUserError) as err:
+            DistillSensitivityHook(**kwargs)
+        assert 'from 2 to 8' in str(err.value)
+        assert 'null' not in str(err.value)
+
+
 def test_excepthook_handles_only_user_errors(monkeypatch, capsys):
     from mmdet_hawq import errors
     seen = []
@@ -285,6 +425,55 @@ def test_excepthook_handles_only_user_errors(monkeypatch, capsys):
     hook(errors.HawqUserError, errors.HawqUserError('bad plan'), None)
     assert seen == [ValueError, errors.HawqUserError]
     assert capsys.readouterr().err == ''
+
+
+def test_excepthook_ends_an_interrupt_once_work_is_saved(monkeypatch,
+                                                         capsys):
+    """Ctrl-C/SIGTERM in a program without run_cli (mmdet's test.py): one
+    line once a step said what it saves, Python's own handling before."""
+    from mmdet_hawq import errors
+    seen = []
+    monkeypatch.setattr(sys, 'excepthook',
+                        lambda exc_type, exc, tb: seen.append(exc_type))
+    monkeypatch.setattr(errors, '_in_process_group', lambda: False)
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    monkeypatch.setattr(errors, '_interrupt_note', None)
+    errors.install_excepthook()
+    hook = sys.excepthook
+    hook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert seen == [KeyboardInterrupt]  # no note: not the plugin's
+    errors.set_interrupt_note(lambda: '3 samples are saved in DIR')
+    for exc, status, name in ((KeyboardInterrupt(), 130, 'Ctrl-C (SIGINT)'),
+                              (errors.Terminated(), 143, 'SIGTERM')):
+        with pytest.raises(SystemExit) as stop:
+            hook(type(exc), exc, None)
+        assert stop.value.code == status
+        assert capsys.readouterr().err == \
+            f'error: interrupted by {name}: 3 samples are saved in DIR\n'
+    assert seen == [KeyboardInterrupt]
+
+
+@pytest.mark.skipif(os.name != 'posix', reason='POSIX signals')
+def test_terminate_as_interrupt_only_replaces_the_default():
+    from mmdet_hawq import errors
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with errors.terminate_as_interrupt():
+            with pytest.raises(errors.Terminated):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+        def mine(signum, frame):
+            pass
+
+        signal.signal(signal.SIGTERM, mine)  # a program's own: kept
+        with errors.terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_no_pkg_resources_warning_with_warnings_on():
@@ -315,10 +504,11 @@ def saved_samples(cache) -> int:
 
 
 @pytest.mark.skipif(os.name != 'posix', reason='POSIX signals')
+@pytest.mark.parametrize('tool', ['ptq', 'mmdet_test'])
 @pytest.mark.parametrize('signum,status', [(signal.SIGINT, 130),
                                            (signal.SIGTERM, 143)])
 def test_interrupted_sensitivity_step_is_one_line(tiny_cfg, tmp_path,
-                                                  signum, status):
+                                                  signum, status, tool):
     cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
         metric='outquant', target_bits=4, save_packed=False,
         sensitivity=dict(num_images=4, batch_size=2, tol=0.0,
@@ -330,9 +520,13 @@ def test_interrupted_sensitivity_step_is_one_line(tiny_cfg, tmp_path,
     # a shell without job control (CI) starts background jobs with SIGINT
     # ignored, which Python then keeps: give the tool the default, as in a
     # terminal
+    args = [str(cfg), '--work-dir', str(work)]
+    # mmdet's test.py: the hook's own handlers and excepthook, no run_cli
+    args = [MMDET_TEST, *mmdet_test_args(args)] if tool == 'mmdet_test' \
+        else ['tools/ptq.py', *args]
     proc = subprocess.Popen(
-        [sys.executable, 'tools/ptq.py', str(cfg), '--work-dir', str(work)],
-        cwd=ROOT, env=USER_ENV,
+        [sys.executable, *args], cwd=ROOT,
+        env=MMDET_TEST_ENV if tool == 'mmdet_test' else USER_ENV,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:

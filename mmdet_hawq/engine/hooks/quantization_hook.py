@@ -16,6 +16,7 @@ only orchestrates; each step lives in its own module:
 """
 import difflib
 import inspect
+import math
 import os
 import os.path as osp
 import time
@@ -27,12 +28,13 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
-from ...errors import HawqUserError, set_interrupt_note
+from ...errors import (HawqUserError, set_interrupt_note,
+                       terminate_as_interrupt)
 from ...models import class_activation, default_min_bits
 from ...quant import (DEFAULT_EXCLUDE, apply_plan, bit_floors, check_bits,
-                      list_weights, load_plan, pack_state_dict, plan_stats,
-                      quantizable_weights, save_plan, uniform_plan,
-                      validate_plan)
+                      check_plan_bits, list_weights, load_plan,
+                      pack_state_dict, plan_stats, quantizable_weights,
+                      save_plan, uniform_plan, validate_plan)
 from ...quant.selection import weight_group
 from ...report import (plot_bits, write_layer_report,
                        write_sensitivity_report)
@@ -124,6 +126,7 @@ class DistillSensitivityHook(Hook):
                  **unknown: Any) -> None:
         if unknown:
             raise HawqUserError(unknown_argument(sorted(unknown)[0]))
+        bit_range = check_bit_range(bit_range)
         if metric not in METRICS:
             raise HawqUserError(
                 f'DistillSensitivityHook: metric {metric!r} is unknown: use '
@@ -137,6 +140,8 @@ class DistillSensitivityHook(Hook):
         if metric == 'plan' and not plan_file:
             raise HawqUserError(
                 "DistillSensitivityHook: metric='plan' needs plan_file=PATH")
+        if metric == 'plan':  # read now: before the Runner builds any data
+            check_plan_bits(load_plan(plan_file), plan_file)
         if metric in ('losssen', 'outfloat', 'outquant'):
             if target_bits is None:
                 raise HawqUserError(
@@ -150,8 +155,12 @@ class DistillSensitivityHook(Hook):
                     f'DistillSensitivityHook: bit_range {tuple(bit_range)} '
                     'is empty: give (low, high) with low <= high')
             check_budget(target_bits, lo, hi)
+            # the option values, before the Runner builds any dataset
+            resolve_settings(metric, sensitivity)
         check_min_bits(min_bits, metric, tuple(bit_range))
         self.gptq = resolve_gptq(rounding, gptq)
+        if rounding == 'gptq' and metric in ('uniform', 'plan'):
+            resolve_settings('outquant', sensitivity)  # GPTQ's calibration
         self.rounding = rounding
         self.metric = metric
         self.bits = bits
@@ -263,6 +272,10 @@ class DistillSensitivityHook(Hook):
             cache_dir = self.sensitivity.get('cache_dir') or osp.join(
                 out_dir, 'cache')
             set_interrupt_note(lambda: saved_samples_note(cache_dir))
+        elif self.metric not in ('uniform', 'plan'):
+            set_interrupt_note(lambda: (
+                'the sensitivity cache is off (use_cache=False), nothing '
+                'was saved; rerun the same command to start again'))
         rounding_start = time.time()
         batches = calibration_batches(runner, model, self.sensitivity) \
             if self.rounding == 'gptq' else None
@@ -280,10 +293,12 @@ class DistillSensitivityHook(Hook):
         elif self.metric == 'plan':
             plan = load_plan(self.plan_file)
         else:
-            plan, rows_extra, sens_report = sensitivity_plan(
-                runner, model, weights, self.metric, self.target_bits,
-                self.bit_range, self.axis, self.sensitivity, out_dir,
-                self._floors(model, weights), scale)
+            # SIGTERM too ends in one line (under mmdet's test.py as well)
+            with terminate_as_interrupt():
+                plan, rows_extra, sens_report = sensitivity_plan(
+                    runner, model, weights, self.metric, self.target_bits,
+                    self.bit_range, self.axis, self.sensitivity, out_dir,
+                    self._floors(model, weights), scale)
         plan_seconds = time.time() - plan_start
         rounding_start = time.time()
         quantized = self._round(runner, model, plan, weights, batches,
@@ -409,13 +424,31 @@ def check_min_bits(min_bits: Optional[Dict[str, int]], metric: str,
                 f'a weight pattern and an int from {low} to {high}')
 
 
+def check_bit_range(bit_range: Any) -> Tuple[Any, Any]:
+    """``bit_range`` as ``(low, high)``, or one line saying it is not a
+    pair (each end is checked by :func:`~mmdet_hawq.quant.check_bits`).
+
+    Args:
+        bit_range (Any): The hook's ``bit_range`` argument.
+
+    Returns:
+        tuple: (low, high).
+    """
+    if isinstance(bit_range, (str, bytes)) or not isinstance(
+            bit_range, Sequence) or len(bit_range) != 2:
+        raise HawqUserError(
+            f'DistillSensitivityHook: bit_range {bit_range!r} is not a '
+            'pair: give (low, high), e.g. (3, 6)')
+    return bit_range[0], bit_range[1]
+
+
 def check_budget(target_bits: float, low: int, high: int) -> None:
     """Raise unless ``target_bits`` is a number the bit range can meet."""
     if isinstance(target_bits, bool) or not isinstance(
-            target_bits, (int, float)):
+            target_bits, (int, float)) or not math.isfinite(target_bits):
         raise HawqUserError(
             f'DistillSensitivityHook: target_bits {target_bits!r} is not a '
-            'number: give the average bit-width budget, e.g. 4 or 4.5')
+            'finite number: give the average bit-width budget, e.g. 4 or 4.5')
     if target_bits < low:
         raise HawqUserError(
             f'DistillSensitivityHook: target_bits={target_bits} is below '
