@@ -15,7 +15,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--num-train', type=int, default=3000)
     parser.add_argument('--num-val', type=int, default=500)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--image-size', type=int, default=ShapesSpec.image_size)
+    parser.add_argument('--image-size', type=int,
+                        default=ShapesSpec.image_size)
     parser.add_argument('--max-objects', type=int,
                         default=ShapesSpec.max_objects)
     return parser.parse_args()

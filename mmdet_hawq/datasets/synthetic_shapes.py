@@ -157,7 +157,8 @@ def generate_split(out_dir: str, split: str, num_images: int, seed: int,
         out_dir (str): Root folder of the dataset.
         split (str): Split name, e.g. ``'train'``.
         num_images (int): Number of images.
-        seed (int): Seed of the split; image ``i`` uses ``seed * 1_000_003 + i``.
+        seed (int): Seed of the split; image ``i`` uses
+            ``seed * 1_000_003 + i``.
         spec (ShapesSpec): Dataset parameters. Defaults to ``ShapesSpec()``.
 
     Returns:

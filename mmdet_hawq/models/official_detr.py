@@ -178,4 +178,3 @@ def convert_official_detr(state_dict: Mapping[str, torch.Tensor],
             'detr-r50-e632da11.pth) converts; panoptic and pre-norm models '
             'do not')
     return out
-

@@ -51,7 +51,8 @@ def test_two_processes_match_one(tmp_path, config, estimator):
                    '--cfg-options', *SMALL, env=ONE_THREAD)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_tool(
-        '-c', 'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))',
+        '-c',
+        'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))',
         'bash', 'tools/dist_ptq.sh', config, '2', '--work-dir',
         str(tmp_path / '2'), '--cfg-options', *SMALL,
         env=dict(PORT=str(free_port()), PYTHON=sys.executable))
