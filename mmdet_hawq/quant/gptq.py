@@ -33,9 +33,10 @@ Which weights get GPTQ codes (:func:`gptq_targets`):
 order, each with the ``H`` its inputs have once the earlier weights are
 quantized (``sequential=True``), or all with the float model's ``H``.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence,
-                    Tuple, Union)
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
+                    Sequence, Tuple, Union)
 
 import torch
 import torch.nn as nn
@@ -492,6 +493,19 @@ class HessianCollector:
                 bool(inputs.get('is_causal', False))))
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block (no dropout; mmdet's
+    detectors take their inference branches), its mode restored after: a
+    hook's ``before_test`` runs before the test loop calls ``eval()``."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class _StopForward(Exception):
     """Ends a forward pass once no hooked module is called any more."""
 
@@ -701,7 +715,8 @@ def gptq_apply(model: nn.Module,
       all of them are held at once.
 
     Args:
-        model (nn.Module): The model (unwrapped), in eval mode.
+        model (nn.Module): The model (unwrapped); in eval mode while this
+            runs, its mode restored after.
         plan (Mapping): Weight name → bits, or None for float.
         batches (Sequence): Calibration batches.
         forward_fn (Callable): ``(model, batch) → anything``, one forward
@@ -725,6 +740,19 @@ def gptq_apply(model: nn.Module,
     """
     if stage_size < 1:
         raise ValueError(f'stage_size must be positive, got {stage_size}')
+    with eval_mode(model):
+        return _gptq_apply(model, plan, batches, forward_fn, axis, damp,
+                           act_order, block_size, sequential, stage_size,
+                           progress)
+
+
+def _gptq_apply(model: nn.Module, plan: Mapping[str, Optional[int]],
+                batches: Sequence[Any], forward_fn: ForwardFn,
+                axis: Optional[int], damp: float, act_order: bool,
+                block_size: int, sequential: bool, stage_size: int,
+                progress: Optional[Callable[[int, int], None]]
+                ) -> GptqResult:
+    """:func:`gptq_apply` with the model in eval mode."""
     params = dict(model.named_parameters(remove_duplicate=False))
     unknown = [n for n in plan if n not in params]
     if unknown:
@@ -845,7 +873,8 @@ def gptq_error_ratios(model: nn.Module,
     fails) get 1.0.
 
     Args:
-        model (nn.Module): The float model (unwrapped), in eval mode.
+        model (nn.Module): The float model (unwrapped); in eval mode while
+            this runs, its mode restored after.
         names (Sequence[str]): Weights to rate.
         bits (Sequence[int]): Candidate bit-widths.
         batches (Sequence): Calibration batches.
@@ -862,7 +891,8 @@ def gptq_error_ratios(model: nn.Module,
     targets = gptq_targets(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     rated = [n for n in names if n in targets]
-    collector = collect_hessians(model, rated, batches, forward_fn)
+    with eval_mode(model):
+        collector = collect_hessians(model, rated, batches, forward_fn)
     ratios = {n: {b: 1.0 for b in bits} for n in names}
     for name in rated:
         hessians = collector.hessians(name)

@@ -149,3 +149,27 @@ def test_default_floors_bound_a_3bit_plan(family_cfg, tmp_path):
                                            'attention_weights.weight'))]
     assert held and all(plan[n] >= 3 for n in held)
     assert min(plan.values()) == 2
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_family_member_rounds_with_gptq_in_the_runner(family_cfg, tmp_path,
+                                                      name):
+    """GPTQ through the Runner on every family member: before_test comes
+    before the test loop's eval(), so GPTQ must put the model in eval mode
+    itself (two-stage heads take other inputs in training mode)."""
+    cfg = family_cfg(name)
+    cfg.work_dir = str(tmp_path)
+    cfg.custom_hooks = [dict(type='DistillSensitivityHook', metric='uniform',
+                             bits=3, rounding='gptq',
+                             sensitivity=dict(num_images=4, batch_size=2))]
+    runner = Runner.from_cfg(cfg)
+    assert 'coco/bbox_mAP' in runner.test()
+    out = osp.join(cfg.work_dir, 'hawq')
+    rows = [r for r in json.load(open(osp.join(out, 'layers.json')))
+            if r['included']]
+    gptq = [r['name'] for r in rows if r['rounding'] == 'gptq']
+    assert len(gptq) >= len(rows) - 3  # embeddings keep nearest
+    start = torch.load(cfg.load_from)['state_dict']
+    state = runner.model.state_dict()
+    assert any(not torch.equal(state[n], fake_quantize(start[n], 3))
+               for n in gptq)

@@ -570,3 +570,25 @@ def test_passes_stop_after_the_last_call_of_the_stage():
     assert torch.equal(whole.hessians('a.weight')[0],
                        early.hessians('a.weight')[0])
     assert not any(m._forward_pre_hooks for m in model.values())
+
+
+def test_runs_in_eval_mode_and_restores_the_mode():
+    """A hook's before_test comes before the test loop's eval(): dropout
+    must not reach H, and the caller's mode comes back."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 4))
+    batches = [torch.randn(30, 8, generator=gen(i)) for i in range(2)]
+    plan = {'0.weight': 3, '2.weight': 3}
+    want = gptq_apply(copy.deepcopy(base).eval(), plan, batches,
+                      lambda m, x: m(x)).applied
+    train = copy.deepcopy(base).train()
+    got = gptq_apply(train, plan, batches, lambda m, x: m(x)).applied
+    assert train.training
+    for name in plan:
+        assert torch.equal(got[name].codes, want[name].codes), name
+    train = copy.deepcopy(base).train()
+    ratios = gptq_error_ratios(train, list(plan), [3], batches,
+                               lambda m, x: m(x))
+    assert train.training
+    assert ratios == gptq_error_ratios(base.eval(), list(plan), [3], batches,
+                                       lambda m, x: m(x))
