@@ -239,7 +239,13 @@ def main() -> int:
         ] + [dict(type='DistillSensitivityHook', metric='uniform',
                   bits=int(hook['target_bits']),
                   include=hook.get('include'),
-                  per_channel=hook.get('per_channel', False))]
+                  per_channel=hook.get('per_channel', False),
+                  rounding=hook.get('rounding', 'nearest'))]
+        if hook.get('rounding') == 'gptq':  # the same rounding, calibration
+            base_cfg.custom_hooks[-1].update(
+                sensitivity=hook.get('sensitivity'),
+                gptq={k: v for k, v in (hook.get('gptq') or {}).items()
+                      if k != 'error_terms'})
         if 'exclude' in hook:
             base_cfg.custom_hooks[-1]['exclude'] = hook['exclude']
         base_cfg.work_dir = osp.join(cfg.work_dir, 'uniform_baseline')
@@ -248,6 +254,11 @@ def main() -> int:
     if is_main_process():
         report(cfg, hook, results)
     return 0
+
+
+def _gptq(summary: dict) -> str:
+    """', GPTQ rounding' for a run that used it (nothing for nearest)."""
+    return ', GPTQ rounding' if summary.get('rounding') == 'gptq' else ''
 
 
 def report(cfg: Config, hook: dict, results: dict) -> None:
@@ -260,11 +271,11 @@ def report(cfg: Config, hook: dict, results: dict) -> None:
     if 'uniform' in results:
         u = results['uniform']['summary']
         lines.append(f"uniform    bbox mAP {_map(results['uniform']):.4f}  "
-                     f"(avg {u['avg_bits']:.3f} bits)")
+                     f"(avg {u['avg_bits']:.3f} bits{_gptq(u)})")
     lines.append(
         f"quantized  bbox mAP {_map(q):.4f}"
-        f"  ({s.get('metric')}, avg {s.get('avg_bits', float('nan')):.3f} bits"
-        f" over quantized weights)")
+        f"  ({s.get('metric')}{_gptq(s)}, avg "
+        f"{s.get('avg_bits', float('nan')):.3f} bits over quantized weights)")
     lines.append(
         f"weights    {s.get('weight_bytes', 0) / 2**20:.3f} MiB at these bits,"
         f" fp32 {s.get('fp32_bytes', 0) / 2**20:.3f} MiB")

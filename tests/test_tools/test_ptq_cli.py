@@ -99,3 +99,22 @@ def test_unknown_critical_class_stops_before_any_data(tmp_path):
     assert ("'sqare' is not a class of the dataset: the classes are "
             'ellipse, rectangle, triangle, cross') in line
     assert 'nowhere' not in line
+
+
+def test_gptq_config_and_its_uniform_baseline(tmp_path, tiny_data):
+    """A shipped GPTQ config through tools/ptq.py: the uniform baseline
+    rounds with GPTQ too, and the summary says so."""
+    data = [f'{dl}.dataset.data_root={tiny_data}/' for dl in (
+        'train_dataloader', 'test_dataloader')]
+    proc = run_tool(
+        'tools/ptq.py', 'configs/detr_tiny_shapes_outquant_3bit_gptq.py',
+        '--uniform-baseline', '--work-dir', str(tmp_path / 'w'),
+        '--cfg-options', *data,
+        f'test_evaluator.ann_file={tiny_data}/annotations/'
+        'instances_val.json', 'custom_hooks.0.sensitivity.num_images=4',
+        'custom_hooks.0.sensitivity.batch_size=2',
+        'custom_hooks.0.sensitivity.min_samples=2',
+        'custom_hooks.0.sensitivity.max_samples=2', timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '(avg 3.000 bits, GPTQ rounding)' in proc.stdout
+    assert '(outquant, GPTQ rounding, avg 2.' in proc.stdout
