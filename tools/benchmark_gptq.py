@@ -28,7 +28,7 @@ from mmengine.runner import Runner
 from mmdet_hawq.engine.hooks import DistillSensitivityHook
 from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.quant import hessian_bytes, quantizable_weights
-from mmdet_hawq.quant.gptq import gptq_targets
+from mmdet_hawq.quant.gptq_inputs import gptq_targets
 
 
 def hessian_memory(cfg: Config) -> int:

@@ -26,7 +26,7 @@ GPTQ_DEFAULTS = dict(
     act_order=False,  # columns by descending diag(H)
     block_size=128,  # columns per lazy-update block (same codes)
     sequential=False,  # True: each weight's H from the partly quantized
-    #                    model (one pass per stage; as good and 5-18x
+    #                    model (one pass per stage; as good and 4-23x
     #                    slower on the small models, see the README)
     stage_size=1,  # weights per pass over the calibration set
     error_terms='nearest',  # ILP error terms: 'nearest' (||Q_b(W) - W||²)

@@ -1,5 +1,5 @@
-from .gptq import (GptqResult, gptq_apply, gptq_error_ratios, gptq_quantize,
-                   hessian_bytes)
+from .gptq import GptqResult, gptq_apply, gptq_error_ratios, gptq_quantize
+from .gptq_inputs import hessian_bytes
 from .packing import (is_packed, pack_codes, pack_state_dict,
                       unpack_checkpoint, unpack_codes)
 from .plan import (PrecisionPlan, apply_plan, check_plan_bits, load_plan,

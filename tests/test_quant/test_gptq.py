@@ -7,12 +7,12 @@ import torch
 import torch.nn as nn
 
 from mmdet_hawq.quant import quantizable_weights, quantize_weights_
-from mmdet_hawq.quant.gptq import (HessianCollector, call_sequence,
-                                   collect_hessians,
-                                   conv2d_patches, forward_order, gptq_apply,
-                                   gptq_error_ratios, gptq_quantize,
-                                   gptq_targets, hessian_bytes,
-                                   mha_head_outputs)
+from mmdet_hawq.quant.gptq import (gptq_apply, gptq_error_ratios,
+                                   gptq_quantize)
+from mmdet_hawq.quant.gptq_inputs import (HessianCollector, call_sequence,
+                                          collect_hessians, conv2d_patches,
+                                          forward_order, gptq_targets,
+                                          hessian_bytes, mha_head_outputs)
 from mmdet_hawq.quant.gptq import output_error as layer_output_error
 from mmdet_hawq.quant.quantizer import choose_scale, quantize_weight
 
