@@ -5,16 +5,21 @@ load it with ``custom_imports = dict(imports=['mmdet_hawq'])``. Importing it
 also chains a ``sys.excepthook`` (:func:`~mmdet_hawq.errors.
 install_excepthook`): a :class:`HawqUserError` that reaches the top of a
 program, e.g. mmdet's own ``tools/test.py``, ends it with one ``error:``
-line and exit status 2 instead of a traceback.
+line and exit status 2 instead of a traceback; and it puts a check in
+front of mmcv's compiled deformable attention
+(:func:`~mmdet_hawq.models.ensure_deformable_attention`): on a GPU where
+mmcv was built without CUDA ops, DINO and Deformable DETR run through mmcv's
+PyTorch path, with one log line, instead of failing inside mmcv.
 """
 from .datasets import SHAPES_CLASSES, ShapesDataset, generate_shapes_dataset
 from .engine import DistillSensitivityHook, load_checkpoint_file
 from .errors import HawqUserError, install_excepthook
-from .models import BackbonePretrainer
+from .models import BackbonePretrainer, ensure_deformable_attention
 
 __version__ = '0.1.0'
 
 install_excepthook()
+ensure_deformable_attention()
 
 __all__ = [
     'BackbonePretrainer', 'SHAPES_CLASSES', 'ShapesDataset',

@@ -11,14 +11,26 @@ installed when the package is imported); so does Ctrl-C or SIGTERM once a
 step that saves work has said so (:func:`set_interrupt_note`, with
 :func:`terminate_as_interrupt` around that step), with exit status 130 or
 143. ``MMDET_HAWQ_TRACEBACK=1`` shows the traceback instead.
+
+Any other exception inside the hook is a bug, not the user's input:
+:func:`report_internal_errors` turns it into a :class:`HawqInternalError`
+that carries where it was raised and its traceback. mmengine's Runner hides
+the traceback of a ``TypeError`` from a hook (``call_hook`` re-raises it
+``from None`` as ``'{e} in {hook}'``); a :class:`HawqInternalError` is not a
+``TypeError``, and both :func:`run_cli` and the excepthook print its origin
+(``internal error in mmdet-hawq at FILE:LINE in FUNC: ...``), then the
+original traceback, and end with exit status 1.
 """
+import functools
 import os
 import signal
 import sys
 import threading
+import traceback
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Callable, Iterator, Optional, Sequence, Tuple, Type
+from typing import (Any, Callable, Iterator, Optional, Sequence, Tuple, Type,
+                    TypeVar)
 
 #: Exit status after SIGINT (Ctrl-C) and SIGTERM, as a shell reports them.
 EXIT_SIGINT = 130
@@ -26,8 +38,12 @@ EXIT_SIGTERM = 143
 
 #: Exit status of a run stopped by a :class:`HawqUserError`.
 EXIT_USER_ERROR = 2
+#: Exit status of a run stopped by a :class:`HawqInternalError` (as
+#: Python's own for an uncaught exception).
+EXIT_INTERNAL_ERROR = 1
 #: Set (to anything but ``''`` or ``0``) to see the traceback of a
-#: :class:`HawqUserError` that reaches ``sys.excepthook``.
+#: :class:`HawqUserError` that reaches ``sys.excepthook`` (of a
+#: :class:`HawqInternalError`: Python's report of its whole chain).
 TRACEBACK_ENV = 'MMDET_HAWQ_TRACEBACK'
 
 #: Says what an interrupted run has saved (set by the step that saves).
@@ -36,6 +52,82 @@ _interrupt_note: Optional[Callable[[], str]] = None
 
 class HawqUserError(RuntimeError):
     """Bad input from the user: a path, a config value, a plan, a model."""
+
+
+class HawqInternalError(RuntimeError):
+    """An unexpected exception inside the plugin, with where it happened.
+
+    Its message names the origin, ``internal error in mmdet-hawq at
+    FILE:LINE in FUNC: TypeError: ...``, so that it survives any wrapper
+    that keeps ``str(error)``; :attr:`details` is the original's traceback.
+
+    Args:
+        message (str): The one-line summary with the origin.
+        details (str): The original exception's formatted traceback, its
+            chain (``__cause__``/``__context__``) included.
+    """
+
+    def __init__(self, message: str, details: str) -> None:
+        super().__init__(message)
+        self.details = details
+
+    @classmethod
+    def from_exception(cls, err: BaseException,
+                       tb: Optional[TracebackType] = None
+                       ) -> 'HawqInternalError':
+        """The internal error of ``err``, located at its innermost frame.
+
+        Args:
+            err (BaseException): The unexpected exception.
+            tb (TracebackType, optional): The part of ``err``'s traceback
+                to show (e.g. without the frame that caught it). Defaults
+                to None: all of it.
+
+        Returns:
+            HawqInternalError: The error to raise (``from err``).
+        """
+        tb = tb or err.__traceback__
+        frames = traceback.extract_tb(tb)
+        where = (f'{frames[-1].filename}:{frames[-1].lineno} in '
+                 f'{frames[-1].name}') if frames else 'an unknown place'
+        return cls(
+            f'internal error in mmdet-hawq at {where}: '
+            f'{type(err).__name__}: {err}',
+            ''.join(traceback.format_exception(type(err), err, tb)))
+
+    def report(self) -> str:
+        """What a tool prints: the summary line, then the traceback."""
+        return f'{self}\n{self.details}'.rstrip('\n')
+
+
+_Fn = TypeVar('_Fn', bound=Callable[..., Any])
+
+
+def report_internal_errors(fn: _Fn) -> _Fn:
+    """Make an unexpected exception in ``fn`` a :class:`HawqInternalError`.
+
+    For the hook's entry points (``before_run``, ``before_test``, ...):
+    :class:`HawqUserError`, :class:`HawqInternalError` and what is not an
+    ``Exception`` (Ctrl-C, SIGTERM, ``sys.exit``) pass unchanged.
+
+    Args:
+        fn (Callable): The entry point.
+
+    Returns:
+        Callable: ``fn``, wrapped.
+    """
+    @functools.wraps(fn)
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (HawqUserError, HawqInternalError):
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised with its origin
+            # the traceback from ``fn`` on: this frame says nothing
+            raise HawqInternalError.from_exception(
+                err, err.__traceback__.tb_next) from err
+
+    return entry  # type: ignore[return-value]
 
 
 class Terminated(KeyboardInterrupt):
@@ -103,7 +195,8 @@ def run_cli(main: Callable[[], int]) -> None:
     """Run a tool's ``main``; a :class:`HawqUserError` becomes one line on
     stderr and exit status 2, Ctrl-C (SIGINT) or SIGTERM one line and exit
     status 130 or 143 (SIGTERM only in a single process: ``torchrun``'s
-    workers keep its default action).
+    workers keep its default action), a :class:`HawqInternalError` its
+    origin and traceback and exit status 1.
 
     Args:
         main (Callable[[], int]): The tool's main function; returns the exit
@@ -120,6 +213,8 @@ def run_cli(main: Callable[[], int]) -> None:
         sys.exit(main())
     except HawqUserError as err:
         _exit(f'error: {err}', EXIT_USER_ERROR)
+    except HawqInternalError as err:
+        _exit(err.report(), EXIT_INTERNAL_ERROR)
     except KeyboardInterrupt as err:
         _exit(*_interrupt_exit(err))
 
@@ -134,10 +229,11 @@ def _interrupt_exit(err: BaseException) -> Tuple[str, int]:
 
 def install_excepthook() -> None:
     """Chain a ``sys.excepthook`` that ends a program on an uncaught
-    :class:`HawqUserError` with one line and exit status 2, and on Ctrl-C
-    or :class:`Terminated` with one line saying what is saved and exit
-    status 130 or 143, once a step has registered what it saves
-    (:func:`set_interrupt_note`).
+    :class:`HawqUserError` with one line and exit status 2, on a
+    :class:`HawqInternalError` with its origin and the original traceback
+    and exit status 1, and on Ctrl-C or :class:`Terminated` with one line
+    saying what is saved and exit status 130 or 143, once a step has
+    registered what it saves (:func:`set_interrupt_note`).
 
     For programs that do not use :func:`run_cli`, such as mmdet's own
     ``tools/test.py`` with the plugin loaded by ``custom_imports``: a
@@ -153,23 +249,28 @@ def install_excepthook() -> None:
 
         def hook(exc_type: Type[BaseException], exc: BaseException,
                  tb: Optional[TracebackType]) -> None:
-            _user_error_hook(previous, exc_type, exc, tb)
+            _plugin_error_hook(previous, exc_type, exc, tb)
 
         hook._hawq_previous = previous  # type: ignore[attr-defined]
         sys.excepthook = hook
 
 
-def _user_error_hook(previous: Callable, exc_type: Type[BaseException],
-                     exc: BaseException,
-                     tb: Optional[TracebackType]) -> None:
+def _plugin_error_hook(previous: Callable, exc_type: Type[BaseException],
+                       exc: BaseException,
+                       tb: Optional[TracebackType]) -> None:
     interrupt = issubclass(exc_type, KeyboardInterrupt) and \
         _interrupt_note is not None
-    if not (issubclass(exc_type, HawqUserError) or interrupt) or \
+    if not (issubclass(exc_type, (HawqUserError, HawqInternalError))
+            or interrupt) or \
             os.environ.get(TRACEBACK_ENV, '') not in ('', '0'):
         previous(exc_type, exc, tb)
         return
-    line, status = _interrupt_exit(exc) if interrupt else (
-        f'error: {exc}', EXIT_USER_ERROR)
+    if interrupt:
+        line, status = _interrupt_exit(exc)
+    elif isinstance(exc, HawqInternalError):
+        line, status = exc.report(), EXIT_INTERNAL_ERROR
+    else:
+        line, status = f'error: {exc}', EXIT_USER_ERROR
     if hasattr(sys, 'ps1') or sys.flags.interactive:
         print(line, file=sys.stderr)  # a REPL goes on
         return

@@ -20,6 +20,17 @@ TINY_SPEC = ShapesSpec(image_size=64, min_size=12, max_size=30, max_objects=3)
 register_all_modules(init_default_scope=True)
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        'markers', 'cuda: needs a CUDA GPU (skipped without one); '
+        '`pytest -m cuda tests` runs only these (tools/gpu_check.sh)')
+
+
+#: Skips a test where no CUDA GPU is visible.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason='needs a CUDA GPU')
+
+
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory) -> str:
     """8 train and 4 val images of 64x64."""

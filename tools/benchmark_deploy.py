@@ -173,7 +173,8 @@ def save_images(cfg: Any, work_dir: str, count: int) -> List[Any]:
             f'the first {count} test images have {len(shapes)} sizes '
             f'{sorted(shapes)}: the exported model takes one size')
     np.save(osp.join(work_dir, 'images.npy'),
-            np.stack([img.numpy().astype(np.float32) for img, _ in pairs]))
+            np.stack([img.cpu().numpy().astype(np.float32)
+                      for img, _ in pairs]))
     return pairs
 
 

@@ -112,7 +112,7 @@ def main() -> int:
     for image, sample in test_images(loader, size):
         ref_sample = copy.deepcopy(sample)
         start = time.perf_counter()
-        scores, boxes = onnx_model(image.numpy())
+        scores, boxes = onnx_model(image.cpu().numpy())
         onnx_s += time.perf_counter() - start
         onnx_eval.process(detections_from_outputs(
             torch_model, scores, boxes, [sample]))
@@ -123,9 +123,9 @@ def main() -> int:
                 dict(inputs=[image], data_samples=[ref_sample]), False)
             t_scores, t_boxes = decoder_outputs(torch_model, data)
         diff['scores'] = max(diff['scores'], float(
-            np.abs(scores - t_scores.numpy()[-len(scores):]).max()))
+            np.abs(scores - t_scores.cpu().numpy()[-len(scores):]).max()))
         diff['boxes'] = max(diff['boxes'], float(
-            np.abs(boxes - t_boxes.numpy()[-len(boxes):]).max()))
+            np.abs(boxes - t_boxes.cpu().numpy()[-len(boxes):]).max()))
         t_dets = detections_from_outputs(torch_model, t_scores, t_boxes,
                                          data['data_samples'])
         compare_detections(sample.pred_instances,

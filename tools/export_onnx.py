@@ -64,13 +64,13 @@ def verify(model: torch.nn.Module, onnx_file: str, shape: tuple,
     """Max abs differences, ONNX Runtime vs PyTorch, on a random image."""
     from mmdet_hawq.deploy import DetectorOnnxWrapper
     from mmdet_hawq.deploy.onnx_runtime import OnnxDetector
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device='cpu').manual_seed(0)
     image = torch.rand(1, 3, *shape, generator=gen) * 255
     with torch.no_grad():
         ref = DetectorOnnxWrapper(model, shape, last_layer_only)(image)
-    out = OnnxDetector(onnx_file)(image.numpy())
-    return dict(scores=float(np.abs(out[0] - ref[0].numpy()).max()),
-                boxes=float(np.abs(out[1] - ref[1].numpy()).max()))
+    out = OnnxDetector(onnx_file)(image.cpu().numpy())
+    return dict(scores=float(np.abs(out[0] - ref[0].cpu().numpy()).max()),
+                boxes=float(np.abs(out[1] - ref[1].cpu().numpy()).max()))
 
 
 def describe(report: Dict[str, Any]) -> str:

@@ -151,9 +151,20 @@ def check_checkpoint(cfg: Config) -> torch.nn.Module:
     return build_detector(cfg, cfg.load_from)
 
 
+def check_detector(cfg: Config) -> None:
+    """Fail fast, before anything is built: the config's detector must be a
+    supported DETR-family type."""
+    from mmdet.utils import register_all_modules
+
+    from mmdet_hawq.engine.pipeline import check_detector_type
+    register_all_modules()
+    check_detector_type(cfg.model)
+
+
 def check_hooks(cfg: Config, model: torch.nn.Module) -> None:
-    """Every check of the hooks that needs no data, before any data: their
-    arguments, budgets, weight patterns and plan files."""
+    """Every check of the hooks that needs no data, before any run: their
+    arguments, budgets, weight patterns and plan files, then the data files
+    the runs read (annotation files, image folders)."""
     from mmdet_hawq.engine.hooks import DistillSensitivityHook
     for hook_cfg in hawq_hooks(cfg):
         kwargs = {k: v for k, v in hook_cfg.items()
@@ -161,6 +172,7 @@ def check_hooks(cfg: Config, model: torch.nn.Module) -> None:
         # built directly: the registry would prefix its own text
         hook = DistillSensitivityHook(**kwargs)
         hook.check_model(model, cfg.load_from, hook.declared_classes(cfg))
+        hook.check_data(cfg)
 
 
 def hawq_hooks(cfg: Config) -> list:
@@ -220,6 +232,7 @@ def main() -> int:
             f'{args.config} has no DistillSensitivityHook in custom_hooks: '
             'use a configs/*_{uniform,losssen,outfloat,outquant}_*bit.py '
             'config or add the hook (see README)')
+    check_detector(cfg)
     check_hooks(cfg, check_checkpoint(cfg))
     results = {}
     if args.float:
@@ -288,6 +301,11 @@ def report(cfg: Config, hook: dict, results: dict) -> None:
                if osp.isfile(osp.join(out_dir, f))]
     if figures:
         lines.append('figures    ' + '  '.join(figures))
+    # what the log warned of (e.g. too few calibration images for GPTQ)
+    for name, label in (('uniform', 'uniform baseline: '), ('quantized', '')):
+        if name in results:
+            lines.extend(f'warning    {label}{text}' for text in
+                         results[name]['summary'].get('warnings', []))
     print('\n'.join(lines))
     out = osp.join(cfg.work_dir, 'ptq_results.json')
     with open(out, 'w') as f:

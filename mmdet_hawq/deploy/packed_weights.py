@@ -90,23 +90,26 @@ def pad_packed_codes(data: torch.Tensor, bits: int,
 #: passes over memory).
 _SMALL = 1 << 16
 
-_PLANE_INDEX: Dict[int, Tuple[torch.Tensor, ...]] = {}
+_PLANE_INDEX: Dict[Tuple[int, torch.device], Tuple[torch.Tensor, ...]] = {}
 
 
-def _plane_index(bits: int) -> Tuple[torch.Tensor, ...]:
+def _plane_index(bits: int,
+                 device: torch.device) -> Tuple[torch.Tensor, ...]:
     """For code ``k`` of a group of 8: its first byte plane, the next one
     (the last plane again at the end), the right shift, the left shift of
-    the next plane (8: nothing) and the mask, as (8,) / (8, 1) tensors."""
-    if bits not in _PLANE_INDEX:
+    the next plane (8: nothing) and the mask, as (8,) / (8, 1) tensors on
+    ``device`` (made once per bit-width and device)."""
+    if (bits, device) not in _PLANE_INDEX:
         first = [k * bits // 8 for k in range(8)]
         offset = [k * bits % 8 for k in range(8)]
-        _PLANE_INDEX[bits] = (
-            torch.tensor(first),
-            torch.tensor([min(f + 1, bits - 1) for f in first]),
-            torch.tensor(offset, dtype=torch.uint8)[:, None],
+        _PLANE_INDEX[bits, device] = (
+            torch.tensor(first, device=device),
+            torch.tensor([min(f + 1, bits - 1) for f in first],
+                         device=device),
+            torch.tensor(offset, dtype=torch.uint8, device=device)[:, None],
             torch.tensor([8 - o if o + bits > 8 else 8 for o in offset],
-                         dtype=torch.uint8)[:, None])
-    return _PLANE_INDEX[bits]
+                         dtype=torch.uint8, device=device)[:, None])
+    return _PLANE_INDEX[bits, device]
 
 
 def unpack_codes_torch(planes: torch.Tensor, bits: int,
@@ -132,7 +135,7 @@ def unpack_codes_torch(planes: torch.Tensor, bits: int,
     """
     mask = (1 << bits) - 1
     if numel < _SMALL:
-        first, second, right, left = _plane_index(bits)
+        first, second, right, left = _plane_index(bits, planes.device)
         codes = (planes.index_select(0, first) >> right).bitwise_or_(
             planes.index_select(0, second) << left).bitwise_and_(mask)
         unsigned = codes.t().reshape(-1)[:numel]
@@ -245,7 +248,8 @@ def _pack_torch(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
     byte planes (bits, ceil(numel / 8))."""
     numel = unsigned.numel()
     groups = -(-numel // 8)
-    padded = torch.zeros(groups * 8, dtype=torch.int64)
+    padded = torch.zeros(groups * 8, dtype=torch.int64,
+                         device=unsigned.device)
     padded[:numel] = unsigned.reshape(-1)
     codes = padded.reshape(groups, 8)
     word = codes[:, 0].clone()

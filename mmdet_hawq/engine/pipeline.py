@@ -31,6 +31,7 @@ from ..allocation.ilp import round_significant
 from ..errors import HawqUserError
 from ..models import (DISTILLATION_DEFAULTS, class_activation,
                       decoder_outputs, detector_family, distillation_outputs)
+from ..models.family import FAMILIES
 from ..quant import (error_terms, fake_quantize, quantize_weights_,
                      uniform_plan)
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
@@ -39,7 +40,7 @@ from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            hutchinson_traces, key_hash, load_cached,
                            output_influence, preprocess_batches, save_cached,
                            select_calibration_indices)
-from .checkpoint import prepare_state_dict
+from .checkpoint import is_local_path, prepare_state_dict
 from .critical import check_critical_form, critical_indices, declared_classes
 from .dist import process_shard, run_on_main
 
@@ -79,6 +80,112 @@ OLDER_KEYS_WITHOUT = dict(proposals=False)
 DRAWS_VERSION = 3
 #: Calibration batches on which zero-trace weights are tested for influence.
 INFLUENCE_BATCHES = 2
+#: The first fix of a missing data file, in the data checks' messages.
+MAKE_DATA = 'make the data (`make data` for the shapes benchmark)'
+
+
+def check_detector_type(model_cfg: dict) -> None:
+    """Stop a config whose detector is not a supported DETR-family type,
+    before anything is built.
+
+    Args:
+        model_cfg (dict): The config's ``model`` (its ``type``: a name in
+            mmdet's registry, or the class).
+
+    Raises:
+        HawqUserError: The type (and none of its base classes) is in
+            :data:`~mmdet_hawq.models.family.FAMILIES`. An unregistered
+            type is left to mmengine's own error.
+    """
+    kind = model_cfg.get('type')
+    cls = kind if isinstance(kind, type) else MODELS.get(kind)
+    if cls is None:
+        return
+    bases = {c.__name__ for c in cls.__mro__}
+    if not any(f.detector in bases for f in FAMILIES):
+        raise HawqUserError(
+            f'detector type {cls.__name__} (model.type of the config) is '
+            'not supported: the supported DETR-family detectors are '
+            f'{", ".join(f.detector for f in FAMILIES)} (and their '
+            'subclasses)')
+
+
+def _dataset_files(ds_cfg: dict) -> Tuple[Optional[str], Optional[str]]:
+    """The annotation file and image folder a dataset config reads, joined
+    with its ``data_root`` as mmengine's ``BaseDataset`` does (None where
+    the config has none, or names another storage backend)."""
+    root = ds_cfg.get('data_root') or ''
+
+    def local(path: Optional[str]) -> Optional[str]:
+        if not isinstance(path, str):
+            return None
+        full = osp.join(root, path)  # an absolute path stays as it is
+        return full if full and is_local_path(full) else None
+
+    ann_file = ds_cfg.get('ann_file')
+    return (local(ann_file) if ann_file else None,
+            local((ds_cfg.get('data_prefix') or {}).get('img')))
+
+
+def check_data_files(cfg, calibration: Optional[dict] = None) -> None:
+    """The annotation file and image folder of the test split, and of the
+    calibration set when the hook reads one, exist; no annotation is read.
+
+    Args:
+        cfg (mmengine.Config): The run's config.
+        calibration (dict, optional): The hook's ``sensitivity`` settings
+            when it reads calibration images (the sensitivity metrics,
+            GPTQ rounding). Defaults to None: the test split only.
+
+    Raises:
+        HawqUserError: One line naming the missing file or folder, the
+            config entry it comes from and the fix.
+    """
+    datasets = [('test split', 'test_dataloader.dataset',
+                 cfg.test_dataloader.dataset)]
+    if calibration is not None:
+        datasets.append(
+            ('calibration set', 'sensitivity.dataset', calibration['dataset'])
+            if calibration.get('dataset') else
+            ('calibration set', 'train_dataloader.dataset',
+             calibration_dataset_cfg(cfg)))
+    for what, key, ds_cfg in datasets:
+        ann, img = _dataset_files(ds_cfg)
+        if ann is not None and not osp.isfile(ann):
+            raise HawqUserError(
+                f'the {what} annotation file {ann!r} does not exist: '
+                f'{MAKE_DATA} or set {key}.data_root/ann_file to where it is')
+        if img is not None and not osp.isdir(img):
+            raise HawqUserError(
+                f'the {what} image folder {img!r} does not exist'
+                f'{f" (its annotation file {ann!r} does)" if ann else ""}: '
+                f'{MAKE_DATA} or set {key}.data_root/data_prefix.img to '
+                'where the images are')
+
+
+def check_images(dataset, indices: Sequence[int], what: str) -> None:
+    """The images ``indices`` of a built dataset exist (a cheap look before
+    any work, instead of a DataLoader traceback after it).
+
+    Args:
+        dataset: An mmengine dataset (``get_data_info`` with ``img_path``).
+        indices (Sequence[int]): The images to look for.
+        what (str): The dataset, for the message, e.g. ``'test split'``.
+
+    Raises:
+        HawqUserError: One line naming the first missing image (and its
+            folder when that is missing too) and the fix.
+    """
+    for i in indices:
+        path = dataset.get_data_info(i).get('img_path')
+        if path and is_local_path(path) and not osp.isfile(path):
+            folder = osp.dirname(path)
+            gone = '' if osp.isdir(folder) else \
+                f' (nor does its folder {folder!r})'
+            raise HawqUserError(
+                f'{what} image {path!r} does not exist{gone}: {MAKE_DATA} '
+                'or set data_root/data_prefix.img of the dataset to where '
+                'the images are')
 
 
 def build_detector(cfg, checkpoint: str) -> nn.Module:
@@ -245,6 +352,7 @@ def build_calibration(cfg, settings: dict):
                 ['instances']] for i in range(len(dataset))]
     indices = select_calibration_indices(cat_ids, settings['num_images'],
                                          num_classes, settings['seed'])
+    check_images(dataset, indices, 'calibration set')
     img_ids = [dataset.get_data_info(i)['img_id'] for i in indices]
     # not BaseDataset.get_subset: mmengine 0.10's copy behind it keeps one
     # deepcopy memo for the whole process (a mutable default argument), so
@@ -268,7 +376,8 @@ def _older_key(key: dict) -> Optional[dict]:
 
 
 def _cache_key(runner, metric: str, settings: dict, img_ids,
-               axis: Optional[int] = None) -> dict:
+               axis: Optional[int] = None,
+               device: torch.device = torch.device('cpu')) -> dict:
     ckpt = runner.cfg.get('load_from')
     keep = {k: v for k, v in settings.items()
             if k not in ('use_cache', 'cache_dir', 'max_samples',
@@ -278,9 +387,13 @@ def _cache_key(runner, metric: str, settings: dict, img_ids,
             keep.pop(name, None)
     if axis is not None and metric == 'outquant':
         keep['per_channel'] = True  # the 8-bit point has per-channel scales
+    # the draws come from a generator on the weights' device; a CPU and a
+    # CUDA run of the same seed draw different streams (CPU keys unchanged)
+    draws = DRAWS_VERSION if device.type == 'cpu' else \
+        f'{DRAWS_VERSION}-{device.type}'
     return dict(
         metric=metric,
-        draws=DRAWS_VERSION,
+        draws=draws,
         settings=keep,
         model=key_hash(runner.cfg.model.to_dict()),
         checkpoint=file_sha256(ckpt) if ckpt and osp.isfile(ckpt) else None,
@@ -311,7 +424,8 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
                         critical_classes=[classes[i] for i in critical])
     batches = preprocess_batches(model, loader)
     estimator = settings['estimator']
-    key = _cache_key(runner, metric, settings, img_ids, axis)
+    key = _cache_key(runner, metric, settings, img_ids, axis,
+                     next(iter(weights.values())).device)
     path = cache_path(settings['cache_dir'] or osp.join(out_dir, 'cache'),
                       metric, estimator, key)
     previous = run_on_main(load_cached, path, key) \

@@ -1,4 +1,5 @@
 from .backbone_pretrainer import BackbonePretrainer
+from .deformable_attention import ensure_deformable_attention
 from .family import (DEFORMABLE_ATTENTION_FLOORS, DISTILLATION_DEFAULTS,
                      FAMILIES, DetrFamily, class_activation, decoder_outputs,
                      default_min_bits, detector_family,
@@ -13,5 +14,5 @@ __all__ = [
     'FAMILIES', 'DetrFamily', 'class_activation', 'decoder_outputs',
     'DEFORMABLE_ATTENTION_FLOORS', 'default_min_bits',
     'detector_family', 'distillation_outputs', 'final_head_weights',
-    'proposal_branches'
+    'proposal_branches', 'ensure_deformable_attention'
 ]

@@ -30,14 +30,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed ``bits``-bit codes into a flat uint8 tensor.
 
     Args:
-        codes (Tensor): Integer codes in ``[-qmax, qmax]``.
+        codes (Tensor): Integer codes in ``[-qmax, qmax]``, on any device.
         bits (int): Bit-width.
 
     Returns:
-        Tensor: uint8, ``ceil(numel * bits / 8)`` bytes.
+        Tensor: uint8, ``ceil(numel * bits / 8)`` bytes, on the CPU.
     """
-    u = (codes.reshape(-1).to(torch.int16) + qmax(bits)).numpy().astype(
-        np.uint8)
+    u = (codes.detach().reshape(-1).to('cpu', torch.int16) +
+         qmax(bits)).numpy().astype(np.uint8)
     planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
     return torch.from_numpy(np.packbits(planes.reshape(-1),
                                         bitorder='little'))
@@ -45,7 +45,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: int8 codes, flat, ``numel`` long."""
-    planes = np.unpackbits(data.numpy(), count=numel * bits,
+    planes = np.unpackbits(data.cpu().numpy(), count=numel * bits,
                            bitorder='little').reshape(numel, bits)
     u = (planes.astype(np.int16) << np.arange(bits, dtype=np.int16)).sum(1)
     return torch.from_numpy((u - qmax(bits)).astype(np.int8))
@@ -67,17 +67,19 @@ def pack_state_dict(model: nn.Module,
             None.
 
     Returns:
-        dict: ``state_dict`` (float part), ``packed`` and ``meta``.
+        dict: ``state_dict`` (float part), ``packed`` and ``meta``, every
+        tensor on the CPU (a checkpoint written from a GPU run loads
+        anywhere).
     """
     packed, rest = {}, {}
     for name, tensor in model.state_dict().items():
         qw = quantized.get(name)
         if qw is None:
-            rest[name] = tensor
+            rest[name] = tensor.cpu()
             continue
         packed[name] = dict(
             data=pack_codes(qw.codes, qw.bits), bits=qw.bits,
-            shape=list(qw.codes.shape), scale=qw.scale, axis=qw.axis)
+            shape=list(qw.codes.shape), scale=qw.scale.cpu(), axis=qw.axis)
     meta = {PACKED_KEY: PACKED_VERSION}
     if plan is not None:
         meta['plan'] = dict(plan)

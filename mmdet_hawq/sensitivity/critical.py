@@ -22,7 +22,7 @@ The Gauss–Newton draws generalise :func:`~.gauss_newton.softmax_fisher_draw`
 and :func:`~.gauss_newton.sigmoid_fisher_draw`: ``E[u uᵀ]`` is the output
 Hessian of the restricted KL in the logits at equality (its Fisher matrix).
 """
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,13 +96,17 @@ def fold_softmax_logits(logits: torch.Tensor, temperature: float,
     return torch.cat(parts, dim=-1)
 
 
-def column_groups(num_columns: int, critical: Sequence[int]) -> torch.Tensor:
+def column_groups(num_columns: int,
+                  critical: Sequence[int],
+                  device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
     """Folded class of every softmax column (the 0/1 folding matrix ``J``
     as an index).
 
     Args:
         num_columns (int): ``C = K + 1``.
         critical (Sequence[int]): Sorted critical class indices (< K).
+        device (str | torch.device): Device of the result. Defaults to
+            'cpu'.
 
     Returns:
         Tensor: (C,) int64; critical class ``i`` of the list → ``i``, the
@@ -110,8 +114,9 @@ def column_groups(num_columns: int, critical: Sequence[int]) -> torch.Tensor:
         group.
     """
     k = num_columns - 1
-    groups = torch.full((num_columns, ), len(critical), dtype=torch.long)
-    groups[list(critical)] = torch.arange(len(critical))
+    groups = torch.full((num_columns, ), len(critical), dtype=torch.long,
+                        device=device)
+    groups[list(critical)] = torch.arange(len(critical), device=device)
     groups[k] = len(critical) + (1 if len(critical) < k else 0)
     return groups
 
@@ -136,22 +141,23 @@ def folded_softmax_fisher_draw(logits: torch.Tensor, temperature: float,
         logits (Tensor): (..., K + 1) logits (detached inside).
         temperature (float): ``T``.
         weight (float): Factor of the Hessian (e.g. ``λ_KL / N``).
-        generator (torch.Generator): CPU generator of the class draws.
+        generator (torch.Generator): Generator of the class draws, on the
+            device of ``logits``.
         critical (Sequence[int]): Sorted critical class indices (< K).
 
     Returns:
         Tensor: ``u``, shape of ``logits``.
     """
     p = torch.softmax(logits.detach().double() / temperature, dim=-1)
-    flat = p.reshape(-1, p.shape[-1]).cpu()
-    groups = column_groups(p.shape[-1], critical)
-    q = torch.zeros(flat.shape[0], int(groups.max()) + 1,
-                    dtype=flat.dtype).index_add_(1, groups, flat)
+    flat = p.reshape(-1, p.shape[-1])
+    groups = column_groups(p.shape[-1], critical, flat.device)
+    num_groups = len(critical) + (2 if len(critical) < p.shape[-1] - 1 else 1)
+    q = flat.new_zeros(flat.shape[0], num_groups).index_add_(1, groups, flat)
     y = torch.multinomial(q, 1, generator=generator)
     drawn = groups[None, :] == y
     r = torch.where(drawn, flat / q.gather(1, y), torch.zeros_like(flat))
     u = (r - flat).reshape(p.shape) * (weight**0.5 / temperature)
-    return u.to(logits.device, logits.dtype)
+    return u.to(logits.dtype)
 
 
 def _critical_sigmoid_draw(logits: torch.Tensor, temperature: float,
@@ -189,7 +195,8 @@ def fisher_draw(logits: torch.Tensor, temperature: float, weight: float,
         logits (Tensor): (..., C) logits (detached inside).
         temperature (float): ``T``.
         weight (float): Factor of the Hessian (e.g. ``λ_KL / N``).
-        generator (torch.Generator): CPU generator of the draws.
+        generator (torch.Generator): Generator of the draws, on the device
+            of ``logits``.
         activation (str): ``'softmax'`` or ``'sigmoid'``.
         critical (Sequence[int], optional): Sorted critical class indices.
             Defaults to None (every class, the paper's objective).

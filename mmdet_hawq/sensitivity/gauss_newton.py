@@ -13,6 +13,12 @@ independent, so squared norms are summed over batches (lower variance than
 squaring the summed gradient, same expectation). Each (sample, batch) has
 its own generator, so a :class:`~.sharding.Shard` of the batches in another
 process draws the same ``u`` and the all-reduced sum equals one process's.
+
+Everything runs on the weights' device: the draws come from a generator on
+that device and the per-layer sums stay there, with one device-to-host copy
+per sample (in :func:`.traces.sample_traces`). CPU and CUDA generators are
+different streams, so the draws, and the traces, agree across devices in
+distribution, not bit for bit.
 """
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -72,19 +78,21 @@ def gauss_newton_traces(params: Mapping[str, torch.Tensor],
                           'gauss_newton', objective)
     shard = shard or Shard()
     positions = shard.positions(len(batches))
+    device = plist[0].device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
 
     def sample_sums(index: int) -> torch.Tensor:
-        sq = torch.zeros(len(plist), dtype=torch.float64)
+        sq = torch.zeros(len(plist), dtype=torch.float64, device=device)
         for pos in positions:
-            s = sample_fn(batches[pos], batch_generator(seed, index, pos))
+            s = sample_fn(batches[pos],
+                          batch_generator(seed, index, pos, device))
             grads = torch.autograd.grad(s, plist, allow_unused=True)
             note_unused(result, names, grads)
             # ||g||² as one float32 dot product per weight (a float64 copy
             # of every gradient cost 2% of a sample on the small DINO), summed
-            # over batches and samples in float64
-            sq += torch.stack([
-                torch.zeros((), dtype=torch.float64) if g is None else
-                _squared_norm(g) for g in grads])
+            # over batches and samples in float64, on the device
+            sq += torch.stack([zero if g is None else _squared_norm(g)
+                               for g in grads])
         return sq
 
     return sample_traces(result, sample_sums, tol, min_samples, max_samples,
@@ -101,17 +109,18 @@ def softmax_fisher_draw(logits: torch.Tensor, temperature: float,
         logits (Tensor): (..., C) logits (detached inside).
         temperature (float): Softmax temperature ``T``.
         weight (float): Factor of the Hessian (e.g. ``λ_KL / N``).
-        generator (torch.Generator): CPU generator of the class draws.
+        generator (torch.Generator): Generator of the class draws, on the
+            device of ``logits``.
 
     Returns:
         Tensor: ``u``, shape of ``logits``.
     """
     p = torch.softmax(logits.detach().double() / temperature, dim=-1)
-    flat = p.reshape(-1, p.shape[-1]).cpu()
+    flat = p.reshape(-1, p.shape[-1])
     idx = torch.multinomial(flat, 1, generator=generator).squeeze(1)
     onehot = torch.zeros_like(flat).scatter_(1, idx[:, None], 1.0)
     u = (onehot - flat).reshape(p.shape) * (weight**0.5 / temperature)
-    return u.to(logits.device, logits.dtype)
+    return u.to(logits.dtype)
 
 
 def sigmoid_fisher_draw(logits: torch.Tensor, temperature: float,
@@ -130,19 +139,21 @@ def sigmoid_fisher_draw(logits: torch.Tensor, temperature: float,
         logits (Tensor): (..., C) logits (detached inside).
         temperature (float): Temperature ``T``.
         weight (float): Factor of the Hessian (e.g. ``λ_KL / N``).
-        generator (torch.Generator): CPU generator of the signs.
+        generator (torch.Generator): Generator of the signs, on the device
+            of ``logits``.
 
     Returns:
         Tensor: ``u``, shape of ``logits``.
     """
-    p = torch.sigmoid(logits.detach().double() / temperature).cpu()
+    p = torch.sigmoid(logits.detach().double() / temperature)
     sign = torch.randint(0, 2, p.shape, generator=generator,
-                         dtype=torch.int8).double() * 2 - 1
+                         dtype=torch.int8, device=p.device).double() * 2 - 1
     u = sign * (weight * p * (1 - p)).sqrt() / temperature
-    return u.to(logits.device, logits.dtype)
+    return u.to(logits.dtype)
 
 
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
-    """``Σ grad²`` as a 0-d float64 CPU tensor (one fused float32 pass)."""
+    """``Σ grad²`` as a 0-d float64 tensor on the gradient's device (one
+    fused float32 pass)."""
     flat = grad.detach().reshape(-1)
-    return torch.dot(flat, flat).double().cpu()
+    return torch.dot(flat, flat).double()

@@ -1,28 +1,31 @@
 """Hutchinson estimator of per-layer averaged Hessian traces (the paper's).
 
-For a loss ``f`` averaged over a calibration set, one sample draws a
-Rademacher vector ``v`` over all targeted weights, computes one
-Hessian-vector product ``Hv`` (double backward, accumulated batch by batch)
-and reads every layer's estimate ``v_l·(Hv)_l / numel_l`` from it. Each is
-unbiased for ``tr(H_ll) / numel_l``. The ``per_layer`` variant draws ``v``
-non-zero on one layer at a time (no cross-layer terms, ``L`` times the cost).
+For a loss ``f`` averaged over a calibration set, one sample draws a Rademacher
+vector ``v`` over all targeted weights, computes one Hessian-vector product
+``Hv`` (double backward, accumulated batch by batch) and reads every layer's
+estimate ``v_l·(Hv)_l / numel_l`` from it. Each is unbiased for ``tr(H_ll) /
+numel_l``. The ``per_layer`` variant draws ``v`` non-zero on one layer at a
+time (no cross-layer terms, ``L`` times the cost).
 
-Each batch's ``v_l·(H_b v)_l`` is summed in float64; with a :class:`~.sharding.
-Shard`, every process takes its share of the batches (same ``v``) and the
-partial sums are added by one all-reduce per sample.
+Each batch's ``v_l·(H_b v)_l`` is summed in float64; with a
+:class:`~.sharding.Shard`, every process takes its share of the batches (same
+``v``) and the partial sums are added by one all-reduce per sample. The probes
+are drawn, and the sums kept, on the weights' device (one device-to-host copy
+per sample); CPU and CUDA generators give different ±1 streams, so traces agree
+across devices in distribution, not bit for bit.
 
 Double backward runs with :func:`~.double_backward.double_backward_kernels`
-(the math attention kernel, mmcv's pure-PyTorch deformable attention), on
-any device. A weight that gets no gradient has trace 0 and is listed in
-``result.meta['no_gradient']``. A loss that is not finite is reported by the
-objective (:mod:`.objectives`, naming the batch and its images), a trace
-that is not finite by the sampling loop (:func:`.traces.check_finite`,
-naming the layers).
+(the math attention kernel, the gather-based deformable attention of
+:mod:`.bilinear`), on any device. A weight that gets no gradient has trace 0
+and is listed in ``result.meta['no_gradient']``. A loss that is not finite is
+reported by the objective (:mod:`.objectives`, naming the batch and its
+images), a trace that is not finite by the sampling loop
+(:func:`.traces.check_finite`, naming the layers).
 
-The function knows nothing of mmengine: it takes a name → parameter mapping,
-a loss callable and a sequence of batches.
+The function knows nothing of mmengine: it takes a name → parameter mapping, a
+loss callable and a sequence of batches.
 """
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -36,15 +39,22 @@ LossFn = Callable[[Any], torch.Tensor]
 
 def rademacher_like(params: Sequence[torch.Tensor],
                     generator: torch.Generator) -> List[torch.Tensor]:
-    """One ±1 tensor per parameter, drawn on the CPU from ``generator``."""
+    """One ±1 tensor per parameter, drawn on the parameters' device from
+    ``generator`` (which lives there too)."""
     return [(torch.randint(0, 2, p.shape, generator=generator,
-                           dtype=torch.int8) * 2 - 1).to(p.device, p.dtype)
-            for p in params]
+                           dtype=torch.int8, device=p.device) * 2 - 1).to(
+                               p.dtype) for p in params]
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """Generator of sample ``index``: a resumed run draws the same vectors."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+def sample_generator(seed: int,
+                     index: int,
+                     device: Union[str, torch.device] = 'cpu'
+                     ) -> torch.Generator:
+    """Generator of sample ``index`` on ``device``: a resumed run on the
+    same kind of device draws the same vectors (CPU and CUDA streams
+    differ)."""
+    return torch.Generator(device=device).manual_seed(
+        int(seed) * 1_000_003 + int(index))
 
 
 def batch_hvp(params: Sequence[torch.Tensor],
@@ -108,12 +118,13 @@ def batch_dots(params: Sequence[torch.Tensor],
     Returns:
         Tensor: float64, shape (L,).
     """
-    dots = torch.zeros(len(params), dtype=torch.float64)
+    dots = torch.zeros(len(params), dtype=torch.float64,
+                       device=params[0].device)
     layers = list(range(len(params)) if layers is None else layers)
     for pos in positions:
         hv = batch_hvp(params, loss_fn, batches[pos], vectors, names, unused)
-        dots[layers] += torch.stack([  # one device -> host copy per batch
-            (vectors[i] * hv[i]).double().sum() for i in layers]).cpu()
+        dots[layers] += torch.stack(
+            [(vectors[i] * hv[i]).double().sum() for i in layers])
     return dots
 
 
@@ -170,11 +181,13 @@ def hutchinson_traces(params: Mapping[str, torch.Tensor],
     positions = shard.positions(len(batches))
 
     def sample_sums(index: int) -> torch.Tensor:
-        vs = rademacher_like(plist, sample_generator(seed, index))
+        vs = rademacher_like(plist,
+                             sample_generator(seed, index, plist[0].device))
         if not per_layer:
             return batch_dots(plist, loss_fn, batches, positions, vs, names,
                               unused=unused)
-        dots = torch.zeros(len(plist), dtype=torch.float64)
+        dots = torch.zeros(len(plist), dtype=torch.float64,
+                           device=plist[0].device)
         for i in range(len(plist)):
             masked = [v if j == i else torch.zeros_like(v)
                       for j, v in enumerate(vs)]

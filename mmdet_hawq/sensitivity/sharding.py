@@ -13,7 +13,7 @@ know nothing of ``torch.distributed``;
 mmengine process group.
 """
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -49,18 +49,25 @@ class Shard:
         return self.sum_fn(partial)
 
 
-def batch_generator(seed: int, sample: int, position: int) -> torch.Generator:
+def batch_generator(seed: int,
+                    sample: int,
+                    position: int,
+                    device: Union[str, torch.device] = 'cpu'
+                    ) -> torch.Generator:
     """Generator of the draws of one (sample, batch position): the same in
-    every process and on resume.
+    every process and on resume, on the same kind of device.
 
     Args:
         seed (int): The run's seed.
         sample (int): Index of the estimator sample.
         position (int): Position of the batch in the calibration set.
+        device (str | torch.device): Where the draws are made (the
+            weights' device). CPU and CUDA generators seeded alike give
+            different streams. Defaults to 'cpu'.
 
     Returns:
-        torch.Generator: A CPU generator seeded from all three.
+        torch.Generator: A generator on ``device`` seeded from all three.
     """
     state = np.random.SeedSequence([int(seed), int(sample), int(position)])
-    return torch.Generator().manual_seed(
+    return torch.Generator(device=device).manual_seed(
         int(state.generate_state(1, np.uint64)[0] >> np.uint64(1)))

@@ -160,7 +160,7 @@ def note_unused(result: TraceResult, names: Sequence[str],
 
 
 #: ``sample_sums(index) → (L,) float64`` per-layer sums of one sample over
-#: this process's batches (before the cross-process sum).
+#: this process's batches (before the cross-process sum), on any device.
 SampleSums = Callable[[int], torch.Tensor]
 
 
@@ -202,7 +202,8 @@ def sample_traces(result: TraceResult, sample_sums: SampleSums, tol: float,
     numels = torch.tensor(result.numels, dtype=torch.float64)
     while not should_stop(result, tol, min_samples, max_samples):
         start = time.perf_counter()
-        total = shard.sum(sample_sums(result.num_samples))
+        # the one device-to-host copy of a sample
+        total = shard.sum(sample_sums(result.num_samples)).cpu()
         row = (total / numels).tolist()
         check_finite(row, result.names,
                      f'{result.estimator} trace sample '

@@ -339,3 +339,49 @@ def test_calibration_subset_does_not_use_mmengines_shared_copy_memo(
     assert len(loader.dataset) == len(img_ids) == 4
     batch = next(iter(loader))
     assert len(batch['inputs']) == 4  # batch_size 4 by default
+
+
+def faulty_pack(*args, **kwargs):
+    """The hook's packing step with a bug (a numpy call on a CUDA tensor)."""
+    raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+
+def test_unexpected_error_in_the_runner_names_its_origin(tiny_cfg, tmp_path,
+                                                         monkeypatch):
+    """mmengine's call_hook re-raises a hook's TypeError ``from None`` as
+    '... in <hook>': the hook reports it with its file, line and traceback
+    instead."""
+    from mmdet_hawq.engine.hooks import quantization_hook
+    from mmdet_hawq.errors import HawqInternalError
+    monkeypatch.setattr(quantization_hook, 'pack_state_dict', faulty_pack)
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.work_dir = str(tmp_path)
+    cfg.custom_hooks = [dict(type='DistillSensitivityHook', metric='uniform',
+                             bits=4)]
+    with pytest.raises(HawqInternalError) as err:
+        Runner.from_cfg(cfg).test()
+    line = faulty_pack.__code__.co_firstlineno + 2
+    assert str(err.value) == (
+        f'internal error in mmdet-hawq at {__file__}:{line} in faulty_pack: '
+        "TypeError: can't convert cuda:0 device type tensor to numpy")
+    details = err.value.details
+    assert f'File "{__file__}", line {line}, in faulty_pack' in details
+    assert 'in before_test' in details and 'in _write_outputs' in details
+    assert isinstance(err.value.__cause__, TypeError)
+
+
+def test_user_error_in_the_runner_is_not_an_internal_error(
+        tiny_cfg, tmp_path, monkeypatch):
+    from mmdet_hawq.engine.hooks import quantization_hook
+
+    def bad_input(*args, **kwargs):
+        raise HawqUserError('the packed file cannot be written')
+
+    monkeypatch.setattr(quantization_hook, 'pack_state_dict', bad_input)
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.work_dir = str(tmp_path)
+    cfg.custom_hooks = [dict(type='DistillSensitivityHook', metric='uniform',
+                             bits=4)]
+    with pytest.raises(HawqUserError, match='^the packed file cannot be '
+                       'written$'):
+        Runner.from_cfg(cfg).test()

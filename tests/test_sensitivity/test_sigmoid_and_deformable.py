@@ -149,4 +149,5 @@ def test_pytorch_deformable_attention_replaces_the_compiled_kernel():
         out = kernel.apply(value, shapes, torch.tensor([0, 16]), loc, w, 64)
     assert msda.MultiScaleDeformableAttnFunction is compiled
     ref = msda.multi_scale_deformable_attn_pytorch(value, shapes, loc, w)
-    assert torch.equal(out, ref)
+    # float64: the gather-based sampling and grid_sample agree to round-off
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

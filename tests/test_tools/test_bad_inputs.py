@@ -1,13 +1,16 @@
 """tools/ptq.py, and mmdet's own tools/test.py where the case reaches the
 plugin, on bad inputs (issue 15): each case exits non-zero with exactly one
 stderr line starting ``error:``, and leaves its input files byte-identical.
-Most fail before any data is loaded."""
+Most fail before any data is loaded, and under tools/ptq.py before the
+Runner is built (no mmengine log first). An unexpected exception inside the
+hook (a bug) names where it was raised instead."""
 import copy
 import hashlib
 import json
 import os
 import os.path as osp
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +21,7 @@ import torch
 from mmengine.config import Config
 
 import mmdet
-from ..conftest import ROOT
+from ..conftest import ROOT, mmdet_config
 
 #: The user's environment: Python's default warning filters, which
 #: conftest's ``run_tool`` turns off (a clean run prints no warning).
@@ -279,6 +282,65 @@ def case_nonfinite_outputs(tmp_path, tiny_cfg):
              'batch 1 of 2 (images ', '.png', 'check that the checkpoint'])
 
 
+def annotations_only(tiny_cfg, root):
+    """A data root with the tiny data's annotations and no image."""
+    shutil.copytree(
+        osp.join(tiny_cfg.test_dataloader.dataset.data_root, 'annotations'),
+        root / 'annotations')
+    return root
+
+
+def case_missing_image_folder(tmp_path, tiny_cfg):
+    # once the whole quantization, then a 515-line DataLoader traceback
+    root = annotations_only(tiny_cfg, tmp_path / 'noimages')
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+             f'test_dataloader.dataset.data_root={root}/'], [cfg],
+            [f"test split image folder '{root}/val/' does not exist",
+             'make data', 'data_prefix.img'])
+
+
+def case_missing_calibration_images(tmp_path, tiny_cfg):
+    root = annotations_only(tiny_cfg, tmp_path / 'noimages')
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
+        metric='outquant', target_bits=4, sensitivity=dict(
+            num_images=4, batch_size=2, min_samples=2, max_samples=2)))
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+             f'train_dataloader.dataset.data_root={root}/'], [cfg],
+            [f"calibration set image folder '{root}/train/' does not exist",
+             'make data', 'train_dataloader.dataset'])
+
+
+def case_empty_image_folder(tmp_path, tiny_cfg):
+    # the folder is there, its images are not: found on the test split's
+    # first image, before the hook's first step
+    root = annotations_only(tiny_cfg, tmp_path / 'noimages')
+    (root / 'val').mkdir()
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+             f'test_dataloader.dataset.data_root={root}/'], [cfg],
+            [f"test split image '{root}/val/", ".png' does not exist",
+             'make data'])
+
+
+def case_unsupported_detector(tmp_path, tiny_cfg):
+    # once named only after the checkpoint was loaded: a DETR checkpoint
+    # stopped it with a key mismatch instead
+    cfg = Config.fromfile(
+        mmdet_config('retinanet/retinanet_r50_fpn_1x_coco.py'))
+    for key in ('custom_imports', 'train_dataloader', 'val_dataloader',
+                'test_dataloader', 'val_evaluator', 'test_evaluator',
+                'load_from'):
+        cfg[key] = copy.deepcopy(tiny_cfg[key])
+    cfg.custom_hooks = [dict(type='DistillSensitivityHook', metric='uniform',
+                             bits=4)]
+    path = tmp_path / 'retinanet.py'
+    cfg.dump(str(path))
+    return ([str(path), '--work-dir', str(tmp_path / 'w')], [path],
+            ['detector type RetinaNet', 'not supported',
+             'DINO, DeformableDETR'])
+
+
 CASES = [
     case_nan_checkpoint, case_work_dir_under_a_file,
     case_config_syntax_error, case_base_config_syntax_error,
@@ -291,6 +353,8 @@ CASES = [
     case_truncated_checkpoint, case_checkpoint_of_another_model,
     case_bit_range_out_of_range, case_missing_data,
     case_empty_calibration_set, case_missing_config, case_nonfinite_outputs,
+    case_missing_image_folder, case_missing_calibration_images,
+    case_empty_image_folder, case_unsupported_detector,
 ]
 #: The cases that reach the plugin through mmdet's test.py; the others stop
 #: in mmengine before it (config syntax, missing config or checkpoint
@@ -302,10 +366,18 @@ MMDET_TEST_CASES = [
     case_zero_batch_size, case_bit_range_not_a_pair,
     case_pattern_matches_nothing, case_nonfinite_outputs,
     case_checkpoint_of_another_model, case_bit_range_out_of_range,
-    case_empty_calibration_set,
+    case_empty_calibration_set, case_missing_image_folder,
+    case_missing_calibration_images, case_empty_image_folder,
+    case_unsupported_detector,
 ]
 #: Cases found only on the calibration data, after the hook's first step.
 DATA_CASES = {case_nonfinite_outputs, case_empty_calibration_set}
+#: Cases tools/ptq.py finds only once the Runner is built (on the data it
+#: loads); it finds every other case before, with no mmengine log.
+RUNNER_CASES = DATA_CASES | {case_empty_image_folder}
+#: Lines tools/ptq.py may print on stdout before a case it finds before the
+#: Runner is built (the Runner's log alone is hundreds).
+EARLY_STDOUT_LINES = 5
 
 
 def stderr_lines(proc):
@@ -330,6 +402,9 @@ def test_bad_input_is_one_error_line(case, tmp_path, tiny_cfg):
     before = sha256s(inputs)
     proc = run_tool('tools/ptq.py', *args)
     check_one_error_line(proc, case, tmp_path, inputs, before, expected)
+    if case not in RUNNER_CASES:
+        assert len(proc.stdout.splitlines()) <= EARLY_STDOUT_LINES, \
+            proc.stdout[-3000:]
 
 
 @pytest.mark.parametrize('case', MMDET_TEST_CASES,
@@ -425,6 +500,113 @@ def test_excepthook_handles_only_user_errors(monkeypatch, capsys):
     hook(errors.HawqUserError, errors.HawqUserError('bad plan'), None)
     assert seen == [ValueError, errors.HawqUserError]
     assert capsys.readouterr().err == ''
+
+
+#: Runs a tool (its path, then its arguments) with the hook's packing step
+#: raising ``ERROR``: an unexpected error, or a user error.
+FAULT_SCRIPT = """import runpy
+import sys
+
+from mmdet_hawq.engine.hooks import quantization_hook
+from mmdet_hawq.errors import HawqUserError  # noqa: F401
+
+
+def faulty_pack(*args, **kwargs):
+    raise ERROR("can't convert cuda:0 device type tensor to numpy")
+
+
+quantization_hook.pack_state_dict = faulty_pack
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+CUDA_MESSAGE = "can't convert cuda:0 device type tensor to numpy"
+
+
+def run_with_fault(tmp_path, tiny_cfg, tool, error):
+    """``tool`` (ptq.py or mmdet's test.py) on the tiny DETR, uniform 4-bit,
+    with the packing step raising ``error``; returns the process and
+    ``FILE:LINE`` of the raise."""
+    script = tmp_path / 'fault.py'
+    script.write_text(FAULT_SCRIPT.replace('ERROR', error))
+    line = next(i for i, text in enumerate(FAULT_SCRIPT.splitlines(), 1)
+                if 'raise ERROR' in text)
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    args = [str(cfg), '--work-dir', str(tmp_path / 'w')]
+    if tool == 'mmdet_test':
+        proc = run_tool(str(script), MMDET_TEST, *mmdet_test_args(args),
+                        env=MMDET_TEST_ENV)
+    else:
+        proc = run_tool(str(script), 'tools/ptq.py', *args)
+    return proc, f'{script}:{line}'
+
+
+@pytest.mark.parametrize('tool', ['ptq', 'mmdet_test'])
+def test_internal_error_names_its_origin(tool, tmp_path, tiny_cfg):
+    """A bug inside the hook (here a TypeError, which mmengine's call_hook
+    re-raises ``from None`` as '... in <hook>') shows the file and line of
+    the raise and the original traceback."""
+    proc, where = run_with_fault(tmp_path, tiny_cfg, tool, 'TypeError')
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = stderr_lines(proc)
+    assert lines[0] == (f'internal error in mmdet-hawq at {where} in '
+                        f'faulty_pack: TypeError: {CUDA_MESSAGE}'), \
+        proc.stderr[-3000:]
+    script, line = where.rsplit(':', 1)
+    assert lines[1] == 'Traceback (most recent call last):'
+    assert f'File "{script}", line {line}, in faulty_pack' in proc.stderr
+    assert 'in before_test' in proc.stderr  # the hook's own frames
+    assert lines[-1] == f'TypeError: {CUDA_MESSAGE}'
+    assert ' in <mmdet_hawq.' not in proc.stderr  # not mmengine's wrapper
+
+
+@pytest.mark.parametrize('tool', ['ptq', 'mmdet_test'])
+def test_user_error_in_the_hook_stays_one_line(tool, tmp_path, tiny_cfg):
+    proc, _ = run_with_fault(tmp_path, tiny_cfg, tool, 'HawqUserError')
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert stderr_lines(proc) == [f'error: {CUDA_MESSAGE}']
+
+
+def test_report_internal_errors_passes_what_is_not_a_bug():
+    from mmdet_hawq.errors import (HawqInternalError, HawqUserError,
+                                   report_internal_errors)
+
+    def raising(error):
+        @report_internal_errors
+        def entry():
+            raise error
+        return entry
+
+    for error in (HawqUserError('bad plan'), KeyboardInterrupt(),
+                  SystemExit(3)):
+        with pytest.raises(type(error)):
+            raising(error)()
+    with pytest.raises(HawqInternalError) as err:
+        raising(ValueError('bug'))()
+    assert str(err.value).endswith(' in entry: ValueError: bug')
+    assert isinstance(err.value.__cause__, ValueError)
+    # the wrapper's own frame is left out of the traceback
+    assert err.value.details.count('File "') == 1
+
+
+def test_excepthook_reports_internal_errors(monkeypatch, capsys):
+    from mmdet_hawq import errors
+    seen = []
+    monkeypatch.setattr(sys, 'excepthook',
+                        lambda exc_type, exc, tb: seen.append(exc_type))
+    monkeypatch.setattr(errors, '_in_process_group', lambda: False)
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    errors.install_excepthook()
+    error = errors.HawqInternalError('internal error in mmdet-hawq at f.py:3'
+                                     ' in g: TypeError: x', 'Traceback ...\n')
+    with pytest.raises(SystemExit) as stop:
+        sys.excepthook(type(error), error, None)
+    assert stop.value.code == 1 and not seen
+    assert capsys.readouterr().err == (
+        'internal error in mmdet-hawq at f.py:3 in g: TypeError: x\n'
+        'Traceback ...\n')
+    monkeypatch.setenv(errors.TRACEBACK_ENV, '1')  # Python's own report
+    sys.excepthook(type(error), error, None)
+    assert seen == [errors.HawqInternalError]
 
 
 def test_excepthook_ends_an_interrupt_once_work_is_saved(monkeypatch,

@@ -9,18 +9,29 @@ from ..conftest import run_tool
 
 
 def test_cpu_smoke_run_on_the_small_dino(tmp_path):
+    """Every row of a model that runs, and a model that cannot be built:
+    its row records the error, the run goes on and the JSON is written."""
     out = tmp_path / 'gpu.json'
     proc = run_tool('tools/benchmark_gpu.py', '--device', 'cpu', '--height',
-                    '64', '--width', '64', '--models',
+                    '64', '--width', '64', '--models', 'configs/missing.py',
                     'configs/dino_tiny_shapes.py', '--repeats', '1',
-                    '--out', str(out))
+                    '--step-images', '2', '--step-samples', '2', '--out',
+                    str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row, ) = json.load(open(out))['models']
+    missing, row = json.load(open(out))['models']
+    assert missing['config'] == 'configs/missing.py'
+    assert 'missing.py' in missing['error'] and missing['where']
+    assert 'FAILED' in proc.stdout
     assert row['type'] == 'DINO' and row['weights'] > 50
-    for key in ('forward_backward', 'gauss_newton_sample',
-                'hutchinson_sample'):
-        assert row[key]['seconds'] > 0
-    assert row['forward_backward']['x_forward_backward'] == 1.0
+    for key in ('forward_backward', 'gauss_newton_sample', 'hvp',
+                'hutchinson_sample', 'sensitivity_step'):
+        assert row[key]['seconds'] > 0, (key, row[key])
+    assert row['sensitivity_step']['images'] == 2
+    assert row['sensitivity_step']['samples'] == 2
+    ratio = row['hutchinson_sample']['x_hvp']
+    assert ratio == pytest.approx(row['hutchinson_sample']['seconds'] /
+                                  row['hvp']['seconds'], abs=1e-3)
+    assert row['gauss_newton_profile']['by_cpu'][0]['calls'] >= 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is present')

@@ -118,3 +118,25 @@ def test_gptq_config_and_its_uniform_baseline(tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '(avg 3.000 bits, GPTQ rounding)' in proc.stdout
     assert '(outquant, GPTQ rounding, avg 2.' in proc.stdout
+
+
+def test_gptq_warnings_are_repeated_in_the_summary(tmp_path, tiny_cfg):
+    """GPTQ from one calibration image: the log's 'too small' warning is
+    also a line of the final summary."""
+    import copy
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.custom_hooks = [dict(
+        type='DistillSensitivityHook', metric='uniform', bits=4,
+        rounding='gptq', save_packed=False,
+        sensitivity=dict(num_images=1, batch_size=1))]
+    path = tmp_path / 'gptq.py'
+    cfg.dump(str(path))
+    proc = run_tool('tools/ptq.py', str(path), '--work-dir',
+                    str(tmp_path / 'w'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = proc.stdout.split('== mmdet-hawq PTQ summary ==')[1]
+    warned = [ln for ln in summary.splitlines()
+              if ln.startswith('warning    ')]
+    assert len(warned) == 1, summary
+    assert 'gptq: the calibration set is too small for' in warned[0]
+    assert 'use more calibration images' in warned[0]

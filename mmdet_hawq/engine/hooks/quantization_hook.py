@@ -13,14 +13,22 @@ only orchestrates; each step lives in its own module:
    grid (:mod:`mmdet_hawq.engine.rounding`);
 4. write the plan, the per-layer report, the summary and optionally a packed
    low-bit checkpoint to ``<work_dir>/<out_subdir>/``.
+
+Before any work, ``before_run`` stops an unsupported detector (before the
+checkpoint is loaded) and ``before_test`` checks the data files. An
+unexpected exception in an entry point becomes a
+:class:`~mmdet_hawq.errors.HawqInternalError` that names where it was raised
+(mmengine's ``call_hook`` would hide a ``TypeError``'s traceback).
 """
 import difflib
 import inspect
+import logging
 import math
 import os
 import os.path as osp
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.dist import is_main_process
@@ -28,9 +36,9 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
-from ...errors import (HawqUserError, set_interrupt_note,
-                       terminate_as_interrupt)
-from ...models import class_activation, default_min_bits
+from ...errors import (HawqUserError, report_internal_errors,
+                       set_interrupt_note, terminate_as_interrupt)
+from ...models import class_activation, default_min_bits, detector_family
 from ...quant import (DEFAULT_EXCLUDE, apply_plan, bit_floors, check_bits,
                       check_plan_bits, list_weights, load_plan,
                       pack_state_dict, plan_stats, quantizable_weights,
@@ -41,8 +49,8 @@ from ...report import (plot_bits, write_layer_report,
 from ...sensitivity import saved_samples_note
 from ..checkpoint import check_finite, prepare_state_dict
 from ..critical import critical_indices
-from ..pipeline import (calibration_classes, resolve_settings,
-                        sensitivity_plan)
+from ..pipeline import (calibration_classes, check_data_files, check_images,
+                        resolve_settings, sensitivity_plan)
 from ..rounding import (calibration_batches, gptq_error_scales, gptq_round,
                         resolve_gptq)
 
@@ -176,6 +184,13 @@ class DistillSensitivityHook(Hook):
         self.out_subdir = out_subdir
         self.summary: Dict = {}
 
+    @report_internal_errors
+    def before_run(self, runner) -> None:
+        """Stop an unsupported detector before the checkpoint is loaded
+        (one line, instead of a key mismatch with a DETR checkpoint)."""
+        detector_family(unwrap(runner.model))
+
+    @report_internal_errors
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Make the Runner's checkpoint load strict, before it loads.
 
@@ -184,9 +199,8 @@ class DistillSensitivityHook(Hook):
         :class:`~mmdet_hawq.errors.HawqUserError` names what differs (see
         :func:`~mmdet_hawq.engine.checkpoint.prepare_state_dict`).
         """
-        model = runner.model.module if is_model_wrapper(
-            runner.model) else runner.model
-        prepare_state_dict(model, checkpoint, runner.cfg.get('load_from'))
+        prepare_state_dict(unwrap(runner.model), checkpoint,
+                           runner.cfg.get('load_from'))
 
     def check_model(self, model: torch.nn.Module,
                     source: Optional[str] = None,
@@ -255,12 +269,48 @@ class DistillSensitivityHook(Hook):
             return None
         return calibration_classes(cfg, self.sensitivity)
 
+    def reads_calibration(self) -> bool:
+        """Whether the hook reads calibration images (the sensitivity
+        metrics, GPTQ rounding)."""
+        return self.metric not in ('uniform', 'plan') or \
+            self.rounding == 'gptq'
+
+    def check_data(self, cfg) -> None:
+        """The annotation files and image folders the run reads exist (the
+        test split's, and the calibration set's when the hook reads one);
+        no data is loaded.
+
+        Args:
+            cfg (mmengine.Config): The run's config.
+
+        Raises:
+            HawqUserError: One line naming the missing file or folder.
+        """
+        check_data_files(cfg, self.sensitivity
+                         if self.reads_calibration() else None)
+
+    @report_internal_errors
     def before_test(self, runner) -> None:
-        """Quantize ``runner.model`` in place and write the reports."""
-        model = runner.model.module if is_model_wrapper(
-            runner.model) else runner.model
+        """Quantize ``runner.model`` in place and write the reports.
+
+        Checks first, before any work: the model (:meth:`check_model`), the
+        data files (:meth:`check_data`) and the test split's first image.
+        The warnings logged while quantizing are repeated in the summary.
+        """
+        model = unwrap(runner.model)
         self.check_model(model, runner.cfg.get('load_from'),
                          self.declared_classes(runner.cfg))
+        self.check_data(runner.cfg)
+        test_set = runner.test_dataloader.dataset
+        check_images(test_set, range(min(1, len(test_set))), 'test split')
+        with logged_warnings(runner.logger) as warned:
+            self._quantize(runner, model, warned)
+
+    def _quantize(self, runner, model: torch.nn.Module,
+                  warned: List[str]) -> None:
+        """Plan, round and report (:meth:`before_test` after its checks);
+        ``warned``, filled with the warnings logged meanwhile, goes into the
+        summary."""
         out_dir = osp.join(runner.work_dir, self.out_subdir)
         os.makedirs(out_dir, exist_ok=True)
         start = time.time()
@@ -314,7 +364,8 @@ class DistillSensitivityHook(Hook):
             num_quantized=len(quantized),
             seconds=round(time.time() - start, 2),
             plan_seconds=round(plan_seconds, 2),
-            rounding_seconds=round(rounding_seconds, 2), **stats)
+            rounding_seconds=round(rounding_seconds, 2), warnings=warned,
+            **stats)
         if self.rounding == 'gptq':
             self.summary['gptq'] = dict(self.gptq)
         if is_main_process():
@@ -380,6 +431,41 @@ class DistillSensitivityHook(Hook):
             row.update(extra.get(info.name, {}))
             rows.append(row)
         return rows
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The detector inside a model wrapper (DDP), or ``model`` itself."""
+    return model.module if is_model_wrapper(model) else model
+
+
+class _WarningLog(logging.Handler):
+    """Keeps the messages of the warnings a logger emits."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep ``record``'s message."""
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def logged_warnings(logger: logging.Logger) -> Iterator[List[str]]:
+    """The messages of the warnings ``logger`` emits inside the block.
+
+    Args:
+        logger (logging.Logger): E.g. the Runner's logger.
+
+    Yields:
+        list[str]: Filled as warnings are logged.
+    """
+    handler = _WarningLog()
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def hook_arguments() -> List[str]:
