@@ -47,12 +47,6 @@ HOST_BY_DESIGN = {
     "ONNX Runtime's outputs are host arrays",
     ('deploy/onnx_runtime.py', 'boxes = torch.as_tensor(np.asarray(boxes))'):
     "ONNX Runtime's outputs are host arrays",
-    ('quant/packing.py',
-     'return torch.from_numpy(np.packbits(planes.reshape(-1),'):
-    'packed codes are written to a checkpoint file (host by design)',
-    ('quant/packing.py',
-     'return torch.from_numpy((u - qmax(bits)).astype(np.int8))'):
-    'unpacks a checkpoint read from disk (host by construction)',
 }
 
 

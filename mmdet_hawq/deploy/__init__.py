@@ -12,8 +12,7 @@ from .onnx_export import (ONNX_OPSET, DequantizeLinearFunction,
                           onnx_weight_summary, operator_layers, pack_int4)
 from .packed_weights import (PackedWeight, attach_packed_weights,
                              load_packed, module_weight_bytes,
-                             packed_entry_codes, pad_packed_codes,
-                             unpack_codes_torch)
+                             packed_entry_codes)
 
 __all__ = [
     'ONNX_OPSET', 'DequantizeLinearFunction', 'DetectorOnnxWrapper',
@@ -21,5 +20,5 @@ __all__ = [
     'export_onnx', 'lower_quantized_weights', 'onnx_weight_summary',
     'operator_layers', 'pack_int4', 'PackedWeight',
     'attach_packed_weights', 'load_packed', 'module_weight_bytes',
-    'packed_entry_codes', 'pad_packed_codes', 'unpack_codes_torch'
+    'packed_entry_codes'
 ]

@@ -20,13 +20,13 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import HawqUserError, short_list
-from ..quant.packing import is_packed, unpack_checkpoint, unpack_codes
+from ..quant.packing import (is_packed, pack_planes, pad_packed_codes,
+                             unpack_checkpoint, unpack_codes, unpack_planes)
 from ..quant.quantizer import dequantize, qmax, quantize_weight
 
 __all__ = [
     'PackedWeight', 'attach_packed_weights', 'load_packed',
-    'module_weight_bytes', 'pad_packed_codes', 'packed_entry_codes',
-    'split_weight_name', 'unpack_codes_torch'
+    'module_weight_bytes', 'packed_entry_codes', 'split_weight_name'
 ]
 
 
@@ -57,109 +57,14 @@ def split_weight_name(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     return owner, attr
 
 
-def pad_packed_codes(data: torch.Tensor, bits: int,
-                     numel: int) -> torch.Tensor:
-    """Packed codes rearranged for unpacking: byte planes.
-
-    Every 8 codes fill exactly ``bits`` bytes of the packed stream; the
-    stream is padded to whole groups of 8 and laid out as ``bits`` rows, row
-    ``j`` holding byte ``j`` of every group. Same bytes, other order: each
-    row is then read by contiguous (vectorised) shifts.
-
-    Args:
-        data (Tensor): uint8, ``ceil(numel * bits / 8)`` bytes, as
-            :func:`~mmdet_hawq.quant.packing.pack_codes` writes them.
-        bits (int): Bit-width, 2 to 8.
-        numel (int): Number of codes.
-
-    Returns:
-        Tensor: uint8, shape (bits, ceil(numel / 8)), contiguous.
-    """
-    groups = -(-numel // 8)
-    flat = data.reshape(-1).to(torch.uint8)
-    if flat.numel() > groups * bits:
-        raise ValueError(f'{flat.numel()} bytes hold more than {numel} '
-                         f'{bits}-bit codes')
-    if flat.numel() < groups * bits:
-        flat = torch.cat([flat, flat.new_zeros(groups * bits - flat.numel())])
-    return flat.reshape(groups, bits).t().contiguous()
-
-
-#: Below this many codes a weight is unpacked by a few ops over all 8
-#: codes of a group at once (fewer calls); above, code by code (fewer
-#: passes over memory).
-_SMALL = 1 << 16
-
-_PLANE_INDEX: Dict[Tuple[int, torch.device], Tuple[torch.Tensor, ...]] = {}
-
-
-def _plane_index(bits: int,
-                 device: torch.device) -> Tuple[torch.Tensor, ...]:
-    """For code ``k`` of a group of 8: its first byte plane, the next one
-    (the last plane again at the end), the right shift, the left shift of
-    the next plane (8: nothing) and the mask, as (8,) / (8, 1) tensors on
-    ``device`` (made once per bit-width and device)."""
-    if (bits, device) not in _PLANE_INDEX:
-        first = [k * bits // 8 for k in range(8)]
-        offset = [k * bits % 8 for k in range(8)]
-        _PLANE_INDEX[bits, device] = (
-            torch.tensor(first, device=device),
-            torch.tensor([min(f + 1, bits - 1) for f in first],
-                         device=device),
-            torch.tensor(offset, dtype=torch.uint8, device=device)[:, None],
-            torch.tensor([8 - o if o + bits > 8 else 8 for o in offset],
-                         dtype=torch.uint8, device=device)[:, None])
-    return _PLANE_INDEX[bits, device]
-
-
-def unpack_codes_torch(planes: torch.Tensor, bits: int,
-                       numel: int) -> torch.Tensor:
-    """Signed codes from byte planes, in torch (no numpy round trip).
-
-    Same result as :func:`~mmdet_hawq.quant.packing.unpack_codes`: code
-    ``i`` is the unsigned value in bits ``[i*bits, (i+1)*bits)`` of the
-    little-endian bit stream, minus ``2^(bits-1) - 1``. Code ``k`` of a
-    group of 8 lies in at most two of the group's ``bits`` bytes, so it is
-    read for all groups at once by uint8 shifts of one or two contiguous
-    byte planes; the offset is subtracted modulo 256 and the bytes are
-    viewed as int8.
-
-    Args:
-        planes (Tensor): uint8 (bits, ceil(numel / 8)) from
-            :func:`pad_packed_codes`.
-        bits (int): Bit-width, 2 to 8.
-        numel (int): Number of codes.
-
-    Returns:
-        Tensor: int8 codes, shape (numel,).
-    """
-    mask = (1 << bits) - 1
-    if numel < _SMALL:
-        first, second, right, left = _plane_index(bits, planes.device)
-        codes = (planes.index_select(0, first) >> right).bitwise_or_(
-            planes.index_select(0, second) << left).bitwise_and_(mask)
-        unsigned = codes.t().reshape(-1)[:numel]
-    else:
-        columns = []
-        for k in range(8):
-            first, offset = divmod(k * bits, 8)
-            column = planes[first] >> offset if offset else planes[first]
-            if offset + bits > 8:  # continues in the next byte
-                column = column | (planes[first + 1] << (8 - offset))
-            if offset + bits != 8:  # bits above the code's are set
-                column = column & mask
-            columns.append(column)
-        unsigned = torch.stack(columns, 1).reshape(-1)[:numel]
-    return unsigned.sub_(qmax(bits)).view(torch.int8)
-
-
 class PackedWeight(nn.Module):
     """Parametrization: packed codes and scale → the dequantized weight.
 
     Registered with :func:`torch.nn.utils.parametrize.register_parametrization`
     its two originals are buffers: ``original0``, the packed codes as byte
-    planes (uint8 (bits, ceil(numel / 8)), :func:`pad_packed_codes`: the
-    file's bytes plus at most ``bits - 1`` of padding), and ``original1``,
+    planes (uint8 (bits, ceil(numel / 8)),
+    :func:`~mmdet_hawq.quant.packing.pad_packed_codes`: the file's bytes
+    plus at most ``bits - 1`` of padding), and ``original1``,
     the scale (0-d, or broadcastable to the weight with size 1 off
     ``axis``). Register it on a buffer (as :func:`attach_packed_weights`
     does) or on a parameter without gradient: parametrize would make the
@@ -213,7 +118,7 @@ class PackedWeight(nn.Module):
         Returns:
             Tensor: The dequantized weight, shape ``self.shape``.
         """
-        codes = unpack_codes_torch(data, self.bits, self.numel)
+        codes = unpack_planes(data, self.bits, self.numel)
         weight = dequantize(codes.reshape(self.shape), scale, self.dtype)
         if self.requires_grad:  # a leaf: made from buffers
             weight.requires_grad_(True)
@@ -236,27 +141,11 @@ class PackedWeight(nn.Module):
             return pad_packed_codes(data, self.bits, self.numel), scale
         qw = quantize_weight(weight, self.bits, self.axis)
         flat = (qw.codes.reshape(-1).to(torch.int64) + qmax(self.bits))
-        data = _pack_torch(flat, self.bits)
+        data = pack_planes(flat, self.bits)
         return data, qw.scale
 
     def extra_repr(self) -> str:
         return (f'bits={self.bits}, shape={self.shape}, axis={self.axis}')
-
-
-def _pack_torch(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`unpack_codes_torch` for unsigned codes (int64):
-    byte planes (bits, ceil(numel / 8))."""
-    numel = unsigned.numel()
-    groups = -(-numel // 8)
-    padded = torch.zeros(groups * 8, dtype=torch.int64,
-                         device=unsigned.device)
-    padded[:numel] = unsigned.reshape(-1)
-    codes = padded.reshape(groups, 8)
-    word = codes[:, 0].clone()
-    for i in range(1, 8):  # OR, not sum: 8-bit fields reach the sign bit
-        word.bitwise_or_(codes[:, i] << (i * bits))
-    planes = [(word >> (8 * k)).bitwise_and_(255) for k in range(bits)]
-    return torch.stack(planes).to(torch.uint8)
 
 
 def packed_entry_codes(entry: Mapping) -> torch.Tensor:

@@ -9,30 +9,11 @@ import torch.nn as nn
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-import mmdet_hawq.deploy.packed_weights as pw
-from mmdet_hawq.deploy import (PackedWeight, load_packed, module_weight_bytes,
-                               pad_packed_codes, unpack_codes_torch)
+from mmdet_hawq.deploy import PackedWeight, load_packed, module_weight_bytes
 from mmdet_hawq.errors import HawqUserError
-from mmdet_hawq.quant import (fake_quantize, pack_codes,
-                              quantizable_weights, quantize_weight,
-                              uniform_plan, unpack_codes)
+from mmdet_hawq.quant import fake_quantize, quantizable_weights, uniform_plan
 
 from .conftest import make_packed
-
-
-@pytest.mark.parametrize('small', [True, False])
-@pytest.mark.parametrize('bits', range(2, 9))
-def test_unpack_codes_torch_matches_numpy(bits, small, monkeypatch):
-    # both code paths: few ops for small weights, per code for large ones
-    monkeypatch.setattr(pw, '_SMALL', 1 << 30 if small else 0)
-    for numel in (1, 7, 8, 9, 1001):
-        codes = quantize_weight(torch.randn(numel), bits).codes
-        data = pack_codes(codes, bits)
-        planes = pad_packed_codes(data, bits, numel)
-        assert planes.shape == (bits, -(-numel // 8))
-        out = unpack_codes_torch(planes, bits, numel)
-        assert out.dtype == torch.int8
-        assert torch.equal(out, unpack_codes(data, bits, numel))
 
 
 def test_assigning_a_weight_quantizes_it():
