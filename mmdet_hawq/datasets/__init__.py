@@ -1,9 +1,9 @@
 from .shapes_dataset import ShapesDataset
-from .synthetic_shapes import (SHAPES_CLASSES, ShapesSpec, dataset_is_complete,
+from .synthetic_shapes import (SHAPES_CLASSES, ShapesSpec,
                                generate_shapes_dataset, generate_split,
                                render_image)
 
 __all__ = [
-    'ShapesDataset', 'SHAPES_CLASSES', 'ShapesSpec', 'dataset_is_complete',
+    'ShapesDataset', 'SHAPES_CLASSES', 'ShapesSpec',
     'generate_shapes_dataset', 'generate_split', 'render_image'
 ]

@@ -10,7 +10,6 @@ The output loads through mmdet's ``CocoDataset`` with
 category ids are ``1..K`` in the order of ``SHAPES_CLASSES``.
 """
 import json
-import os.path as osp
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -217,10 +216,3 @@ def generate_shapes_dataset(out_dir: str, num_train: int = 3000,
         'train': generate_split(out_dir, 'train', num_train, seed, spec),
         'val': generate_split(out_dir, 'val', num_val, seed + 1, spec),
     }
-
-
-def dataset_is_complete(out_dir: str) -> bool:
-    """Whether both splits' annotation files exist under ``out_dir``."""
-    return all(
-        osp.isfile(osp.join(out_dir, 'annotations', f'instances_{s}.json'))
-        for s in ('train', 'val'))

@@ -30,8 +30,6 @@ __all__ = [
 #: QDQ fusions); by default it is ``'0'`` and they run at every inference.
 FOLD_DEQUANTIZE_KEY = 'session.disable_quant_qdq'
 
-_LEVELS = ('disable', 'basic', 'extended', 'all')
-
 
 def make_session(model_file: str,
                  threads: int = 1,

@@ -1,7 +1,6 @@
 from .cache import (cache_path, file_sha256, key_hash, load_cached,
                     save_cached, saved_samples_note)
-from .calibration import (class_histogram, distribution_distance,
-                          select_calibration_indices)
+from .calibration import class_histogram, select_calibration_indices
 from .critical import (fisher_draw, fold_softmax_logits,
                        folded_softmax_fisher_draw)
 from .double_backward import (double_backward_kernels,
@@ -20,7 +19,7 @@ from .traces import TraceResult, should_stop
 __all__ = [
     'cache_path', 'file_sha256', 'key_hash', 'load_cached', 'save_cached',
     'saved_samples_note',
-    'class_histogram', 'distribution_distance', 'select_calibration_indices',
+    'class_histogram', 'select_calibration_indices',
     'gauss_newton_traces', 'softmax_fisher_draw', 'sigmoid_fisher_draw',
     'fisher_draw', 'fold_softmax_logits', 'folded_softmax_fisher_draw',
     'double_backward_kernels', 'pytorch_deformable_attention',

@@ -64,13 +64,3 @@ def select_calibration_indices(cat_ids: Sequence[Sequence[int]],
         current += hists[k]
         chosen.append(int(pool[k]))
     return sorted(chosen)
-
-
-def distribution_distance(cat_ids: Sequence[Sequence[int]],
-                          indices: Sequence[int], num_classes: int) -> float:
-    """L1 distance between the subset's and the whole set's class
-    distributions (0 = identical, 2 = disjoint)."""
-    whole = class_histogram(cat_ids, num_classes)
-    part = class_histogram([cat_ids[i] for i in indices], num_classes)
-    return float(np.abs(part / max(part.sum(), 1) -
-                        whole / max(whole.sum(), 1)).sum())

@@ -1,7 +1,18 @@
+from typing import Sequence
+
 import numpy as np
 
-from mmdet_hawq.sensitivity import (distribution_distance,
-                                    select_calibration_indices)
+from mmdet_hawq.sensitivity import class_histogram, select_calibration_indices
+
+
+def distribution_distance(cat_ids: Sequence[Sequence[int]],
+                          indices: Sequence[int], num_classes: int) -> float:
+    """L1 distance between the subset's and the whole set's class
+    distributions (0 = identical, 2 = disjoint)."""
+    whole = class_histogram(cat_ids, num_classes)
+    part = class_histogram([cat_ids[i] for i in indices], num_classes)
+    return float(np.abs(part / max(part.sum(), 1) -
+                        whole / max(whole.sum(), 1)).sum())
 
 
 def test_selection_matches_distribution_and_is_deterministic():
