@@ -4,13 +4,14 @@
 #   tools/gpu_check.sh wheels
 #       here, with the package registries: the wheels a bare GPU machine
 #       lacks (mmengine, mmdet, pycocotools, ...) into .whl/ (ignored by git),
-#       mmcv 2.1.0 as a pure-Python wheel built from its sdist (no compiled
-#       ops). Needs the project's venv (make venv). About 6 MiB.
+#       and mmcv 2.1.0 as a pure-Python wheel: the venv's build with its
+#       compiled ops taken out. Needs the project's venv (make venv). 6 MiB.
 #   tools/gpu_check.sh [OUT_DIR]
 #       there, with no network: installs those wheels beside the machine's
 #       own torch, then runs the CUDA tests (pytest -m cuda), the GPU
-#       benchmark at 800x1333 and tools/ptq.py / mmdet's test.py on the
-#       shipped small models, writing at most 8 files into OUT_DIR (default
+#       benchmark at 800x1333, the deformable-attention benchmark and
+#       tools/ptq.py / mmdet's test.py on the shipped small models, writing
+#       at most 8 files into OUT_DIR (default
 #       $OUT, else results/gpu_check). Under 8 minutes on one H200.
 #
 # mmcv there has no compiled ops (mmcv builds them against one torch; none
@@ -154,9 +155,11 @@ ptq_runs() {
 export PY
 export -f ptq_runs
 
-step cuda_tests 150 $PY -m pytest -v -m cuda -p no:cacheprovider \
+step cuda_tests 140 $PY -m pytest -v -m cuda -p no:cacheprovider \
   --durations=8 -W ignore::DeprecationWarning tests
-step benchmark_gpu 140 $PY tools/benchmark_gpu.py --repeats 3 \
+step benchmark_gpu 130 $PY tools/benchmark_gpu.py --repeats 3 \
   --out "$OUT_DIR/benchmark_gpu.json"
-step ptq 150 bash -c ptq_runs
+step benchmark_bilinear 30 $PY tools/benchmark_bilinear.py --device cuda \
+  --repeats 10
+step ptq 140 bash -c ptq_runs
 exit $status

@@ -41,3 +41,15 @@ def test_no_cuda_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     lines = [x for x in proc.stderr.splitlines() if x.startswith('error:')]
     assert len(lines) == 1 and 'no CUDA device' in lines[0]
+
+
+def test_bilinear_benchmark_prints_three_steps_side_by_side():
+    proc = run_tool('tools/benchmark_bilinear.py', '--threads', '1',
+                    '--repeats', '1')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split('  ')[0]: line.split()[-1]
+            for line in proc.stdout.splitlines()
+            if line.startswith(('forward', 'double'))}
+    assert set(rows) == {'forward (no grad)', 'forward+backward',
+                         'double backward'}
+    assert all(float(r) > 0 for r in rows.values())
