@@ -31,7 +31,6 @@ from ..allocation.ilp import round_significant
 from ..errors import HawqUserError
 from ..models import (DISTILLATION_DEFAULTS, class_activation,
                       decoder_outputs, detector_family, distillation_outputs)
-from ..models.family import FAMILIES
 from ..quant import (error_terms, fake_quantize, quantize_weights_,
                      uniform_plan)
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
@@ -93,21 +92,15 @@ def check_detector_type(model_cfg: dict) -> None:
             mmdet's registry, or the class).
 
     Raises:
-        HawqUserError: The type (and none of its base classes) is in
-            :data:`~mmdet_hawq.models.family.FAMILIES`. An unregistered
+        HawqUserError: Neither the type nor a base class of it is in
+            :data:`~mmdet_hawq.models.family.FAMILIES`
+            (:func:`~mmdet_hawq.models.detector_family`). An unregistered
             type is left to mmengine's own error.
     """
     kind = model_cfg.get('type')
     cls = kind if isinstance(kind, type) else MODELS.get(kind)
-    if cls is None:
-        return
-    bases = {c.__name__ for c in cls.__mro__}
-    if not any(f.detector in bases for f in FAMILIES):
-        raise HawqUserError(
-            f'detector type {cls.__name__} (model.type of the config) is '
-            'not supported: the supported DETR-family detectors are '
-            f'{", ".join(f.detector for f in FAMILIES)} (and their '
-            'subclasses)')
+    if cls is not None:
+        detector_family(cls)
 
 
 def _dataset_files(ds_cfg: dict) -> Tuple[Optional[str], Optional[str]]:

@@ -20,7 +20,7 @@ kept here and nowhere else:
   name is still recognised.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -105,18 +105,23 @@ def default_min_bits(model: nn.Module) -> Dict[str, int]:
     return floors
 
 
-def detector_family(model: nn.Module) -> DetrFamily:
+def detector_family(model: Union[nn.Module, type]) -> DetrFamily:
     """The family of ``model`` (by its class or a base class).
+
+    Args:
+        model (nn.Module | type): A detector, or its class (to check a
+            config's ``model.type`` before anything is built).
 
     Raises:
         HawqUserError: The detector is not a supported DETR-family type.
     """
-    mro = [c.__name__ for c in type(model).__mro__]
+    cls = model if isinstance(model, type) else type(model)
+    mro = [c.__name__ for c in cls.__mro__]
     for family in FAMILIES:
         if family.detector in mro:
             return family
     raise HawqUserError(
-        f'detector type {type(model).__name__} is not supported: the '
+        f'detector type {cls.__name__} is not supported: the '
         'supported DETR-family detectors are '
         f'{", ".join(f.detector for f in FAMILIES)} (and their subclasses)')
 
