@@ -14,7 +14,8 @@ cache is read and written, and the ILP solved, on rank 0 only (:mod:`.dist`).
 """
 import copy
 import os.path as osp
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -357,6 +358,37 @@ def build_calibration(cfg, settings: dict):
     return loader, img_ids
 
 
+#: The settings that choose the calibration images.
+CALIBRATION_KEYS = ('num_images', 'batch_size', 'seed', 'dataset')
+
+
+@dataclass
+class Calibration:
+    """A run's calibration images, chosen and preprocessed once and shared
+    by the sensitivity step and GPTQ.
+
+    Attributes:
+        batches (list): Preprocessed batches (the model's data
+            preprocessor, on its device).
+        img_ids (list): The images' ids (part of the trace cache key).
+        classes (list[str]): The calibration dataset's class names.
+    """
+    batches: List[Any]
+    img_ids: List[Any]
+    classes: List[str]
+
+
+def calibration_set(cfg, model: nn.Module,
+                    sensitivity: Optional[dict]) -> Calibration:
+    """The calibration set of the hook's ``sensitivity`` settings (only
+    :data:`CALIBRATION_KEYS` are read), preprocessed by ``model``."""
+    settings = resolve_settings('outquant', {
+        k: v for k, v in (sensitivity or {}).items() if k in CALIBRATION_KEYS})
+    loader, img_ids = build_calibration(cfg, settings)
+    return Calibration(preprocess_batches(model, loader), img_ids,
+                       list(loader.dataset.dataset.metainfo['classes']))
+
+
 def _older_key(key: dict) -> Optional[dict]:
     """``key`` as releases before :data:`OLDER_KEYS_WITHOUT` wrote it (None
     when those settings are not at their old values)."""
@@ -395,9 +427,11 @@ def _cache_key(runner, metric: str, settings: dict, img_ids,
 
 def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
                    metric: str, settings: dict, out_dir: str,
+                   calibration: Calibration,
                    axis: Optional[int] = None,
                    influence_bits: Optional[int] = None) -> TraceResult:
-    """Per-layer traces of ``metric`` (from the cache when present).
+    """Per-layer traces of ``metric`` on ``calibration`` (from the cache
+    when present).
 
     The model's weights are float on entry and on exit; for ``outquant`` the
     student is put at the uniform 8-bit weights in between. With
@@ -407,15 +441,14 @@ def compute_traces(runner, model: nn.Module, weights: Dict[str, nn.Parameter],
     """
     family = detector_family(model)
     activation = class_activation(model)
-    loader, img_ids = build_calibration(runner.cfg, settings)
+    img_ids, batches = calibration.img_ids, calibration.batches
     critical = None
     if settings['critical_classes'] is not None:
-        classes = list(loader.dataset.dataset.metainfo['classes'])
+        classes = calibration.classes
         critical = critical_indices(settings['critical_classes'], classes)
         # column order: the same classes in another order are one objective
         settings = dict(settings,
                         critical_classes=[classes[i] for i in critical])
-    batches = preprocess_batches(model, loader)
     estimator = settings['estimator']
     key = _cache_key(runner, metric, settings, img_ids, axis,
                      next(iter(weights.values())).device)
@@ -494,7 +527,7 @@ def sensitivity_plan(runner, model: nn.Module,
                      weights: Dict[str, nn.Parameter], metric: str,
                      target_bits: float, bit_range: Sequence[int],
                      axis: Optional[int], settings: Optional[dict],
-                     out_dir: str,
+                     out_dir: str, calibration: Calibration,
                      min_bits: Optional[Dict[str, int]] = None,
                      error_scale: Optional[Dict[str, Dict[int, float]]] = None
                      ) -> Tuple[Dict[str, int], Dict[str, Dict], Dict]:
@@ -518,8 +551,8 @@ def sensitivity_plan(runner, model: nn.Module,
     runner.logger.info(
         f'sensitivity: {family.name} ({activation} class head), metric '
         f"{metric}, estimator {s['estimator']}, {what}")
-    result = compute_traces(runner, model, weights, metric, s, out_dir, axis,
-                            influence_bits=bit_range[0])
+    result = compute_traces(runner, model, weights, metric, s, out_dir,
+                            calibration, axis, influence_bits=bit_range[0])
     return run_on_main(_allocate, runner, result, weights, metric,
                        target_bits, bit_range, axis, s, min_bits, error_scale)
 

@@ -1,23 +1,22 @@
 """How the hook rounds weights to the plan's grid: nearest (the paper) or
 GPTQ (:mod:`mmdet_hawq.quant.gptq`), and GPTQ-aware error terms for the ILP.
 
-GPTQ reads the same calibration images as the sensitivity step (the
-``sensitivity`` settings ``num_images``, ``batch_size``, ``seed`` and
-``dataset``), run through the whole detector
+GPTQ reads the sensitivity step's calibration set, built once per run
+(:func:`~mmdet_hawq.engine.pipeline.calibration_set`: the ``sensitivity``
+settings ``num_images``, ``batch_size``, ``seed`` and ``dataset``), run
+through the whole detector
 (:func:`~mmdet_hawq.models.decoder_outputs`). In a distributed run every rank
 rounds the same weights from all calibration batches, so every rank ends
 with the same codes.
 """
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch.nn as nn
 
 from ..errors import HawqUserError
 from ..models import decoder_outputs
 from ..quant import GptqResult, gptq_apply, gptq_error_ratios
-from ..sensitivity import preprocess_batches
-from .pipeline import build_calibration, resolve_settings
 
 ROUNDINGS = ('nearest', 'gptq')
 #: Defaults of the hook's ``gptq`` dict.
@@ -80,26 +79,6 @@ def resolve_gptq(rounding: str, settings: Optional[dict]) -> dict:
             f"DistillSensitivityHook: gptq damp {s['damp']!r} is not a "
             'number in [0, 1): GPTQ uses 0.01')
     return s
-
-
-def calibration_batches(runner, model: nn.Module,
-                        sensitivity: Optional[dict]) -> List[Any]:
-    """The sensitivity step's calibration images, preprocessed.
-
-    Args:
-        runner: The mmengine Runner (its config and logger).
-        model (nn.Module): The detector (its data preprocessor).
-        sensitivity (dict, optional): The hook's ``sensitivity`` settings
-            (``num_images``, ``batch_size``, ``seed``, ``dataset``).
-
-    Returns:
-        list: Preprocessed batches.
-    """
-    calib = {k: v for k, v in (sensitivity or {}).items()
-             if k in ('num_images', 'batch_size', 'seed', 'dataset')}
-    s = resolve_settings('outquant', calib)
-    loader, _ = build_calibration(runner.cfg, s)
-    return preprocess_batches(model, loader)
 
 
 def gptq_error_scales(runner, model: nn.Module, names: Sequence[str],

@@ -113,3 +113,25 @@ def test_gptq_error_terms_scale_the_nearest_terms(tiny_cfg, tmp_path):
 def test_bad_gptq_settings_are_one_line(kwargs, message):
     with pytest.raises(HawqUserError, match=message):
         DistillSensitivityHook(metric='uniform', bits=4, **kwargs)
+
+
+@pytest.mark.parametrize('metric', ['uniform', 'outquant'])
+def test_one_calibration_set_per_run(tiny_cfg, tmp_path, monkeypatch, metric):
+    """The traces and GPTQ share one calibration set: chosen and
+    preprocessed once per run (twice before, with GPTQ after a sensitivity
+    metric)."""
+    from mmdet_hawq.engine import pipeline
+    built = []
+    build = pipeline.build_calibration
+
+    def counted(*args, **kwargs):
+        built.append(1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, 'build_calibration', counted)
+    kwargs = dict(metric=metric, rounding='gptq', sensitivity=dict(SENS))
+    kwargs.update(bits=3) if metric == 'uniform' else kwargs.update(
+        target_bits=4, bit_range=(3, 6))
+    _, _, load = run_hook(tiny_cfg, tmp_path, **kwargs)
+    assert len(built) == 1
+    assert load('summary.json')['rounding'] == 'gptq'

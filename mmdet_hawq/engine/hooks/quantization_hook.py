@@ -49,10 +49,10 @@ from ...report import (plot_bits, write_layer_report,
 from ...sensitivity import saved_samples_note
 from ..checkpoint import check_finite, prepare_state_dict
 from ..critical import critical_indices
-from ..pipeline import (calibration_classes, check_data_files, check_images,
-                        resolve_settings, sensitivity_plan)
-from ..rounding import (calibration_batches, gptq_error_scales, gptq_round,
-                        resolve_gptq)
+from ..pipeline import (calibration_classes, calibration_set,
+                        check_data_files, check_images, resolve_settings,
+                        sensitivity_plan)
+from ..rounding import gptq_error_scales, gptq_round, resolve_gptq
 
 METRICS = ('uniform', 'plan', 'losssen', 'outfloat', 'outquant')
 
@@ -326,9 +326,14 @@ class DistillSensitivityHook(Hook):
             set_interrupt_note(lambda: (
                 'the sensitivity cache is off (use_cache=False), nothing '
                 'was saved; rerun the same command to start again'))
+        # one calibration set for the traces and GPTQ; its time is the
+        # sensitivity step's when there is one, else the rounding's
+        calib_start = time.time()
+        calib = calibration_set(runner.cfg, model, self.sensitivity) \
+            if self.reads_calibration() else None
+        calib_seconds = time.time() - calib_start
         rounding_start = time.time()
-        batches = calibration_batches(runner, model, self.sensitivity) \
-            if self.rounding == 'gptq' else None
+        batches = calib.batches if self.rounding == 'gptq' else None
         scale = None
         if batches is not None and self.gptq['error_terms'] == 'gptq' and \
                 self.metric not in ('uniform', 'plan'):
@@ -348,8 +353,12 @@ class DistillSensitivityHook(Hook):
                 plan, rows_extra, sens_report = sensitivity_plan(
                     runner, model, weights, self.metric, self.target_bits,
                     self.bit_range, self.axis, self.sensitivity, out_dir,
-                    self._floors(model, weights), scale)
+                    calib, self._floors(model, weights), scale)
         plan_seconds = time.time() - plan_start
+        if self.metric in ('uniform', 'plan'):
+            rounding_seconds += calib_seconds
+        else:
+            plan_seconds += calib_seconds
         rounding_start = time.time()
         quantized = self._round(runner, model, plan, weights, batches,
                                 rows_extra)
