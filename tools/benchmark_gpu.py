@@ -228,7 +228,6 @@ def measure(cfg_path: str, args) -> Dict:
 def traces_on(device: str, samples: int) -> Dict[str, Dict[str, List]]:
     """GN and Hutchinson traces (mean, SE) of the small DINO at its 8-bit
     weights on ``device``."""
-    ensure_deformable_attention(torch.device(device))
     model = build(SMALL_MODEL, device)
     batches = [fake_batch(128, 128, device, seed=s) for s in range(2)]
     weights, obj = objective_at_8bit(model, batches)

@@ -381,10 +381,11 @@ class Calibration:
 def calibration_set(cfg, model: nn.Module,
                     sensitivity: Optional[dict]) -> Calibration:
     """The calibration set of the hook's ``sensitivity`` settings (only
-    :data:`CALIBRATION_KEYS` are read), preprocessed by ``model``."""
-    settings = resolve_settings('outquant', {
-        k: v for k, v in (sensitivity or {}).items() if k in CALIBRATION_KEYS})
-    loader, img_ids = build_calibration(cfg, settings)
+    :data:`CALIBRATION_KEYS` are read, checked when the hook was built),
+    preprocessed by ``model``."""
+    given = sensitivity or {}
+    loader, img_ids = build_calibration(cfg, {
+        k: given.get(k, SENSITIVITY_DEFAULTS[k]) for k in CALIBRATION_KEYS})
     return Calibration(preprocess_batches(model, loader), img_ids,
                        list(loader.dataset.dataset.metainfo['classes']))
 

@@ -27,7 +27,6 @@ from mmdet_hawq.quant import (quantizable_weights, quantize_weights_,
 from mmdet_hawq.quant.packing import unpack_checkpoint
 from mmdet_hawq.sensitivity import (DistillationObjective, batch_dots,
                                     hessian_mode)
-from mmdet_hawq.models import ensure_deformable_attention
 from ..conftest import FAMILY_CONFIGS, build_from, requires_cuda
 from .test_family_hook import batches_of
 
@@ -57,7 +56,6 @@ def objective_on(model, batches, device: str):
     """The 8-bit student's distillation objective with ``model`` on
     ``device``."""
     model = copy.deepcopy(model).to(device)
-    ensure_deformable_attention(torch.device(device))
     teacher = copy.deepcopy(model)
     weights = quantizable_weights(model)
     quantize_weights_(weights, uniform_plan(weights, 8))

@@ -282,45 +282,46 @@ def case_nonfinite_outputs(tmp_path, tiny_cfg):
              'batch 1 of 2 (images ', '.png', 'check that the checkpoint'])
 
 
-def annotations_only(tiny_cfg, root):
-    """A data root with the tiny data's annotations and no image."""
+def images_missing(tmp_path, tiny_cfg, split, expected, hook=None,
+                   folder=False):
+    """A run whose ``split`` dataloader's data root holds the tiny data's
+    annotations and no image (with ``folder``: an empty image folder)."""
+    root = tmp_path / 'noimages'
     shutil.copytree(
         osp.join(tiny_cfg.test_dataloader.dataset.data_root, 'annotations'),
         root / 'annotations')
-    return root
+    if folder:
+        (root / 'val').mkdir()
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook)
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+             f'{split}_dataloader.dataset.data_root={root}/'], [cfg],
+            [text.format(root=root) for text in expected])
 
 
 def case_missing_image_folder(tmp_path, tiny_cfg):
     # once the whole quantization, then a 515-line DataLoader traceback
-    root = annotations_only(tiny_cfg, tmp_path / 'noimages')
-    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
-    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
-             f'test_dataloader.dataset.data_root={root}/'], [cfg],
-            [f"test split image folder '{root}/val/' does not exist",
-             'make data', 'data_prefix.img'])
+    return images_missing(
+        tmp_path, tiny_cfg, 'test',
+        ["test split image folder '{root}/val/' does not exist",
+         'make data', 'data_prefix.img'])
 
 
 def case_missing_calibration_images(tmp_path, tiny_cfg):
-    root = annotations_only(tiny_cfg, tmp_path / 'noimages')
-    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
-        metric='outquant', target_bits=4, sensitivity=dict(
+    return images_missing(
+        tmp_path, tiny_cfg, 'train',
+        ["calibration set image folder '{root}/train/' does not exist",
+         'make data', 'train_dataloader.dataset'],
+        hook=dict(metric='outquant', target_bits=4, sensitivity=dict(
             num_images=4, batch_size=2, min_samples=2, max_samples=2)))
-    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
-             f'train_dataloader.dataset.data_root={root}/'], [cfg],
-            [f"calibration set image folder '{root}/train/' does not exist",
-             'make data', 'train_dataloader.dataset'])
 
 
 def case_empty_image_folder(tmp_path, tiny_cfg):
     # the folder is there, its images are not: found on the test split's
     # first image, before the hook's first step
-    root = annotations_only(tiny_cfg, tmp_path / 'noimages')
-    (root / 'val').mkdir()
-    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
-    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
-             f'test_dataloader.dataset.data_root={root}/'], [cfg],
-            [f"test split image '{root}/val/", ".png' does not exist",
-             'make data'])
+    return images_missing(
+        tmp_path, tiny_cfg, 'test',
+        ["test split image '{root}/val/", ".png' does not exist",
+         'make data'], folder=True)
 
 
 def case_unsupported_detector(tmp_path, tiny_cfg):
