@@ -46,12 +46,12 @@ $(DATA): | $(VENV)/.stamp
 
 # Evaluate the shipped small DETR with mmdet's own test script.
 eval: venv data
-	$(VPY) $(MMDET_TOOLS)/test.py configs/detr_tiny_shapes.py $(CKPT) --work-dir work_dirs/eval_float
+	$(VPY) $(MMDET_TOOLS)/test.py configs/detr/detr_tiny_shapes.py $(CKPT) --work-dir work_dirs/eval_float
 
 # The main job: Out Sen Quant at 5 bits on the small DETR, beside float and
 # uniform 5-bit (sensitivity cached in work_dirs/demo/hawq/cache).
 demo: venv data
-	$(VPY) tools/ptq.py configs/detr_tiny_shapes_outquant_5bit.py --float --uniform-baseline --work-dir work_dirs/demo
+	$(VPY) tools/ptq.py configs/detr/detr_tiny_shapes_outquant_5bit.py --float --uniform-baseline --work-dir work_dirs/demo
 
 # The test suite; it installs the DETR reference first where it can (a failed
 # install is reported and its one test is skipped, the rest runs).
@@ -77,21 +77,21 @@ $(REF)/.stamp:
 # Reproduce checkpoints/detr_tiny_shapes.pth (about 70 min on 2 CPU cores):
 # pretrain the backbone on the train split, then train DETR from it.
 train: venv data
-	$(VPY) $(MMDET_TOOLS)/train.py configs/shapes_backbone_pretrain.py --work-dir work_dirs/shapes_backbone_pretrain --resume
+	$(VPY) $(MMDET_TOOLS)/train.py configs/shapes/shapes_backbone_pretrain.py --work-dir work_dirs/shapes_backbone_pretrain --resume
 	$(VPY) tools/export_checkpoint.py work_dirs/shapes_backbone_pretrain checkpoints/shapes_backbone.pth --fp32
-	$(VPY) $(MMDET_TOOLS)/train.py configs/detr_tiny_shapes.py --work-dir work_dirs/detr_tiny_shapes --resume
+	$(VPY) $(MMDET_TOOLS)/train.py configs/detr/detr_tiny_shapes.py --work-dir work_dirs/detr_tiny_shapes --resume
 	$(VPY) tools/export_checkpoint.py work_dirs/detr_tiny_shapes $(CKPT)
 
-# The small DETR-family models (configs/<name>_tiny_shapes.py), trained with
+# The small DETR-family models (configs/<name>/<name>_tiny_shapes.py), trained with
 # mmdet's own loop from checkpoints/shapes_backbone.pth. Resumable: run the
 # same target again after an interruption and it continues from the last
 # epoch saved in $(TRAIN_DIR)/<name> (checkpoints every epoch). Then the
 # checkpoint is exported (fp16) and its training log summarised.
 TRAIN_DIR ?= work_dirs
 train-%-family: venv data
-	$(VPY) $(MMDET_TOOLS)/train.py configs/$*_tiny_shapes.py --work-dir $(TRAIN_DIR)/$*_tiny_shapes --resume
+	$(VPY) $(MMDET_TOOLS)/train.py configs/$*/$*_tiny_shapes.py --work-dir $(TRAIN_DIR)/$*_tiny_shapes --resume
 	$(VPY) tools/export_checkpoint.py $(TRAIN_DIR)/$*_tiny_shapes checkpoints/$*_tiny_shapes.pth
-	$(VPY) tools/train_log_summary.py $(TRAIN_DIR)/$*_tiny_shapes --config configs/$*_tiny_shapes.py \
+	$(VPY) tools/train_log_summary.py $(TRAIN_DIR)/$*_tiny_shapes --config configs/$*/$*_tiny_shapes.py \
 	    --command "make $(or $(TRAIN_TARGET),train-$*)" > checkpoints/$*_tiny_shapes_train_log.md
 train-dino: train-dino-family
 train-deformable: TRAIN_TARGET = train-deformable

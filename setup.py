@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name='mmdet_hawq',
-    version='0.1.0',
+    version='0.2.0',
     description='Output-sensitivity-aware mixed-precision post-training '
     'weight quantization of DETR detectors, as an MMDetection 3.x plugin',
     packages=find_packages(include=['mmdet_hawq', 'mmdet_hawq.*']),

@@ -1,5 +1,8 @@
 """mmdet-hawq: mixed-precision post-training weight quantization of DETR.
 
+The library API is :func:`quantize` (:mod:`mmdet_hawq.api`); the mmdet
+hook :class:`DistillSensitivityHook` calls it from a config.
+
 Importing the package registers its modules into mmdet's registries; configs
 load it with ``custom_imports = dict(imports=['mmdet_hawq'])``. Importing it
 also chains a ``sys.excepthook`` (:func:`~mmdet_hawq.errors.
@@ -11,17 +14,19 @@ front of mmcv's compiled deformable attention
 mmcv was built without CUDA ops, DINO and Deformable DETR run through mmcv's
 PyTorch path, with one log line, instead of failing inside mmcv.
 """
+from .api import Calibration, QuantResult, QuantSettings, quantize
 from .datasets import SHAPES_CLASSES, ShapesDataset, generate_shapes_dataset
 from .engine import DistillSensitivityHook, load_checkpoint_file
 from .errors import HawqUserError, install_excepthook
 from .models import BackbonePretrainer, ensure_deformable_attention
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 install_excepthook()
 ensure_deformable_attention()
 
 __all__ = [
+    'Calibration', 'QuantResult', 'QuantSettings', 'quantize',
     'BackbonePretrainer', 'SHAPES_CLASSES', 'ShapesDataset',
     'generate_shapes_dataset', 'DistillSensitivityHook',
     'load_checkpoint_file', 'HawqUserError', '__version__'

@@ -7,11 +7,17 @@ import csv
 import json
 import os
 import os.path as osp
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
+import torch.nn as nn
 
+from .quant import pack_state_dict, plan_bits, save_plan
 from .quant.selection import weight_group
+
+if TYPE_CHECKING:  # the API sits beside this module, not below it
+    from .api import QuantResult
 
 
 def write_layer_report(out_dir: str, rows: List[Dict],
@@ -232,3 +238,42 @@ def write_sensitivity_report(out_dir: str, metric: str, estimator: str,
                  dict(mean=traces['mean'], se=traces['se'])})
     with open(osp.join(out_dir, 'traces.json'), 'w') as f:
         json.dump(traces, f, default=str)
+
+
+def write_run(out_dir: str, model: nn.Module, result: 'QuantResult',
+              save_packed: bool = True) -> Dict[str, Any]:
+    """Write everything a quantization run leaves in ``out_dir``.
+
+    ``packed.pth`` (the packed low-bit checkpoint, when ``save_packed``),
+    ``plan.json``, the per-layer report and ``summary.json``
+    (:func:`write_layer_report`), ``bits_per_layer.png`` (Figure 2 style)
+    and, for the sensitivity metrics, :func:`write_sensitivity_report`'s
+    files.
+
+    Args:
+        out_dir (str): Folder, created if missing.
+        model (nn.Module): The quantized detector (unwrapped).
+        result (QuantResult): What :func:`~mmdet_hawq.api.quantize`
+            returned; its summary gets ``packed_file`` and ``packed_bytes``.
+        save_packed (bool): Write ``packed.pth``. Defaults to True.
+
+    Returns:
+        dict: The summary as written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    summary = result.summary
+    if save_packed:
+        path = osp.join(out_dir, 'packed.pth')
+        torch.save(pack_state_dict(model, result.quantized, result.plan),
+                   path)
+        summary.update(packed_file=path, packed_bytes=osp.getsize(path))
+    save_plan(result.plan, osp.join(out_dir, 'plan.json'))
+    write_layer_report(out_dir, result.layers, summary)
+    metric = summary['metric']
+    plot_bits(osp.join(out_dir, 'bits_per_layer.png'), list(result.plan),
+              {metric: plan_bits(result.plan)},
+              title=f'Bits per layer ({metric}, '
+              f'{summary["avg_bits"]:.2f} bits on average)')
+    if result.sensitivity_report is not None:
+        write_sensitivity_report(out_dir, **result.sensitivity_report)
+    return summary

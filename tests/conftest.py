@@ -13,6 +13,8 @@ from mmengine.config import Config
 
 from mmdet.utils import register_all_modules
 from mmdet_hawq.datasets import ShapesSpec, generate_shapes_dataset
+from mmdet_hawq.models import ADAPTERS, detector_family
+from mmdet_hawq.models.adapters import DeformableDETRAdapter
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_SPEC = ShapesSpec(image_size=64, min_size=12, max_size=30, max_objects=3)
@@ -75,8 +77,8 @@ def tiny_cfg(tiny_data, tmp_path_factory) -> Config:
     """Config of a tiny DETR on the tiny data, with a saved random-init
     checkpoint as ``load_from``."""
     from mmdet.registry import MODELS
-    cfg = shrink(Config.fromfile(osp.join(ROOT, 'configs',
-                                          'detr_tiny_shapes.py')), tiny_data)
+    path, _ = TEST_CONFIGS['detr']
+    cfg = shrink(Config.fromfile(path), tiny_data)
     torch.manual_seed(0)
     model = MODELS.build(copy.deepcopy(cfg.model))
     model.init_weights()
@@ -93,21 +95,22 @@ def mmdet_config(rel: str) -> str:
     return osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', rel)
 
 
-#: The DETR-family members the suite builds, shrunk: name → config (a
-#: project config or mmdet's own COCO one) and model overrides.
-FAMILY_CONFIGS = {
-    'deformable': (mmdet_config(
-        'deformable_detr/deformable-detr_r50_16xb2-50e_coco.py'), {}),
-    'deformable_refine': (mmdet_config(
-        'deformable_detr/deformable-detr-refine_r50_16xb2-50e_coco.py'), {}),
-    'deformable_twostage': (osp.join(ROOT, 'configs',
-                                     'deformable_detr_tiny_shapes.py'), {}),
-    'dino': (osp.join(ROOT, 'configs', 'dino_tiny_shapes.py'),
-             dict(dn_cfg=dict(group_cfg=dict(num_dn_queries=6)))),
-    'conditional': (mmdet_config(
-        'conditional_detr/conditional-detr_r50_8xb2-50e_coco.py'), {}),
-    'dab': (mmdet_config('dab_detr/dab-detr_r50_8xb2-50e_coco.py'), {}),
-}
+def config_path(config: str) -> str:
+    """A test config's file: ``mmdet::rel`` is one of mmdet's own configs,
+    anything else a path in the project."""
+    if config.startswith('mmdet::'):
+        return mmdet_config(config[len('mmdet::'):])
+    return osp.join(ROOT, config)
+
+
+#: The small configs every family adapter names (the families the suite
+#: covers): test name → (config file, model overrides).
+TEST_CONFIGS = {name: (config_path(config), extra)
+                for adapter in ADAPTERS
+                for name, (config, extra) in adapter.test_configs.items()}
+#: The members built by :func:`shrink_family`; the tiny DETR is
+#: :func:`tiny_cfg`, shrunk narrower by :func:`shrink`.
+FAMILY_CONFIGS = {n: c for n, c in TEST_CONFIGS.items() if n != 'detr'}
 
 
 def shrink_family(name: str, tiny: Config) -> Config:
@@ -122,7 +125,9 @@ def shrink_family(name: str, tiny: Config) -> Config:
                     strides=(1, 2), dilations=(1, 1), frozen_stages=-1,
                     norm_cfg=dict(type='BN', requires_grad=True),
                     norm_eval=False, init_cfg=None)
-    if cfg.model.type in ('DeformableDETR', 'DINO'):
+    from mmdet.registry import MODELS
+    adapter = detector_family(MODELS.get(cfg.model.type))
+    if isinstance(adapter, DeformableDETRAdapter):
         msda = dict(embed_dims=d, num_heads=2, num_levels=2, num_points=2)
         model = dict(
             num_feature_levels=2,

@@ -18,7 +18,8 @@ VAL = osp.join(ROOT, 'data', 'shapes', 'annotations', 'instances_val.json')
 
 def test_checkpoint_loads_with_no_missing_or_unexpected_keys():
     from mmdet.registry import MODELS
-    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'detr_tiny_shapes.py'))
+    cfg = Config.fromfile(
+        osp.join(ROOT, 'configs', 'detr', 'detr_tiny_shapes.py'))
     model = MODELS.build(copy.deepcopy(cfg.model))
     state = torch.load(CKPT, weights_only=True)['state_dict']
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -32,7 +33,7 @@ def test_mmdet_test_script_reproduces_the_readme_map(tmp_path):
     import mmdet
     test_py = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools',
                        'test.py')
-    proc = run_tool(test_py, 'configs/detr_tiny_shapes.py', CKPT,
+    proc = run_tool(test_py, 'configs/detr/detr_tiny_shapes.py', CKPT,
                     '--work-dir', str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = float(re.findall(r'coco/bbox_mAP: ([0-9.]+)', proc.stdout)[-1])
@@ -52,7 +53,7 @@ def test_shipped_detr_5bit_plan_is_the_same_on_1_and_2_threads(tmp_path):
     from mmengine.runner import Runner
 
     from mmdet_hawq.engine.hooks import DistillSensitivityHook
-    cfg = Config.fromfile(osp.join(ROOT, 'configs',
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'detr',
                                    'detr_tiny_shapes_outquant_5bit.py'))
     cfg.custom_hooks = []
     cfg.load_from = CKPT

@@ -24,7 +24,7 @@ what ONNX Runtime's graph optimisation does to the DequantizeLinear nodes
 (read back from the optimised graph it writes).
 
 Example:
-    python tools/benchmark_deploy.py configs/detr_tiny_shapes.py \
+    python tools/benchmark_deploy.py configs/detr/detr_tiny_shapes.py \
         results/table1/rows/4-bit_uniform_none/packed.pth --images 50 \
         --out results/benchmark_deploy_detr.json
 """

@@ -11,7 +11,8 @@ traces are from the one-thread traces (they should be equal), and how far
 the default-thread traces and plan are from the one-thread ones.
 
 Example:
-    python tools/benchmark_dist.py configs/detr_tiny_shapes_outquant_5bit.py \
+    python tools/benchmark_dist.py \
+        configs/detr/detr_tiny_shapes_outquant_5bit.py \
         --nprocs 2 --samples 10 --out results/benchmark_dist.json
 """
 import argparse

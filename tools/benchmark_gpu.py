@@ -29,7 +29,7 @@ Example (one GPU, about 3 minutes):
     python tools/benchmark_gpu.py --out results/gpu/benchmark_gpu.json
 CPU smoke run (what the test suite does):
     python tools/benchmark_gpu.py --device cpu --height 64 --width 96 \\
-        --models configs/dino_tiny_shapes.py --repeats 1 --out x.json
+        --models configs/dino/dino_tiny_shapes.py --repeats 1 --out x.json
 """
 import argparse
 import copy
@@ -60,7 +60,7 @@ from mmdet_hawq.sensitivity.double_backward import double_backward_kernels
 DEFAULT_MODELS = ('configs/_base_/detr_r50_hawq.py',
                   'configs/_base_/dino_r50_hawq.py',
                   'configs/_base_/deformable_detr_r50_hawq.py')
-SMALL_MODEL = 'configs/dino_tiny_shapes.py'
+SMALL_MODEL = 'configs/dino/dino_tiny_shapes.py'
 ROWS = ('forward_backward', 'gauss_newton_sample', 'hvp',
         'hutchinson_sample')
 

@@ -8,7 +8,7 @@ over the same images, the median per-layer relative standard error after
 with the 1/sqrt(n) law and marked so).
 
 Example:
-    python tools/benchmark_sensitivity.py configs/detr_tiny_shapes.py \
+    python tools/benchmark_sensitivity.py configs/detr/detr_tiny_shapes.py \
         --checkpoint checkpoints/detr_tiny_shapes.pth --metric outquant
 """
 import argparse
@@ -23,7 +23,8 @@ import torch
 from mmengine.config import Config
 
 from mmdet.utils import register_all_modules
-from mmdet_hawq.engine.pipeline import build_calibration, build_detector
+from mmdet_hawq.engine.calibration import build_calibration
+from mmdet_hawq.engine.detector import build_detector
 from mmdet_hawq.models import DISTILLATION_DEFAULTS, class_activation
 from mmdet_hawq.quant import apply_plan, quantizable_weights, uniform_plan
 from mmdet_hawq.sensitivity import (DistillationObjective,

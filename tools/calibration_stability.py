@@ -7,7 +7,7 @@ each the distillation loss of the 8-bit student against the float teacher
 the variance across sets relative to the mean (paper: below 1%).
 
 Example:
-    python tools/calibration_stability.py configs/detr_tiny_shapes.py \
+    python tools/calibration_stability.py configs/detr/detr_tiny_shapes.py \
         --checkpoint checkpoints/detr_tiny_shapes.pth
 """
 import argparse
@@ -20,7 +20,8 @@ import torch
 from mmengine.config import Config
 
 from mmdet.utils import register_all_modules
-from mmdet_hawq.engine.pipeline import build_calibration, build_detector
+from mmdet_hawq.engine.calibration import build_calibration
+from mmdet_hawq.engine.detector import build_detector
 from mmdet_hawq.models import DISTILLATION_DEFAULTS, class_activation
 from mmdet_hawq.quant import apply_plan, quantizable_weights, uniform_plan
 from mmdet_hawq.sensitivity import (DistillationObjective, hessian_mode,

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint with the config's test loop and save the metrics.
 
 Example:
-    python tools/evaluate.py configs/detr_tiny_shapes.py \
+    python tools/evaluate.py configs/detr/detr_tiny_shapes.py \
         checkpoints/detr_tiny_shapes.pth \
         --out checkpoints/detr_tiny_shapes.json
 """

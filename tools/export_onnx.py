@@ -8,10 +8,10 @@ checkpoint, or --float-weights, gives an fp32 model. The export is checked
 on one random image against the PyTorch model under ONNX Runtime.
 
 Examples:
-    python tools/export_onnx.py configs/detr_tiny_shapes.py \
+    python tools/export_onnx.py configs/detr/detr_tiny_shapes.py \
         results/table1/rows/4-bit_uniform_none/packed.pth \
         work_dirs/onnx/detr_uniform4.onnx
-    python tools/export_onnx.py configs/detr_tiny_shapes.py \
+    python tools/export_onnx.py configs/detr/detr_tiny_shapes.py \
         checkpoints/detr_tiny_shapes.pth work_dirs/onnx/detr_fp32.onnx
 """
 import warnings

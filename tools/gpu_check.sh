@@ -130,24 +130,24 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT_DIR
 # uniform, Out Sen Quant), Loss Sen through deformable attention (Hutchinson,
 # capped at 32 images and 10 samples to fit), Out Sen Float/Quant, GPTQ, and
 # mmdet's own test.py; the summaries go to one log, the CPU's figures are in
-# the README
+# the README and docs/ (docs/gpu.md, docs/results.md)
 ptq_runs() {
   local cfg
   run_ptq() {
     echo "### tools/ptq.py configs/$1.py ${*:2}"
-    $PY tools/ptq.py "configs/$1.py" --work-dir "/tmp/hawq-gpu/$1" "${@:2}" \
+    $PY tools/ptq.py "configs/$1.py" --work-dir "/tmp/hawq-gpu/${1##*/}" "${@:2}" \
       2>&1 | tail -n 8
   }
-  run_ptq detr_tiny_shapes_outquant_5bit --float --uniform-baseline
-  run_ptq dino_tiny_shapes_losssen_4bit --cfg-options \
+  run_ptq detr/detr_tiny_shapes_outquant_5bit --float --uniform-baseline
+  run_ptq dino/dino_tiny_shapes_losssen_4bit --cfg-options \
     custom_hooks.0.sensitivity.num_images=32 \
     custom_hooks.0.sensitivity.max_samples=10
-  run_ptq dino_tiny_shapes_outquant_4bit
-  run_ptq deformable_detr_tiny_shapes_outquant_4bit --uniform-baseline
-  run_ptq detr_tiny_shapes_outquant_4bit_gptq
-  echo "### mmdet tools/test.py configs/deformable_detr_tiny_shapes_outfloat_4bit.py"
+  run_ptq dino/dino_tiny_shapes_outquant_4bit
+  run_ptq deformable_detr/deformable_detr_tiny_shapes_outquant_4bit --uniform-baseline
+  run_ptq detr/detr_tiny_shapes_outquant_4bit_gptq
+  echo "### mmdet tools/test.py configs/deformable_detr/deformable_detr_tiny_shapes_outfloat_4bit.py"
   $PY "$($PY -c 'import mmdet, os; print(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "tools"))')/test.py" \
-    configs/deformable_detr_tiny_shapes_outfloat_4bit.py \
+    configs/deformable_detr/deformable_detr_tiny_shapes_outfloat_4bit.py \
     checkpoints/deformable_detr_tiny_shapes.pth --work-dir /tmp/hawq-gpu/test_py \
     2>&1 | grep -E 'bbox_mAP:|DistillSensitivityHook|deformable attention|rror' \
     | tail -n 6

@@ -10,11 +10,11 @@ the plan solved on rank 0 and mmdet's distributed test loop evaluates; on
 machines without CUDA the processes talk over gloo.
 
 Examples:
-    python tools/ptq.py configs/detr_tiny_shapes_uniform_4bit.py
-    python tools/ptq.py configs/detr_r50_outquant_5bit.py \
+    python tools/ptq.py configs/detr/detr_tiny_shapes_uniform_4bit.py
+    python tools/ptq.py configs/detr/detr_r50_outquant_5bit.py \
         --checkpoint detr-r50-e632da11.pth
-    python tools/ptq.py configs/detr_tiny_shapes.py --list-layers
-    bash tools/dist_ptq.sh configs/detr_r50_outquant_5bit.py 8 \
+    python tools/ptq.py configs/detr/detr_tiny_shapes.py --list-layers
+    bash tools/dist_ptq.sh configs/detr/detr_r50_outquant_5bit.py 8 \
         --checkpoint detr_r50.pth
 """
 import warnings
@@ -146,7 +146,7 @@ def check_checkpoint(cfg: Config) -> torch.nn.Module:
     """
     from mmdet.utils import register_all_modules
 
-    from mmdet_hawq.engine.pipeline import build_detector
+    from mmdet_hawq.engine.detector import build_detector
     register_all_modules()
     return build_detector(cfg, cfg.load_from)
 
@@ -156,23 +156,28 @@ def check_detector(cfg: Config) -> None:
     supported DETR-family type."""
     from mmdet.utils import register_all_modules
 
-    from mmdet_hawq.engine.pipeline import check_detector_type
+    from mmdet_hawq.engine.detector import check_detector_type
     register_all_modules()
     check_detector_type(cfg.model)
 
 
 def check_hooks(cfg: Config, model: torch.nn.Module) -> None:
     """Every check of the hooks that needs no data, before any run: their
-    arguments, budgets, weight patterns and plan files, then the data files
+    settings, budgets, weight patterns and plan files, then the data files
     the runs read (annotation files, image folders)."""
-    from mmdet_hawq.engine.hooks import DistillSensitivityHook
+    from mmdet_hawq.api import QuantSettings
+    from mmdet_hawq.engine.hooks.quantization_hook import check_run
     for hook_cfg in hawq_hooks(cfg):
-        kwargs = {k: v for k, v in hook_cfg.items()
-                  if k not in ('type', 'priority')}
-        # built directly: the registry would prefix its own text
-        hook = DistillSensitivityHook(**kwargs)
-        hook.check_model(model, cfg.load_from, hook.declared_classes(cfg))
-        hook.check_data(cfg)
+        settings = QuantSettings.from_kwargs(
+            quant_settings(hook_cfg), 'DistillSensitivityHook')
+        check_run(settings, model, cfg)
+
+
+def quant_settings(hook_cfg: dict) -> dict:
+    """The quantization settings of a hook config (its keys less the
+    hook's own)."""
+    return {k: v for k, v in hook_cfg.items()
+            if k not in ('type', 'priority', 'save_packed', 'out_subdir')}
 
 
 def hawq_hooks(cfg: Config) -> list:
@@ -182,19 +187,29 @@ def hawq_hooks(cfg: Config) -> list:
     ]
 
 
+def uniform_baseline(hook: dict) -> dict:
+    """The hook config of the uniform baseline of a sensitivity run: every
+    weight at ``int(target_bits)`` with the same selection, scales,
+    rounding and calibration images."""
+    dropped = ('metric', 'target_bits', 'bit_range', 'min_bits', 'plan_file')
+    base = {k: v for k, v in hook.items() if k not in dropped}
+    return dict(base, metric='uniform', bits=int(hook['target_bits']))
+
+
 def list_layers(cfg: Config) -> None:
     """Print the candidate weights of the config's model."""
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     register_all_modules()
-    from mmdet_hawq.models import class_activation, detector_family
+    from mmdet_hawq.models import (class_activation, detection_head,
+                                   detector_family)
     from mmdet_hawq.quant import DEFAULT_EXCLUDE, list_weights
     hooks = hawq_hooks(cfg)
     opts = hooks[0] if hooks else {}
     model = MODELS.build(cfg.model)
     print(f'{type(model).__name__}: {detector_family(model).name}, '
           f'{class_activation(model)} class head '
-          f'({type(model.bbox_head).__name__})')
+          f'({type(detection_head(model)).__name__})')
     infos = list_weights(model, opts.get('include'),
                          opts.get('exclude', DEFAULT_EXCLUDE))
     width = max(len(i.name) for i in infos)
@@ -208,12 +223,17 @@ def list_layers(cfg: Config) -> None:
 
 
 def run_test(cfg: Config) -> dict:
+    """mmdet's test loop on ``cfg``; its metrics, and the summary the hook
+    wrote (empty without a hook)."""
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()
     summary = {}
-    for hook in runner.hooks:
-        if type(hook).__name__ == 'DistillSensitivityHook':
-            summary = dict(hook.summary)
+    for hook in hawq_hooks(cfg):
+        path = osp.join(cfg.work_dir, hook.get('out_subdir', 'hawq'),
+                        'summary.json')
+        if is_main_process() and osp.isfile(path):
+            with open(path) as f:
+                summary = json.load(f)
     return dict(metrics=metrics, summary=summary)
 
 
@@ -230,7 +250,7 @@ def main() -> int:
     if not hawq_hooks(cfg):
         raise HawqUserError(
             f'{args.config} has no DistillSensitivityHook in custom_hooks: '
-            'use a configs/*_{uniform,losssen,outfloat,outquant}_*bit.py '
+            'use a configs/*/*_{uniform,losssen,outfloat,outquant}_*bit.py '
             'config or add the hook (see README)')
     check_detector(cfg)
     check_hooks(cfg, check_checkpoint(cfg))
@@ -249,18 +269,7 @@ def main() -> int:
         base_cfg.custom_hooks = [
             h for h in cfg.custom_hooks
             if h.get('type') != 'DistillSensitivityHook'
-        ] + [dict(type='DistillSensitivityHook', metric='uniform',
-                  bits=int(hook['target_bits']),
-                  include=hook.get('include'),
-                  per_channel=hook.get('per_channel', False),
-                  rounding=hook.get('rounding', 'nearest'))]
-        if hook.get('rounding') == 'gptq':  # the same rounding, calibration
-            base_cfg.custom_hooks[-1].update(
-                sensitivity=hook.get('sensitivity'),
-                gptq={k: v for k, v in (hook.get('gptq') or {}).items()
-                      if k != 'error_terms'})
-        if 'exclude' in hook:
-            base_cfg.custom_hooks[-1]['exclude'] = hook['exclude']
+        ] + [uniform_baseline(hook)]
         base_cfg.work_dir = osp.join(cfg.work_dir, 'uniform_baseline')
         results['uniform'] = run_test(base_cfg)
     results['quantized'] = run_test(cfg)

@@ -2,8 +2,10 @@
 sensitivity metrics at 6/5/4 (and 3) average bits, all through
 ``DistillSensitivityHook`` and mmdet's test loop.
 
-Traces are computed once per (metric, estimator) and reused across bit
-targets through the hook's cache. Writes ``table1.md``, ``table1.json``,
+Every row calls :func:`mmdet_hawq.api.quantize` in one Runner; the
+calibration set is built once and shared by the rows. Traces are computed
+once per (metric, estimator) and reused across bit targets through the
+trace cache. Writes ``table1.md``, ``table1.json``,
 ``fig1_traces.png`` (log averaged trace per layer) and ``fig2_bits_5bit.png``
 (bits per layer at 5 bits) into the work dir.
 
@@ -15,7 +17,7 @@ their mean beside the overall mAP; ``--also-all-classes`` runs every
 sensitivity row with the KL over all classes too.
 
 Example:
-    python tools/table1.py configs/detr_tiny_shapes.py \
+    python tools/table1.py configs/detr/detr_tiny_shapes.py \
         --checkpoint checkpoints/detr_tiny_shapes.pth --work-dir results/table1
 """
 import argparse
@@ -31,9 +33,11 @@ import numpy as np
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from mmdet_hawq.engine.critical import check_critical_form, critical_indices
-from mmdet_hawq.engine.hooks import DistillSensitivityHook
-from mmdet_hawq.engine.pipeline import calibration_classes
+from mmdet_hawq.api import QuantSettings
+from mmdet_hawq.api.settings import check_critical_form, critical_indices
+from mmdet_hawq.engine.calibration import (calibration_classes,
+                                           calibration_set)
+from mmdet_hawq.engine.run import quantize_in_runner
 from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.evaluation import coco_map_bootstrap
 from mmdet_hawq.report import plot_bits, plot_traces
@@ -309,6 +313,7 @@ def main() -> int:
              mAP=float_metrics['coco/bbox_mAP'], out='float',
              **bootstrap(cfg, detections, args.bootstrap)),
         [float_metrics], names)]
+    calibrations = {}  # one calibration set per setting, shared by the rows
     for row in rows_to_run(args):
         slug = row_slug(row)
         sensitivity = row['hook']['metric'] != 'uniform'
@@ -321,9 +326,15 @@ def main() -> int:
             if sensitivity:
                 kwargs['sensitivity']['seed'] = seed
             model.load_state_dict(float_state)
-            hook = DistillSensitivityHook(out_subdir=osp.join('rows', out),
-                                          **kwargs)
-            hook.before_test(runner)
+            settings = QuantSettings.from_kwargs(kwargs)
+            calibration = calibrations.get(repr(settings.calibration))
+            if calibration is None and settings.reads_calibration:
+                calibration = calibrations.setdefault(
+                    repr(settings.calibration),
+                    calibration_set(cfg, model, settings.calibration))
+            summary = quantize_in_runner(
+                runner, settings, osp.join(args.work_dir, 'rows', out),
+                calibration=calibration).summary
             written = keep_detections(runner, args.work_dir, out)
             detections = written if seed == 0 else detections
             runs.append(runner.test_loop.run())
@@ -331,11 +342,11 @@ def main() -> int:
         record = dict(
             precision=row['precision'], label=row['label'],
             estimator=row['estimator'], mAP=float(np.mean(maps)),
-            avg_bits=hook.summary['avg_bits'],
-            packed_mib=hook.summary['packed_bytes'] / 2**20,
+            avg_bits=summary['avg_bits'],
+            packed_mib=summary['packed_bytes'] / 2**20,
             seconds=round(time.time() - start, 1),
-            plan_seconds=hook.summary['plan_seconds'],
-            rounding_seconds=hook.summary['rounding_seconds'],
+            plan_seconds=summary['plan_seconds'],
+            rounding_seconds=summary['rounding_seconds'],
             rounding=row.get('rounding', 'nearest'),
             scales=row.get('scales', 'tensor'),
             out=slug if len(runs) == 1 else f'{slug}_seed0',

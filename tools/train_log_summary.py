@@ -4,7 +4,7 @@ epoch and the last training losses, as Markdown, from mmengine's own
 
 Example:
     python tools/train_log_summary.py work_dirs/dino_tiny_shapes \
-        --config configs/dino_tiny_shapes.py --command "make train-dino"
+        --config configs/dino/dino_tiny_shapes.py --command "make train-dino"
 """
 import argparse
 import glob

@@ -16,7 +16,7 @@ correlations) and ``scatter_layers.png``/``scatter_plans.png`` (log-log, one
 colour per metric) into ``--out-dir``.
 
 Example:
-    python tools/validate_sensitivity.py configs/dino_tiny_shapes.py \\
+    python tools/validate_sensitivity.py configs/dino/dino_tiny_shapes.py \\
         --checkpoint checkpoints/dino_tiny_shapes.pth \\
         --report outquant-gn=results/dino_tiny_shapes_table1/rows/\\
 4-bit_outquant_gauss_newton --bits 2 3 4 --out-dir results/validation_dino
@@ -39,13 +39,14 @@ from mmengine.utils import ProgressBar
 from scipy.stats import spearmanr
 
 from mmdet.utils import register_all_modules
-from mmdet_hawq.engine.pipeline import (SENSITIVITY_DEFAULTS,
-                                        build_calibration, build_detector)
+from mmdet_hawq.api import SENSITIVITY_DEFAULTS
+from mmdet_hawq.engine.calibration import build_calibration
+from mmdet_hawq.engine.detector import build_detector
 from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.models import (DISTILLATION_DEFAULTS, class_activation,
                                decoder_outputs)
-from mmdet_hawq.quant import (error_terms, load_plan, quantizable_weights,
-                              temporarily_quantized)
+from mmdet_hawq.quant import (error_terms, load_plan, make_plan, plan_bits,
+                              quantizable_weights, temporarily_quantized)
 from mmdet_hawq.report import plot_prediction_scatter
 from mmdet_hawq.sensitivity import DistillationObjective, preprocess_batches
 
@@ -114,7 +115,8 @@ def read_report(spec: str, names: List[str]) -> dict:
                             'made on another model or weight selection')
     return dict(label=label, metric=metric,
                 traces={n: float(layers[n]['trace_used']) for n in names},
-                plan={n: load_plan(files['plan']).get(n) for n in names})
+                plan={n: plan_bits(load_plan(files['plan'])).get(n)
+                      for n in names})
 
 
 class Damage:
@@ -135,7 +137,7 @@ class Damage:
     def __call__(self, bits: Dict[str, Optional[int]]) -> float:
         """Loss with every weight in ``bits`` fake-quantized (others float).
         """
-        with temporarily_quantized(self.weights, bits):
+        with temporarily_quantized(self.weights, make_plan(bits)):
             return float(sum(self.objective.loss(i).item()
                              for i in range(self.num_batches)))
 
@@ -181,7 +183,7 @@ def plan_map(cfg, checkpoint: str, out_dir: str
     params = dict(model.named_parameters())
 
     def evaluate(plan: Dict[str, int]) -> float:
-        with temporarily_quantized(params, plan):
+        with temporarily_quantized(params, make_plan(plan)):
             return float(runner.test_loop.run()['coco/bbox_mAP'])
 
     return evaluate
@@ -235,7 +237,7 @@ def main() -> int:
         if not osp.isfile(path):
             raise HawqUserError(f'--extra-plans: {path} does not exist: give '
                                 'folders of sensitivity runs')
-        plan = load_plan(path)
+        plan = plan_bits(load_plan(path))
         if any(plan.get(n) is None for n in names):
             raise HawqUserError(f'--extra-plans: {path} leaves some of the '
                                 'weights float: give runs made on the same '

@@ -34,7 +34,7 @@ shapes_val_dataloader = dict(
 shapes_evaluator = dict(
     ann_file=shapes_root + 'annotations/instances_val.json')
 # The small backbone every shapes model starts from (ResNet-18 at half width,
-# three stages, pretrained on the train split by configs/
+# three stages, pretrained on the train split by configs/shapes/
 # shapes_backbone_pretrain.py), its last two stages out (64 and 128 channels
 # at strides 8 and 16).
 shapes_backbone = dict(

@@ -21,9 +21,11 @@ are applied to the integer codes, the 4-bit codes are re-stored as
 ``INT4``, every codes initializer gets a zero point of its type, and the
 model is converted to opset 21 and checked (:func:`lower_quantized_weights`).
 
-Multi-scale deformable attention (Deformable DETR, DINO) exports through
-mmcv's pure-PyTorch ``grid_sample`` path, which mmcv takes for tensors on
-the CPU; the export therefore always runs on the CPU.
+What the graph outputs, and how its outputs become detections, is the
+detector's family adapter's answer (:func:`~mmdet_hawq.models.onnx_outputs`,
+:func:`~mmdet_hawq.models.predict_from_outputs`). mmcv ops take their
+pure-PyTorch paths for tensors on the CPU (e.g. multi-scale deformable
+attention through ``grid_sample``), so the export always runs on the CPU.
 """
 import copy
 import json
@@ -44,7 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.nn.utils import parametrize
 
 from ..errors import HawqUserError, short_list
-from ..models.family import decoder_outputs
+from ..models.family import onnx_outputs
 from .packed_weights import packed_entry_codes, split_weight_name
 
 __all__ = [
@@ -224,7 +226,7 @@ class DetectorOnnxWrapper(nn.Module):
         sample = DetDataSample(metainfo=dict(
             img_shape=self.input_shape, batch_input_shape=self.input_shape,
             pad_shape=self.input_shape))
-        scores, boxes = decoder_outputs(
+        scores, boxes = onnx_outputs(
             self.detector, dict(inputs=x, data_samples=[sample]))
         if self.last_layer_only:
             scores, boxes = scores[-1:], boxes[-1:]

@@ -19,6 +19,7 @@ import torch.nn as nn
 from onnx import TensorProto
 
 from ..errors import HawqUserError
+from ..models.family import predict_from_outputs
 
 __all__ = [
     'FOLD_DEQUANTIZE_KEY', 'OnnxDetector', 'dequantize_behaviour',
@@ -146,11 +147,13 @@ def detections_from_outputs(detector: nn.Module,
                             boxes: Any,
                             data_samples: Sequence[Any],
                             rescale: bool = True) -> List[Any]:
-    """Detections by the head's own post-processing (``predict_by_feat``).
+    """Detections by the head's own post-processing, as the detector's
+    family adapter applies it to exported outputs
+    (:func:`~mmdet_hawq.models.predict_from_outputs`).
 
     Args:
         detector (nn.Module): The mmdet detector the outputs belong to (its
-            ``bbox_head`` and ``test_cfg``; no weights are used).
+            head and ``test_cfg``; no weights are used).
         scores (Tensor | np.ndarray): (L, B, Q, C) class scores.
         boxes (Tensor | np.ndarray): (L, B, Q, 4) normalised boxes.
         data_samples (Sequence[DetDataSample]): The B images' samples (their
@@ -166,8 +169,8 @@ def detections_from_outputs(detector: nn.Module,
     boxes = torch.as_tensor(np.asarray(boxes))
     metas = [s.metainfo for s in data_samples]
     with torch.no_grad():
-        results = detector.bbox_head.predict_by_feat(
-            scores, boxes, batch_img_metas=metas, rescale=rescale)
+        results = predict_from_outputs(detector, scores, boxes, metas,
+                                       rescale)
     for sample, result in zip(data_samples, results):
         sample.pred_instances = result
     return list(data_samples)

@@ -13,11 +13,11 @@ file and the fix.
 The loader (and mmengine's URL loader, wrapped) also converts an official
 facebookresearch/detr checkpoint (e.g. ``detr-r50-e632da11.pth``) to mmdet's
 names in memory, and says so in the log, so every load of the plugin's
-configs takes the file as it is (:mod:`mmdet_hawq.models.official_detr`).
-:func:`prepare_state_dict` (which
-``DistillSensitivityHook.after_load_checkpoint`` calls) makes a load strict:
-the state dict must have exactly the model's keys and shapes, and finite
-values.
+configs takes the file as it is
+(:mod:`mmdet_hawq.models.adapters.official_detr`). :func:`prepare_state_dict`
+(which ``DistillSensitivityHook.after_load_checkpoint`` calls) makes a load
+strict: the state dict must have exactly the model's keys and shapes, and
+finite values.
 """
 import os.path as osp
 import pickle
@@ -32,7 +32,9 @@ from mmengine.runner import CheckpointLoader
 from mmengine.runner import checkpoint as mm_checkpoint
 
 from ..errors import HawqUserError, short_list
-from ..models.official_detr import convert_official_detr, official_detr_state
+from ..models.adapters.official_detr import (class_head_note,
+                                             convert_official_detr,
+                                             official_detr_state)
 from ..quant.packing import is_packed, unpack_checkpoint
 from ..quant.quantizer import count_nonfinite
 
@@ -150,11 +152,7 @@ def convert_if_official(checkpoint: Any, source: Optional[str] = None) -> Any:
     if official is None:
         return checkpoint
     state = convert_official_detr(official)
-    head = ''
-    if 'bbox_head.fc_cls.bias' in state:
-        head = (f'; class head {len(official["class_embed.bias"])} -> '
-                f'{len(state["bbox_head.fc_cls.bias"])} rows: the COCO '
-                'category ids, then no-object')
+    head = class_head_note(official, state)
     print_log(
         f'{_name(source)}: official facebookresearch/detr checkpoint, '
         f'converted to mmdet DETR names in memory ({len(official)} tensors'

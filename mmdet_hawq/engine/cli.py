@@ -1,7 +1,9 @@
 """What the command-line tools check before any run: the config file (one
-line naming a syntax error's file and line, also in a ``_base_`` file) and
+line naming a syntax error's file and line, also in a ``_base_`` file, or
+the family folder a config of the old flat ``configs/`` layout moved to) and
 the work dir (writable)."""
 import ast
+import glob
 import os
 import os.path as osp
 from typing import List, Optional, Tuple
@@ -79,6 +81,50 @@ def _base_files(tree: ast.Module) -> List[str]:
     return []
 
 
+#: The project's configs, one folder per detector family (mmdet's layout)
+#: beside ``_base_``.
+CONFIGS_DIR = osp.join(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'configs')
+
+
+def moved_config(path: str, configs_dir: str = CONFIGS_DIR) -> Optional[str]:
+    """Where a config of the old flat ``configs/`` folder lives now.
+
+    The configs moved into per-family folders (``configs/detr/``,
+    ``configs/dino/``, ...); an old path such as
+    ``configs/detr_r50_outquant_5bit.py`` names a file that no longer
+    exists.
+
+    Args:
+        path (str): A config path.
+        configs_dir (str): The project's configs folder. Defaults to the
+            ``configs/`` of this checkout.
+
+    Returns:
+        str, optional: The path of the config of the same file name in a
+        family folder of ``configs_dir`` (written like ``path``: under the
+        folder ``path`` names when that is ``configs_dir``, else relative to
+        the current directory when below it), or None when ``path`` exists,
+        is not a ``.py`` file or no family folder has that name.
+    """
+    name = osp.basename(path)
+    if osp.exists(path) or not name.endswith('.py') or \
+            not osp.isdir(configs_dir):
+        return None
+    hits = [hit for hit in sorted(glob.glob(
+                osp.join(glob.escape(configs_dir), '*', glob.escape(name))))
+            if osp.basename(osp.dirname(hit)) != '_base_']
+    if not hits:
+        return None
+    family = osp.basename(osp.dirname(hits[0]))
+    folder = osp.dirname(path)
+    if osp.isdir(folder or '.') and \
+            osp.samefile(folder or '.', configs_dir):
+        return osp.join(folder, family, name)
+    rel = osp.relpath(hits[0])
+    return hits[0] if rel.startswith('..') else rel
+
+
 def read_config(path: str):
     """``mmengine.Config.fromfile`` with user errors as one line.
 
@@ -89,14 +135,20 @@ def read_config(path: str):
         mmengine.config.Config: The config.
 
     Raises:
-        HawqUserError: The file is missing or has a syntax error (the file
-            and line named, also when it is in a ``_base_`` file).
+        HawqUserError: The file is missing (with the family folder it
+            moved to, for a path of the old flat ``configs/`` layout) or has
+            a syntax error (the file and line named, also when it is in a
+            ``_base_`` file).
     """
     from mmengine.config import Config
     if not osp.isfile(path):
+        moved = moved_config(path)
+        if moved:
+            raise HawqUserError(
+                f'config {path} does not exist: it moved to {moved}')
         raise HawqUserError(
             f'config file {path!r} does not exist: pass a config path '
-            'such as configs/detr_tiny_shapes_uniform_8bit.py')
+            'such as configs/detr/detr_tiny_shapes_uniform_8bit.py')
     try:
         return Config.fromfile(path)
     except SyntaxError as err:

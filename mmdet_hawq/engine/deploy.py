@@ -3,7 +3,7 @@ config and a checkpoint, the exported input size, the test images.
 
 The tools (``export_onnx.py``, ``evaluate_onnx.py``, ``benchmark_deploy.py``)
 go through these, so a checkpoint is checked as strictly as for
-``tools/ptq.py`` (:func:`~mmdet_hawq.engine.pipeline.build_detector`).
+``tools/ptq.py`` (:func:`~mmdet_hawq.engine.detector.build_detector`).
 """
 import copy
 import os.path as osp
@@ -46,7 +46,7 @@ def load_for_export(cfg: Any, checkpoint: str
     """
     from mmdet.utils import register_all_modules
 
-    from .pipeline import build_detector
+    from .detector import build_detector
     _check_file(checkpoint)
     register_all_modules()
     model = build_detector(cfg, checkpoint)

@@ -1,18 +1,22 @@
+from .adapters import ADAPTERS, DetrAdapter, adapter_of
+from .adapters.deformable_detr import DEFORMABLE_ATTENTION_FLOORS
+from .adapters.official_detr import (COCO_CATEGORY_IDS, convert_official_detr,
+                                     is_official_detr, official_detr_state)
 from .backbone_pretrainer import BackbonePretrainer
 from .deformable_attention import ensure_deformable_attention
-from .family import (DEFORMABLE_ATTENTION_FLOORS, DISTILLATION_DEFAULTS,
-                     FAMILIES, DetrFamily, class_activation, decoder_outputs,
-                     default_min_bits, detector_family,
-                     distillation_outputs, final_head_weights,
-                     proposal_branches)
-from .official_detr import (COCO_CATEGORY_IDS, convert_official_detr,
-                            is_official_detr, official_detr_state)
+from .family import (DISTILLATION_DEFAULTS, class_activation,
+                     decoder_outputs, default_min_bits, detection_head,
+                     detector_family, distillation_outputs,
+                     double_backward_swaps, float_weights, onnx_outputs,
+                     predict_from_outputs, proposal_branches)
 
 __all__ = [
-    'BackbonePretrainer', 'COCO_CATEGORY_IDS', 'convert_official_detr',
-    'is_official_detr', 'official_detr_state', 'DISTILLATION_DEFAULTS',
-    'FAMILIES', 'DetrFamily', 'class_activation', 'decoder_outputs',
-    'DEFORMABLE_ATTENTION_FLOORS', 'default_min_bits',
-    'detector_family', 'distillation_outputs', 'final_head_weights',
-    'proposal_branches', 'ensure_deformable_attention'
+    'ADAPTERS', 'BackbonePretrainer', 'COCO_CATEGORY_IDS',
+    'DEFORMABLE_ATTENTION_FLOORS', 'DISTILLATION_DEFAULTS', 'DetrAdapter',
+    'adapter_of', 'class_activation', 'convert_official_detr',
+    'decoder_outputs', 'default_min_bits', 'detection_head',
+    'detector_family', 'distillation_outputs', 'double_backward_swaps',
+    'ensure_deformable_attention', 'float_weights', 'is_official_detr',
+    'official_detr_state', 'onnx_outputs', 'predict_from_outputs',
+    'proposal_branches'
 ]

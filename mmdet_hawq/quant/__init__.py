@@ -2,9 +2,10 @@ from .gptq import GptqResult, gptq_apply, gptq_error_ratios, gptq_quantize
 from .gptq_inputs import hessian_bytes
 from .packing import (is_packed, pack_codes, pack_state_dict,
                       unpack_checkpoint, unpack_codes)
-from .plan import (PrecisionPlan, apply_plan, check_plan_bits, load_plan,
-                   plan_stats, quantize_weights_, save_plan,
-                   temporarily_quantized, uniform_plan, validate_plan)
+from .plan import (ROUNDINGS, PlanEntry, PrecisionPlan, apply_plan,
+                   load_plan, make_plan, plan_bits, plan_stats,
+                   quantize_weights_, save_plan, temporarily_quantized,
+                   uniform_plan, validate_plan)
 from .quantizer import (QuantizedWeight, check_bits, choose_scale, dequantize,
                         error_terms, fake_quantize, quantization_error,
                         quantize, quantize_weight)
@@ -16,8 +17,8 @@ __all__ = [
     'GptqResult', 'gptq_apply', 'gptq_error_ratios', 'gptq_quantize',
     'hessian_bytes',
     'is_packed', 'pack_codes', 'pack_state_dict', 'unpack_checkpoint',
-    'unpack_codes', 'PrecisionPlan', 'apply_plan', 'check_plan_bits',
-    'load_plan', 'plan_stats',
+    'unpack_codes', 'ROUNDINGS', 'PlanEntry', 'PrecisionPlan', 'apply_plan',
+    'load_plan', 'make_plan', 'plan_bits', 'plan_stats',
     'quantize_weights_', 'save_plan', 'temporarily_quantized',
     'uniform_plan', 'validate_plan', 'QuantizedWeight', 'check_bits',
     'choose_scale', 'dequantize', 'error_terms', 'fake_quantize',

@@ -24,11 +24,11 @@ from typing import (Any, Callable, Dict, Mapping, Optional, Sequence,
 import torch
 import torch.nn as nn
 
-from ..errors import HawqUserError
 from .gptq_inputs import (ForwardFn, HessianCollector, call_sequence,
                           collect_hessians, eval_mode, first_call_order,
                           gptq_targets)
-from .quantizer import QuantizedWeight, choose_scale, qmax, quantize_weight
+from .quantizer import (QuantizedWeight, choose_scale, named_weights, qmax,
+                        quantize_weight)
 
 Hessians = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -284,12 +284,7 @@ def _gptq_apply(model: nn.Module, plan: Mapping[str, Optional[int]],
                 progress: Optional[Callable[[int, int], None]]
                 ) -> GptqResult:
     """:func:`gptq_apply` with the model in eval mode."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    unknown = [n for n in plan if n not in params]
-    if unknown:
-        raise HawqUserError(
-            f'the precision plan names {len(unknown)} weight(s) '
-            f'{type(model).__name__} does not have, e.g. {unknown[:3]}')
+    params = named_weights(model, plan)
     targets = gptq_targets(model)
     todo = [n for n, b in plan.items() if b is not None]
     applied: Dict[str, QuantizedWeight] = {}

@@ -166,7 +166,7 @@ def unpack_codes(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 def pack_state_dict(model: nn.Module,
                     quantized: Mapping[str, QuantizedWeight],
-                    plan: Optional[Mapping[str, Optional[int]]] = None
+                    plan: Optional[Mapping[str, Any]] = None
                     ) -> Dict[str, Any]:
     """Packed checkpoint of a quantized model.
 
@@ -176,8 +176,9 @@ def pack_state_dict(model: nn.Module,
         quantized (Mapping): What ``apply_plan`` returned: the codes and
             scales of the quantized weights, stored as they are, so the
             reloaded weights are bit-identical.
-        plan (Mapping, optional): The plan, kept in ``meta``. Defaults to
-            None.
+        plan (Mapping, optional): The plan (name →
+            :class:`~mmdet_hawq.quant.plan.PlanEntry`); its bit-widths are
+            kept in ``meta``. Defaults to None.
 
     Returns:
         dict: ``state_dict`` (float part), ``packed`` and ``meta``, every
@@ -195,7 +196,7 @@ def pack_state_dict(model: nn.Module,
             shape=list(qw.codes.shape), scale=qw.scale.cpu(), axis=qw.axis)
     meta = {PACKED_KEY: PACKED_VERSION}
     if plan is not None:
-        meta['plan'] = dict(plan)
+        meta['plan'] = {n: e.bits for n, e in plan.items()}
     return dict(meta=meta, state_dict=rest, packed=packed)
 
 

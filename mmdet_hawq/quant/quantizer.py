@@ -9,7 +9,7 @@ A tensor (or channel) that is all zeros gets scale 1 and codes 0, so it
 survives quantization unchanged.
 """
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -241,3 +241,20 @@ def error_terms(weights: Mapping[str, torch.Tensor], bits: Sequence[int],
             w, reference_bits, axis)
         out[name] = {b: quantization_error(w, b, ref, axis) for b in bits}
     return out
+
+
+def named_weights(model: torch.nn.Module,
+                  names: Iterable[str]) -> Dict[str, torch.nn.Parameter]:
+    """The model's parameters by name (shared ones under every name), after
+    checking that a plan's ``names`` are among them.
+
+    Raises:
+        HawqUserError: A name the model does not have.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise HawqUserError(
+            f'the precision plan names {len(unknown)} weight(s) '
+            f'{type(model).__name__} does not have, e.g. {unknown[:3]}')
+    return params

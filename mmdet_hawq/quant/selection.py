@@ -6,8 +6,8 @@ Weights are found by module type, not by name: convolutions, linear layers
 parameter) and embeddings (DETR's query embedding). Biases and normalisation
 parameters are never candidates. The weights the detection head owns — the
 final class and box FFNs, whose quantization the paper found catastrophic —
-stay in float, found by parameter identity
-(:func:`~mmdet_hawq.models.family.final_head_weights`), not by name; names
+stay in float, found by parameter identity from the model's family adapter
+(:func:`~mmdet_hawq.models.float_weights`), not by name; names
 matching a user's ``exclude`` pattern stay in float too.
 """
 import fnmatch
@@ -17,7 +17,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from ..errors import HawqUserError, short_list
-from ..models.family import final_head_weights
+from ..models.family import float_weights
 
 #: No user pattern by default: the head's final FFNs are kept float by
 #: structure (see the module docstring).
@@ -82,7 +82,7 @@ def list_weights(model: nn.Module,
     """
     infos: List[WeightInfo] = []
     seen = set()
-    head = final_head_weights(model)
+    held = float_weights(model)
     for mod_name, module in model.named_modules():
         params = []
         if isinstance(module, _WEIGHT_TYPES):
@@ -100,9 +100,8 @@ def list_weights(model: nn.Module,
             name = f'{mod_name}.{pname}' if mod_name else pname
             reason = ''
             hit = _matches(name, exclude)
-            if id(param) in head:
-                reason = ('final class/box FFN of the head '
-                          f'({type(model.bbox_head).__name__})')
+            if id(param) in held:
+                reason = held[id(param)]
             elif hit is not None:
                 reason = f'excluded by pattern {hit!r}'
             elif include is not None and _matches(name, include) is None:
@@ -123,7 +122,8 @@ def list_weights(model: nn.Module,
 
 def quantizable_weights(model: nn.Module,
                         include: Optional[Sequence[str]] = None,
-                        exclude: Sequence[str] = DEFAULT_EXCLUDE
+                        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                        infos: Optional[Sequence[WeightInfo]] = None
                         ) -> Dict[str, nn.Parameter]:
     """Name → parameter of every weight that is quantized, in model order.
 
@@ -133,6 +133,9 @@ def quantizable_weights(model: nn.Module,
             Defaults to None.
         exclude (Sequence[str]): See :func:`list_weights`. Defaults to
             :data:`DEFAULT_EXCLUDE`.
+        infos (Sequence[WeightInfo], optional): What :func:`list_weights`
+            returned for these patterns, when the caller has it (not listed
+            again). Defaults to None.
 
     Returns:
         dict[str, nn.Parameter]: The selected weights.
@@ -143,7 +146,8 @@ def quantizable_weights(model: nn.Module,
     params = dict(model.named_parameters(remove_duplicate=False))
     selected = {
         info.name: params[info.name]
-        for info in list_weights(model, include, exclude) if info.included
+        for info in (list_weights(model, include, exclude)
+                     if infos is None else infos) if info.included
     }
     if not selected:
         raise HawqUserError(
@@ -157,7 +161,7 @@ def quantizable_weights(model: nn.Module,
 def weight_group(name: str) -> str:
     """Coarse group of a weight for reports: backbone/neck/encoder/... ."""
     head = name.split('.')[0]
-    if head in ('backbone', 'neck', 'encoder', 'decoder', 'bbox_head'):
+    if head in ('backbone', 'neck', 'encoder', 'decoder'):
         return head
     if 'query' in name:
         return 'decoder'

@@ -1,18 +1,16 @@
 from .cache import (cache_path, file_sha256, key_hash, load_cached,
                     save_cached, saved_samples_note)
 from .calibration import class_histogram, select_calibration_indices
-from .critical import (fisher_draw, fold_softmax_logits,
-                       folded_softmax_fisher_draw)
-from .double_backward import (double_backward_kernels,
-                              pytorch_deformable_attention)
-from .gauss_newton import (gauss_newton_traces, sigmoid_fisher_draw,
-                           softmax_fisher_draw)
+from .class_head import (fisher_draw, fold_softmax_logits,
+                         folded_softmax_fisher_draw, sigmoid_fisher_draw,
+                         softmax_fisher_draw, temperature_kl)
+from .double_backward import double_backward_kernels
+from .gauss_newton import gauss_newton_traces
 from .hutchinson import (batch_dots, batch_hvp, hutchinson_traces,
                          rademacher_like, sample_generator)
 from .influence import output_influence
 from .objectives import (DetrLossObjective, DistillationObjective,
-                         detector_training_flag, hessian_mode,
-                         preprocess_batches, temperature_kl)
+                         hessian_mode, preprocess_batches)
 from .sharding import Shard, batch_generator
 from .traces import TraceResult, should_stop
 
@@ -22,8 +20,7 @@ __all__ = [
     'class_histogram', 'select_calibration_indices',
     'gauss_newton_traces', 'softmax_fisher_draw', 'sigmoid_fisher_draw',
     'fisher_draw', 'fold_softmax_logits', 'folded_softmax_fisher_draw',
-    'double_backward_kernels', 'pytorch_deformable_attention',
-    'output_influence', 'detector_training_flag', 'temperature_kl',
+    'double_backward_kernels', 'output_influence', 'temperature_kl',
     'batch_hvp',
     'hutchinson_traces', 'rademacher_like', 'sample_generator',
     'DetrLossObjective', 'DistillationObjective',

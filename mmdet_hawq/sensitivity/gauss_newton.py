@@ -99,59 +99,6 @@ def gauss_newton_traces(params: Mapping[str, torch.Tensor],
                          on_sample, shard)
 
 
-def softmax_fisher_draw(logits: torch.Tensor, temperature: float,
-                        weight: float,
-                        generator: torch.Generator) -> torch.Tensor:
-    """``u`` with ``E[u uᵀ] = weight · (diag(p) − p pᵀ) / T²``, ``p =
-    softmax(logits / T)``: the output Hessian of a temperature KL term.
-
-    Args:
-        logits (Tensor): (..., C) logits (detached inside).
-        temperature (float): Softmax temperature ``T``.
-        weight (float): Factor of the Hessian (e.g. ``λ_KL / N``).
-        generator (torch.Generator): Generator of the class draws, on the
-            device of ``logits``.
-
-    Returns:
-        Tensor: ``u``, shape of ``logits``.
-    """
-    p = torch.softmax(logits.detach().double() / temperature, dim=-1)
-    flat = p.reshape(-1, p.shape[-1])
-    idx = torch.multinomial(flat, 1, generator=generator).squeeze(1)
-    onehot = torch.zeros_like(flat).scatter_(1, idx[:, None], 1.0)
-    u = (onehot - flat).reshape(p.shape) * (weight**0.5 / temperature)
-    return u.to(logits.dtype)
-
-
-def sigmoid_fisher_draw(logits: torch.Tensor, temperature: float,
-                        weight: float,
-                        generator: torch.Generator) -> torch.Tensor:
-    """``u`` with ``E[u uᵀ] = weight · diag(p (1 − p)) / T²``, ``p =
-    σ(logits / T)``: the output Hessian of a per-class Bernoulli KL at
-    temperature ``T`` at equality.
-
-    The draw is ``u = ε · sqrt(weight · p (1 − p)) / T`` with Rademacher
-    ``ε``: its second moment is exactly the diagonal (``u²`` has no
-    variance), which gives lower-variance traces than ``(y − p)/T`` with
-    ``y ~ Bernoulli(p)``.
-
-    Args:
-        logits (Tensor): (..., C) logits (detached inside).
-        temperature (float): Temperature ``T``.
-        weight (float): Factor of the Hessian (e.g. ``λ_KL / N``).
-        generator (torch.Generator): Generator of the signs, on the device
-            of ``logits``.
-
-    Returns:
-        Tensor: ``u``, shape of ``logits``.
-    """
-    p = torch.sigmoid(logits.detach().double() / temperature)
-    sign = torch.randint(0, 2, p.shape, generator=generator,
-                         dtype=torch.int8, device=p.device).double() * 2 - 1
-    u = sign * (weight * p * (1 - p)).sqrt() / temperature
-    return u.to(logits.dtype)
-
-
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
     """``Σ grad²`` as a 0-d float64 tensor on the gradient's device (one
     fused float32 pass)."""

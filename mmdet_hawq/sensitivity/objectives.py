@@ -15,7 +15,7 @@
   ``σ(z_t/T)``, summed over classes. Queries are matched by index (no
   Hungarian matching); every decoder layer's output goes through the head.
   With ``critical`` classes the KL term covers those classes only
-  (:mod:`.critical`); the box term is unchanged.
+  (:mod:`.class_head`); the box term is unchanged.
 
 Batches are indices into preprocessed calibration batches; each objective's
 ``loss(i)`` returns batch ``i``'s share of the calibration-set loss, so the
@@ -24,8 +24,11 @@ A loss or an output that is not finite stops the run with one
 :class:`~mmdet_hawq.errors.HawqUserError` line naming the batch and its
 images (one ``isfinite`` check per batch and evaluation).
 The detector-specific parts (how to get the outputs, the class activation,
-whether the loss needs the detector's training flag) come from
-:mod:`mmdet_hawq.models.family` through the constructors' arguments.
+whether the loss needs the detector's training flag, the head and which
+training flags the loss reads) come from the model's family adapter
+(:mod:`mmdet_hawq.models.adapters`), through the constructors' arguments or
+:func:`~mmdet_hawq.models.detector_family`; the class head's math from
+:mod:`.class_head`.
 """
 import os.path as osp
 import sys
@@ -38,14 +41,14 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import HawqUserError, short_list
-from ..models.family import decoder_outputs
-from .critical import check_columns, fisher_draw, temperature_kl
+from ..models.family import decoder_outputs, detector_family
+from .class_head import (ACTIVATIONS, check_columns, fisher_draw,
+                         temperature_kl)
 
 Batch = Dict  # {'inputs': Tensor (B, 3, H, W), 'data_samples': [...]}
 Group = Tuple[torch.Tensor, torch.Tensor]  # scores (L, B, Q, C), boxes
 #: ``(model, batch) → (scores, boxes)``, or a list of such groups
 OutputsFn = Callable[[nn.Module, Batch], Union[Group, Sequence[Group]]]
-ACTIVATIONS = ('softmax', 'sigmoid')
 #: What to do about a loss or outputs that are not finite on a batch.
 NONFINITE_FIX = (
     'check that the checkpoint fits the config and does not come from a '
@@ -178,7 +181,7 @@ class DistillationObjective:
             (:func:`~mmdet_hawq.models.family.decoder_outputs`).
         critical (Sequence[int], optional): Column indices of the critical
             classes (``0 .. K − 1``); the KL term is restricted to them (see
-            :mod:`.critical`). Defaults to None (every class).
+            :mod:`.class_head`). Defaults to None (every class).
     """
 
     def __init__(self,
@@ -261,7 +264,7 @@ class DistillationObjective:
     def gauss_newton_sample(self, index: int,
                             generator: torch.Generator) -> torch.Tensor:
         """``s = Σ u·z`` with ``E[uuᵀ]`` = the KL term's output Hessian at
-        the student's probabilities (:func:`.critical.fisher_draw`), over
+        the student's probabilities (:func:`.class_head.fisher_draw`), over
         every group (the L1 term has no
         curvature; at the 8-bit student the residual terms are omitted)."""
         groups = self._groups(self.student, index)
@@ -277,7 +280,7 @@ class DistillationObjective:
 
 
 @contextmanager
-def local_normalisers(head: nn.Module) -> Iterator[None]:
+def local_normalisers(losses: Sequence[nn.Module]) -> Iterator[None]:
     """Normalise a batch's DETR loss by that batch alone.
 
     In a distributed run mmdet's DETR heads average their normalisers (the
@@ -288,9 +291,12 @@ def local_normalisers(head: nn.Module) -> Iterator[None]:
     identity here, as it is in one process.
 
     Args:
-        head (nn.Module): The detector's ``bbox_head``.
+        losses (Sequence[nn.Module]): The modules that compute the loss
+            (the family adapter's ``loss_modules``: the head, ...); the
+            modules defining their classes and base classes are patched.
     """
-    modules = {sys.modules[c.__module__] for c in type(head).__mro__}
+    modules = {sys.modules[c.__module__] for loss in losses
+               for c in type(loss).__mro__}
     modules = [m for m in modules if hasattr(m, 'reduce_mean')]
     saved = [m.reduce_mean for m in modules]
     try:
@@ -306,22 +312,6 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-@contextmanager
-def detector_training_flag(model: nn.Module) -> Iterator[None]:
-    """Set the detector's own ``training`` flag, not its submodules'.
-
-    Two-stage Deformable DETR and DINO build the encoder proposal outputs
-    (and DINO its denoising queries) that their loss needs only when the
-    detector itself is training; dropout and batch norms stay in eval mode.
-    """
-    was = model.training
-    model.training = True
-    try:
-        yield
-    finally:
-        model.training = was
-
-
 class DetrLossObjective:
     """The detector's training loss (Hungarian matching), summed over its
     terms.
@@ -333,9 +323,10 @@ class DetrLossObjective:
     Args:
         model (nn.Module): The detector (eval mode: no dropout).
         batches (Sequence[Batch]): Preprocessed batches with ground truth.
-        training_flag (bool): Compute the loss with the detector's own
-            ``training`` flag set (see :func:`detector_training_flag`).
-            Defaults to False.
+        training_flag (bool): Compute the loss with the ``training`` flag
+            of the detector itself set, not its submodules' (and of the
+            other modules its family's loss reads: the adapter's
+            ``training_flag``). Defaults to False.
         seed (int): Seed of the loss's random inputs. Defaults to 0.
     """
 
@@ -350,15 +341,19 @@ class DetrLossObjective:
     def loss(self, index: int) -> torch.Tensor:
         """Batch ``index``'s loss weighted by its share of the images."""
         batch = self.batches[index]
-        flag = detector_training_flag(self.model) if self.training_flag \
+        family = detector_family(self.model)
+        flag = family.training_flag(self.model) if self.training_flag \
             else nullcontext()
         device = batch['inputs'].device
-        with local_normalisers(self.model.bbox_head), flag, \
+        with local_normalisers(family.loss_modules(self.model)), flag, \
                 torch.random.fork_rng(devices=[device] if device.type ==
                                       'cuda' else []):
             torch.manual_seed(self.seed * 1_000_003 + index)
             losses = self.model.loss(batch['inputs'], batch['data_samples'])
-        total = sum(v for k, v in losses.items() if 'loss' in k)
+        # a term is a tensor, or a list of them (DDQ's per-layer dense
+        # losses), as mmdet's parse_losses takes them
+        total = sum(v if torch.is_tensor(v) else sum(v)
+                    for k, v in losses.items() if 'loss' in k)
         total = total * (batch['inputs'].shape[0] / self.num_images)
         check_batch_finite((total, ), "the detector's loss", self.batches,
                            index, DETECTOR_LOSS_FIX)

@@ -11,12 +11,13 @@ from mmdet.registry import HOOKS
 
 from ..conftest import ROOT
 
-CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*_*bit.py')))
+CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*', '*_*bit.py')))
 MODELS = ('detr_r50', 'detr_tiny_shapes', 'dino_r50', 'dino_tiny_shapes',
           'deformable_detr_r50', 'deformable_detr_tiny_shapes',
-          'conditional_detr_r50', 'dab_detr_r50')
+          'conditional_detr_r50', 'dab_detr_r50', 'ddq_detr_r50')
 FAMILY = {'detr': 'DETR', 'dino': 'DINO', 'deformable_detr': 'DeformableDETR',
-          'conditional_detr': 'ConditionalDETR', 'dab_detr': 'DABDETR'}
+          'conditional_detr': 'ConditionalDETR', 'dab_detr': 'DABDETR',
+          'ddq_detr': 'DDQDETR'}
 
 
 def test_all_table1_rows_exist():
@@ -35,13 +36,15 @@ def test_config_builds_its_hook(path):
     hooks = [h for h in cfg.custom_hooks
              if h['type'] == 'DistillSensitivityHook']
     assert len(hooks) == 1
-    hook = HOOKS.build(dict(hooks[0]))
+    hook = HOOKS.build(dict(hooks[0])).settings
     model, metric, bits = re.match(
         r'(\w+?)_(uniform|losssen|outfloat|outquant)_(\d)bit\.py',
         osp.basename(path)).groups()
     assert model in MODELS
     family = re.match(r'(\w+?)_(r50|tiny_shapes)$', model).group(1)
     assert cfg.model.type == FAMILY[family]
+    # each config lives in its family's folder, as mmdet's do
+    assert osp.basename(osp.dirname(path)) == family
     assert hook.metric == metric
     if metric == 'uniform':
         assert hook.bits == int(bits)
@@ -53,13 +56,14 @@ def test_config_builds_its_hook(path):
         assert cfg.model.backbone.init_cfg is None  # no download at build
 
 
-GPTQ_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*bit_gptq.py')))
+GPTQ_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*',
+                                        '*bit_gptq.py')))
 
 
 def test_gptq_configs_cover_the_small_models_and_r50():
     names = {osp.basename(c) for c in GPTQ_CONFIGS}
     for model in ('detr_r50', 'dino_r50', 'deformable_detr_r50',
-                  'detr_tiny_shapes', 'dino_tiny_shapes',
+                  'ddq_detr_r50', 'detr_tiny_shapes', 'dino_tiny_shapes',
                   'deformable_detr_tiny_shapes'):
         for bits in (4, 3):
             assert f'{model}_outquant_{bits}bit_gptq.py' in names
@@ -70,12 +74,12 @@ def test_gptq_config_is_its_base_with_gptq_rounding(path):
     cfg = Config.fromfile(path)
     model, bits = re.match(r'(\w+?)_outquant_(\d)bit_gptq\.py',
                            osp.basename(path)).groups()
-    base = Config.fromfile(osp.join(ROOT, 'configs',
+    base = Config.fromfile(osp.join(osp.dirname(path),
                                     f'{model}_outquant_4bit.py'))
     assert cfg.model == base.model
     (hook_cfg, ) = [h for h in cfg.custom_hooks
                     if h['type'] == 'DistillSensitivityHook']
-    hook = HOOKS.build(dict(hook_cfg))
+    hook = HOOKS.build(dict(hook_cfg)).settings
     assert hook.metric == 'outquant' and hook.rounding == 'gptq'
     assert hook.target_bits == int(bits)
     assert hook.bit_range == ((3, 6) if bits == '4' else (2, 5))

@@ -6,7 +6,8 @@ from typing import Dict, Optional
 import pytest
 import torch
 
-from mmdet_hawq.quant import apply_plan, pack_state_dict, quantizable_weights
+from mmdet_hawq.quant import (apply_plan, make_plan, pack_state_dict,
+                              quantizable_weights)
 
 from ..conftest import build_from
 
@@ -25,8 +26,9 @@ def make_packed(cfg, plan_fn=mixed_plan, axis=None, path=None) -> dict:
     model = build_from(cfg)
     float_state = copy.deepcopy(model.state_dict())
     plan = plan_fn(model)
-    quantized = apply_plan(model, plan, axis=axis)
-    packed = pack_state_dict(model, quantized, plan)
+    entries = make_plan(plan, axis)
+    quantized = apply_plan(model, entries).applied
+    packed = pack_state_dict(model, quantized, entries)
     if path is not None:
         torch.save(packed, str(path))
     return dict(float_state=float_state, plan=plan, packed=packed,

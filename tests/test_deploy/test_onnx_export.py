@@ -7,6 +7,8 @@ kernels (and BN not folded into the integer convolutions), so outputs
 differ in the last bits; we require max abs differences below 1e-4 for
 scores (logits) and boxes (normalised), and measured about 1e-6 here.
 """
+from typing import List
+
 import numpy as np
 import onnx
 import pytest
@@ -42,7 +44,9 @@ def max_diffs(model, onnx_file, shape=SHAPE, seed=0):
         ref = DetectorOnnxWrapper(model, shape)(image)
     out = OnnxDetector(onnx_file)(image.numpy())
     assert out[0].shape == tuple(ref[0].shape)
-    return [float(np.abs(o - r.numpy()).max()) for o, r in zip(out, ref)]
+    # equal infinities (DDQ-DETR's suppressed queries) differ by 0
+    return [float(np.abs(np.where(o == r, 0, o - r)).max())
+            for o, r in zip(out, (r.numpy() for r in ref))]
 
 
 def test_pack_int4_matches_onnx():
@@ -135,19 +139,21 @@ def test_onnx_runtime_matches_fake_quantized(exported):
     assert scores < ATOL and boxes < ATOL
 
 
-def test_detections_through_mmdet_post_processing(exported, tiny_cfg):
-    """ONNX Runtime's outputs through predict_by_feat give the PyTorch
-    model's own detections (mmdet's predict)."""
+def check_detections(model, onnx_file, cfg) -> List[np.ndarray]:
+    """ONNX Runtime's outputs on the config's test images, through the
+    family's post-processing, give the PyTorch model's own detections
+    (mmdet's predict). Returns the ONNX scores of each image."""
     import copy
 
     from mmengine.runner import Runner
-    model, out, _ = exported
-    onnx_model = OnnxDetector(out)
+    onnx_model = OnnxDetector(onnx_file)
     batch = next(iter(Runner.build_dataloader(
-        copy.deepcopy(tiny_cfg.test_dataloader))))
+        copy.deepcopy(cfg.test_dataloader))))
+    all_scores = []
     for image, sample in zip(batch['inputs'], batch['data_samples']):
         ref_sample = copy.deepcopy(sample)
         scores, boxes = onnx_model(image.numpy())
+        all_scores.append(scores)
         ours = detections_from_outputs(model, scores, boxes, [sample])[0]
         with torch.no_grad():
             data = model.data_preprocessor(
@@ -157,6 +163,14 @@ def test_detections_through_mmdet_post_processing(exported, tiny_cfg):
         assert torch.equal(a.labels, b.labels)
         assert torch.allclose(a.scores, b.scores, atol=1e-5)
         assert torch.allclose(a.bboxes, b.bboxes, atol=1e-3)
+    return all_scores
+
+
+def test_detections_through_mmdet_post_processing(exported, tiny_cfg):
+    """ONNX Runtime's outputs through predict_by_feat give the PyTorch
+    model's own detections (mmdet's predict)."""
+    model, out, _ = exported
+    check_detections(model, out, tiny_cfg)
 
 
 def test_per_channel_and_last_layer_only(tiny_cfg, tmp_path):
@@ -195,21 +209,28 @@ def test_float_export_has_no_integer_weights(tiny_cfg, tmp_path):
     assert max(max_diffs(model, out)) < ATOL
 
 
+def export_at_4_bits(cfg, tmp_path) -> tuple:
+    """The config's model (``load_from``) quantized to 4 bits and exported:
+    (fake-quantized model, ONNX file, export report)."""
+    made = make_packed(cfg, plan_fn=lambda m: uniform_plan(
+        quantizable_weights(m), 4))
+    model = fake_quantized(cfg, made['packed'])
+    out = str(tmp_path / 'model.onnx')
+    report = export_onnx(model, out, SHAPE, packed=made['packed']['packed'])
+    return model, out, report
+
+
 def test_dino_exports_through_grid_sample(family_cfg, tmp_path):
     """DINO's multi-scale deformable attention goes through mmcv's
     PyTorch path (GridSample) and matches the fake-quantized model."""
     cfg = family_cfg('dino')
-    made = make_packed(cfg, plan_fn=lambda m: uniform_plan(
-        quantizable_weights(m), 4))
-    model = fake_quantized(cfg, made['packed'])
-    out = str(tmp_path / 'dino.onnx')
-    report = export_onnx(model, out, SHAPE, packed=made['packed']['packed'])
+    model, out, report = export_at_4_bits(cfg, tmp_path)
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert 'GridSample' in ops
     # DINO's denoising label embedding is read in training only
     assert report['unused_weights'] == [
         'dn_query_generator.label_embedding.weight']
-    assert len(report['weight_bits']) == len(made['packed']['packed']) - 1
+    assert len(report['weight_bits']) == len(quantizable_weights(model)) - 1
     scores, boxes = max_diffs(model, out)
     assert scores < ATOL and boxes < ATOL
 
@@ -253,13 +274,49 @@ def test_every_family_member_exports(family_cfg, tmp_path, family):
     """Deformable DETR (two-stage, refine), Conditional and DAB-DETR export
     at 4 bits and match the fake-quantized model under ONNX Runtime."""
     cfg = family_cfg(family)
-    made = make_packed(cfg, plan_fn=lambda m: uniform_plan(
-        quantizable_weights(m), 4))
-    model = fake_quantized(cfg, made['packed'])
-    out = str(tmp_path / f'{family}.onnx')
-    report = export_onnx(model, out, SHAPE, packed=made['packed']['packed'])
+    model, out, report = export_at_4_bits(cfg, tmp_path)
     assert report['dequantize_nodes'] > 0
     assert report['initializers']['INT4']['count'] > 0
     assert not report['unused_weights']
     scores, boxes = max_diffs(model, out)
     assert scores < ATOL and boxes < ATOL
+
+
+def test_ddq_detr_exports_its_distinct_query_selection(family_cfg, tmp_path):
+    """DDQ-DETR's NMS in its query selection exports as ONNX
+    NonMaxSuppression; the queries its decoder suppresses score -inf, and
+    the detections from the outputs alone are mmdet's own."""
+    from mmdet_hawq.models import detection_head
+    cfg = family_cfg('ddq')
+    # wide boxes and a low IoU threshold: the decoder's NMS suppresses
+    # (down to one query of 4 classes: at most 4 detections)
+    cfg.model.dqs_cfg = dict(type='nms', iou_threshold=0.05)
+    cfg.model.test_cfg.max_per_img = 4
+    model = build_from(cfg)
+    with torch.no_grad():
+        layers = detection_head(model).reg_branches[:cfg.model.decoder[
+            'num_layers']]
+        for branch in layers:
+            branch[-1].bias[2:] = 6.0
+    cfg.load_from = str(tmp_path / 'wide.pth')
+    torch.save(dict(state_dict=model.state_dict()), cfg.load_from)
+    model, out, report = export_at_4_bits(cfg, tmp_path)
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert {'NonMaxSuppression', 'GridSample'} <= ops
+    assert report['unused_weights'] == [
+        'dn_query_generator.label_embedding.weight']
+    for seed in (1, 2):
+        assert max(max_diffs(model, out, seed=seed)) < ATOL
+    scores = check_detections(model, out, cfg)
+    assert any(np.isinf(s[-1]).all(-1).any() for s in scores)
+
+
+def test_ddq_detr_query_selection_without_onnx_form_is_one_line(
+        family_cfg, tmp_path):
+    cfg = family_cfg('ddq')
+    cfg.model.dqs_cfg = dict(type='soft_nms', iou_threshold=0.8)
+    with pytest.raises(HawqUserError) as err:
+        export_onnx(build_from(cfg), str(tmp_path / 'x.onnx'), SHAPE)
+    assert "dqs_cfg={'type': 'soft_nms', 'iou_threshold': 0.8} cannot be " \
+        'exported to ONNX' in str(err.value)
+    assert '\n' not in str(err.value)

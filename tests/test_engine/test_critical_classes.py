@@ -11,8 +11,13 @@ from mmengine.runner import Runner
 
 from mmdet_hawq.datasets import SHAPES_CLASSES
 from mmdet_hawq.engine.hooks import DistillSensitivityHook
-from mmdet_hawq.engine.pipeline import calibration_classes, resolve_settings
+from mmdet_hawq.api import check_model
+from mmdet_hawq.api.settings import resolve_sensitivity
+from mmdet_hawq.api.traces import cache_key
+from mmdet_hawq.engine import run
+from mmdet_hawq.engine.calibration import calibration_classes
 from mmdet_hawq.errors import HawqUserError
+from mmdet_hawq.quant import load_plan, plan_bits
 
 #: The settings in a trace cache key before the option existed.
 KEY_SETTINGS = {'estimator', 'num_images', 'batch_size', 'seed',
@@ -30,7 +35,7 @@ def run_hook(cfg, work_dir, **sensitivity):
             **sensitivity))]
     Runner.from_cfg(cfg).test()
     out = osp.join(work_dir, 'hawq')
-    return (json.load(open(osp.join(out, 'plan.json'))),
+    return (plan_bits(load_plan(osp.join(out, 'plan.json'))),
             json.load(open(osp.join(out, 'traces.json'))))
 
 
@@ -54,18 +59,14 @@ def test_critical_classes_change_the_traces_in_the_runner(tiny_cfg,
     assert set(traces['meta']['key']['settings']) == KEY_SETTINGS
 
 
-def test_default_cache_key_is_unchanged(tiny_cfg):
-    from mmdet_hawq.engine.pipeline import _cache_key
-
-    class FakeRunner:
-        cfg = tiny_cfg
-
-    s = resolve_settings('outquant', None)
+def test_default_cache_key_is_unchanged():
+    s = resolve_sensitivity('outquant', None)
     assert s['critical_classes'] is None
-    key = _cache_key(FakeRunner(), 'outquant', s, [1, 2])
+    source, cpu = dict(model='m', checkpoint=None), torch.device('cpu')
+    key = cache_key('outquant', s, [1, 2], source, None, cpu)
     assert set(key['settings']) == KEY_SETTINGS
-    named = _cache_key(FakeRunner(), 'outquant',
-                       dict(s, critical_classes=['cross']), [1, 2])
+    named = cache_key('outquant', dict(s, critical_classes=['cross']),
+                      [1, 2], source, None, cpu)
     assert named['settings']['critical_classes'] == ['cross']
 
 
@@ -81,23 +82,22 @@ def test_unknown_class_name_stops_before_any_data(build_tiny_model,
     hook = DistillSensitivityHook(
         metric='outquant', target_bits=4,
         sensitivity=dict(critical_classes=['triangle', 'crss']))
-    classes = hook.declared_classes(tiny_cfg)
+    classes = calibration_classes(tiny_cfg, hook.settings.sensitivity)
     assert classes == list(SHAPES_CLASSES)
     with pytest.raises(HawqUserError) as err:
-        hook.check_model(model, 'ckpt.pth', classes)
+        check_model(model, hook.settings, classes)
     msg = one_line(err)
     assert ("sensitivity critical_classes: 'crss' is not a class of the "
             'dataset: the classes are ellipse, rectangle, triangle, cross; '
             "did you mean 'cross'?") == msg
-    hook.check_model(model, 'ckpt.pth')  # classes unknown: checked later
+    check_model(model, hook.settings)  # classes unknown: checked later
 
 
 def test_unknown_name_is_caught_at_the_dataset_without_declared_classes(
         tiny_cfg, tmp_path, monkeypatch):
     """A dataset config that does not declare its classes: the built
     calibration set's metainfo is checked, before any trace sample."""
-    monkeypatch.setattr(DistillSensitivityHook, 'declared_classes',
-                        lambda self, cfg: None)
+    monkeypatch.setattr(run, 'calibration_classes', lambda cfg, s: None)
     with pytest.raises(HawqUserError) as err:
         run_hook(tiny_cfg, str(tmp_path), critical_classes=['square'])
     assert "'square' is not a class of the dataset" in one_line(err)
@@ -112,15 +112,15 @@ def test_unknown_name_is_caught_at_the_dataset_without_declared_classes(
 ])
 def test_bad_forms_are_one_line(value, match):
     with pytest.raises(HawqUserError, match=match) as err:
-        resolve_settings('outquant', dict(critical_classes=value))
+        resolve_sensitivity('outquant', dict(critical_classes=value))
     one_line(err)
 
 
 def test_one_name_and_the_metrics_it_applies_to():
-    s = resolve_settings('outfloat', dict(critical_classes='cross'))
+    s = resolve_sensitivity('outfloat', dict(critical_classes='cross'))
     assert s['critical_classes'] == ['cross']
     with pytest.raises(HawqUserError, match="metric 'losssen'") as err:
-        resolve_settings('losssen', dict(critical_classes=['cross']))
+        resolve_sensitivity('losssen', dict(critical_classes=['cross']))
     one_line(err)
 
 

@@ -9,18 +9,17 @@ import pytest
 import torch
 from mmengine.runner import Runner
 
-from mmdet_hawq.models import class_activation
+from mmdet_hawq.models import class_activation, detection_head
 from mmdet_hawq.quant import fake_quantize, quantizable_weights
 from mmdet_hawq.sensitivity import (DistillationObjective, hessian_mode,
                                     preprocess_batches)
 from ..conftest import FAMILY_CONFIGS, build_from
 
 FAMILIES = sorted(FAMILY_CONFIGS)
-TWO_STAGE = ('deformable_twostage', 'dino')
 
 
 def batches_of(model, cfg):
-    from mmdet_hawq.engine.pipeline import build_calibration
+    from mmdet_hawq.engine.calibration import build_calibration
     loader, _ = build_calibration(cfg, dict(dataset=None, num_images=4,
                                             seed=0, batch_size=2))
     return preprocess_batches(model, loader)
@@ -62,7 +61,8 @@ def test_family_member_through_the_hook(family_cfg, tmp_path, name, metric):
     metrics = runner.test()
     assert 'coco/bbox_mAP' in metrics
     out = osp.join(cfg.work_dir, 'hawq')
-    plan = json.load(open(osp.join(out, 'plan.json')))
+    plan = {n: e['bits'] for n, e in
+            json.load(open(osp.join(out, 'plan.json'))).items()}
     rows = {r['name']: r for r in json.load(open(osp.join(out,
                                                           'layers.json')))}
     summary = json.load(open(osp.join(out, 'summary.json')))
@@ -70,8 +70,9 @@ def test_family_member_through_the_hook(family_cfg, tmp_path, name, metric):
     # the head's final class/box FFNs stay float, bit for bit
     start = torch.load(cfg.load_from)['state_dict']
     model = runner.model
-    head_names = {f'bbox_head.{n}' for n, _ in
-                  model.bbox_head.named_parameters()}
+    prefix = {m: n for n, m in model.named_modules()}[detection_head(model)]
+    head_names = {f'{prefix}.{n}' for n, _ in
+                  detection_head(model).named_parameters()}
     assert head_names and not head_names & set(plan)
     state = model.state_dict()
     for n in head_names:
@@ -85,7 +86,7 @@ def test_family_member_through_the_hook(family_cfg, tmp_path, name, metric):
         return
     notes = {n: r.get('trace_note', '') for n, r in rows.items()}
     blind = [n for n, t in notes.items() if 'blind spot' in t]
-    if name in TWO_STAGE and metric == 'outquant':
+    if cfg.model.get('as_two_stage') and metric == 'outquant':
         # no gradient reaches memory_trans_fc through top-k and detached
         # references, yet it changes the outputs: kept at the top
         assert 'memory_trans_fc.weight' in blind
@@ -126,14 +127,16 @@ def test_default_floors_cover_every_deformable_attention(family_cfg, name):
     """
     from mmcv.ops import MultiScaleDeformableAttention
 
-    from mmdet_hawq.models import default_min_bits
+    from mmdet_hawq.models import default_min_bits, detector_family
+    from mmdet_hawq.models.adapters import DeformableDETRAdapter
     model = build_from(family_cfg(name))
     expected = {f'{m}.{c}.weight' for m, mod in model.named_modules()
                 if isinstance(mod, MultiScaleDeformableAttention)
                 for c in ('sampling_offsets', 'attention_weights')}
     floors = default_min_bits(model)
     assert set(floors) == expected and set(floors.values()) <= {3}
-    assert bool(expected) == name.startswith(('deformable', 'dino'))
+    assert bool(expected) == isinstance(detector_family(model),
+                                        DeformableDETRAdapter)
 
 
 def test_default_floors_bound_a_3bit_plan(family_cfg, tmp_path):
@@ -144,7 +147,8 @@ def test_default_floors_bound_a_3bit_plan(family_cfg, tmp_path):
         bit_range=(2, 5), sensitivity=dict(
             num_images=4, batch_size=2, min_samples=2, max_samples=2))]
     Runner.from_cfg(cfg).test()
-    plan = json.load(open(osp.join(cfg.work_dir, 'hawq', 'plan.json')))
+    plan = {n: e['bits'] for n, e in json.load(open(
+        osp.join(cfg.work_dir, 'hawq', 'plan.json'))).items()}
     held = [n for n in plan if n.endswith(('sampling_offsets.weight',
                                            'attention_weights.weight'))]
     assert held and all(plan[n] >= 3 for n in held)

@@ -7,18 +7,21 @@ import os.path as osp
 
 import pytest
 import torch
+from mmengine.config import Config
 from mmengine.runner import Runner
 
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.models import decoder_outputs
-from mmdet_hawq.quant import quantizable_weights
+from mmdet_hawq.api import check_model
+from mmdet_hawq.engine.run import check_run
+from mmdet_hawq.quant import load_plan, plan_bits, quantizable_weights
 from mmdet_hawq.sensitivity import (DistillationObjective,
                                     gauss_newton_traces, hessian_mode,
                                     hutchinson_traces)
 
 
 def batches_of(model, cfg, n=2):
-    from mmdet_hawq.engine.pipeline import build_calibration
+    from mmdet_hawq.engine.calibration import build_calibration
     loader, _ = build_calibration(cfg, dict(dataset=None, num_images=n * 2,
                                             seed=0, batch_size=2))
     from mmdet_hawq.sensitivity import preprocess_batches
@@ -72,12 +75,13 @@ def test_uniform_hook_packs_and_reloads_identically(tiny_cfg, tmp_path):
                              bits=4)]
     runner = Runner.from_cfg(cfg)
     m4 = runner.test()
-    hook = [h for h in runner.hooks
-            if type(h).__name__ == 'DistillSensitivityHook'][0]
-    summary = hook.summary
+    summary = json.load(open(osp.join(cfg.work_dir, 'hawq',
+                                      'summary.json')))
     assert summary['avg_bits'] == 4.0
-    plan = json.load(open(osp.join(cfg.work_dir, 'hawq', 'plan.json')))
-    assert set(plan.values()) == {4}
+    plan = load_plan(osp.join(cfg.work_dir, 'hawq', 'plan.json'))
+    assert set(plan_bits(plan).values()) == {4}
+    assert {(e.axis, e.rounding) for e in plan.values()} == {
+        (None, 'nearest')}
     quant_state = {k: v.clone() for k, v in runner.model.state_dict().items()}
     # reload the packed file through load_from, no hook: same weights
     cfg2 = copy.deepcopy(tiny_cfg)
@@ -152,7 +156,7 @@ def test_non_finite_weight_stops_the_hook(build_tiny_model):
         param[1, 2] = float('inf')
     hook = DistillSensitivityHook(metric='uniform', bits=4)
     with pytest.raises(HawqUserError) as err:
-        hook.check_model(model, 'ckpt.pth')
+        check_run(hook.settings, model, Config(dict(load_from='ckpt.pth')))
     msg = str(err.value)
     assert f'{name} (2 of {param.numel()} elements)' in msg
     assert "'ckpt.pth'" in msg and 'check the checkpoint' in msg
@@ -198,7 +202,7 @@ def test_every_metric_runs_in_the_runner(tiny_cfg, tmp_path, metric,
     runner = Runner.from_cfg(cfg)
     runner.test()
     out = osp.join(cfg.work_dir, 'hawq')
-    plan = json.load(open(osp.join(out, 'plan.json')))
+    plan = plan_bits(load_plan(osp.join(out, 'plan.json')))
     layers = json.load(open(osp.join(out, 'layers.json')))
     assert all(3 <= b <= 6 for b in plan.values())
     if include is not None:  # only the included weights are planned
@@ -214,7 +218,7 @@ def test_every_metric_runs_in_the_runner(tiny_cfg, tmp_path, metric,
     # a second run in the same work dir reuses the cache: same plan
     runner = Runner.from_cfg(copy.deepcopy(cfg))
     runner.test()
-    assert json.load(open(osp.join(out, 'plan.json'))) == plan
+    assert plan_bits(load_plan(osp.join(out, 'plan.json'))) == plan
 
 
 def test_plan_does_not_depend_on_the_thread_count(tiny_cfg, tmp_path):
@@ -263,11 +267,11 @@ def test_min_bits_bad_inputs(build_tiny_model):
     hook = DistillSensitivityHook(metric='outquant', target_bits=4,
                                   min_bits={'backbnoe.*': 4})
     with pytest.raises(HawqUserError, match="'backbnoe.*' matches none"):
-        hook.check_model(model)
+        check_model(model, hook.settings)
     hook = DistillSensitivityHook(metric='outquant', target_bits=4,
                                   min_bits={'*': 5})
     with pytest.raises(HawqUserError, match='alone average 5.000 bits'):
-        hook.check_model(model)
+        check_model(model, hook.settings)
 
 
 def test_min_bits_bounds_the_plan(tiny_cfg, tmp_path):
@@ -280,45 +284,12 @@ def test_min_bits_bounds_the_plan(tiny_cfg, tmp_path):
             num_images=4, batch_size=2, min_samples=2, max_samples=2))]
     Runner.from_cfg(cfg).test()
     out = osp.join(cfg.work_dir, 'hawq')
-    plan = json.load(open(osp.join(out, 'plan.json')))
+    plan = plan_bits(load_plan(osp.join(out, 'plan.json')))
     assert all(b >= 5 for n, b in plan.items() if n.startswith('backbone.'))
     assert all(b >= 4 for n, b in plan.items() if n.startswith('encoder.'))
     assert min(plan.values()) == 3  # the others pay for it
     assert json.load(open(osp.join(out, 'summary.json')))[
         'avg_bits'] <= 4 + 1e-9
-
-
-def test_cache_written_before_the_proposals_setting_is_read(tiny_cfg,
-                                                            tmp_path):
-    """A trace cache whose key has no ``proposals`` (older releases) is
-    used when proposals is off, not recomputed."""
-    from mmdet_hawq.engine.pipeline import _older_key
-    from mmdet_hawq.sensitivity import cache_path
-    cfg = copy.deepcopy(tiny_cfg)
-    cfg.work_dir = str(tmp_path)
-    cfg.custom_hooks = [dict(
-        type='DistillSensitivityHook', metric='outquant', target_bits=4,
-        sensitivity=dict(num_images=4, batch_size=2, min_samples=2,
-                         max_samples=2))]
-    Runner.from_cfg(copy.deepcopy(cfg)).test()
-    cache = osp.join(cfg.work_dir, 'hawq', 'cache')
-    (current, ) = os.listdir(cache)
-    data = json.load(open(osp.join(cache, current)))
-    assert data['key']['settings']['proposals'] is False
-    older = _older_key(data['key'])
-    assert 'proposals' not in older['settings']
-    assert _older_key(dict(data['key'], settings=dict(
-        data['key']['settings'], proposals=True))) is None
-    # the file an older release wrote: its key, marked samples
-    data['key'] = older
-    data['result']['samples'] = [[2 * v for v in s]
-                                 for s in data['result']['samples']]
-    os.remove(osp.join(cache, current))
-    with open(cache_path(cache, 'outquant', 'gauss_newton', older), 'w') as f:
-        json.dump(data, f)
-    Runner.from_cfg(copy.deepcopy(cfg)).test()
-    reread = json.load(open(osp.join(cache, current)))
-    assert reread['result']['samples'] == data['result']['samples']
 
 
 def test_calibration_subset_does_not_use_mmengines_shared_copy_memo(
@@ -330,11 +301,12 @@ def test_calibration_subset_does_not_use_mmengines_shared_copy_memo(
     callable"). The calibration subset must not go through it."""
     from mmengine.dataset import BaseDataset
 
-    from mmdet_hawq.engine.pipeline import build_calibration, resolve_settings
+    from mmdet_hawq.api import QuantSettings
+    from mmdet_hawq.engine.calibration import build_calibration
     memo = BaseDataset._copy_without_annotation.__defaults__[0]
     before = len(memo)
-    loader, img_ids = build_calibration(
-        tiny_cfg, dict(resolve_settings('outquant', None), num_images=4))
+    loader, img_ids = build_calibration(tiny_cfg, QuantSettings(
+        target_bits=4, sensitivity=dict(num_images=4)).calibration)
     assert len(memo) == before
     assert len(loader.dataset) == len(img_ids) == 4
     batch = next(iter(loader))
@@ -351,9 +323,9 @@ def test_unexpected_error_in_the_runner_names_its_origin(tiny_cfg, tmp_path,
     """mmengine's call_hook re-raises a hook's TypeError ``from None`` as
     '... in <hook>': the hook reports it with its file, line and traceback
     instead."""
-    from mmdet_hawq.engine.hooks import quantization_hook
+    from mmdet_hawq import report
     from mmdet_hawq.errors import HawqInternalError
-    monkeypatch.setattr(quantization_hook, 'pack_state_dict', faulty_pack)
+    monkeypatch.setattr(report, 'pack_state_dict', faulty_pack)
     cfg = copy.deepcopy(tiny_cfg)
     cfg.work_dir = str(tmp_path)
     cfg.custom_hooks = [dict(type='DistillSensitivityHook', metric='uniform',
@@ -366,18 +338,18 @@ def test_unexpected_error_in_the_runner_names_its_origin(tiny_cfg, tmp_path,
         "TypeError: can't convert cuda:0 device type tensor to numpy")
     details = err.value.details
     assert f'File "{__file__}", line {line}, in faulty_pack' in details
-    assert 'in before_test' in details and 'in _write_outputs' in details
+    assert 'in before_test' in details and 'in write_run' in details
     assert isinstance(err.value.__cause__, TypeError)
 
 
 def test_user_error_in_the_runner_is_not_an_internal_error(
         tiny_cfg, tmp_path, monkeypatch):
-    from mmdet_hawq.engine.hooks import quantization_hook
+    from mmdet_hawq import report
 
     def bad_input(*args, **kwargs):
         raise HawqUserError('the packed file cannot be written')
 
-    monkeypatch.setattr(quantization_hook, 'pack_state_dict', bad_input)
+    monkeypatch.setattr(report, 'pack_state_dict', bad_input)
     cfg = copy.deepcopy(tiny_cfg)
     cfg.work_dir = str(tmp_path)
     cfg.custom_hooks = [dict(type='DistillSensitivityHook', metric='uniform',

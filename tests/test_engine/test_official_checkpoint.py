@@ -49,7 +49,7 @@ def official(tmp_path_factory):
 def test_detr_r50_configs_take_the_official_file(official, tmp_path, hook):
     path, state = official
     cfg = Config.fromfile(osp.join(ROOT, 'configs',
-                                   'detr_r50_uniform_8bit.py'))
+                                   'detr', 'detr_r50_uniform_8bit.py'))
     runner = load(cfg, tmp_path, path, hook)
     expected = convert_official_detr(state)
     for name, tensor in runner.model.state_dict().items():
@@ -124,7 +124,7 @@ def test_own_checkpoints_load_strictly(tiny_cfg, tmp_path, build_tiny_model):
 
 def test_shipped_checkpoint_loads_strictly(tmp_path):
     cfg = Config.fromfile(osp.join(ROOT, 'configs',
-                                   'detr_tiny_shapes_uniform_8bit.py'))
+                                   'detr', 'detr_tiny_shapes_uniform_8bit.py'))
     ckpt = osp.join(ROOT, cfg.load_from)
     runner = load(cfg, tmp_path, ckpt)
     state = torch.load(ckpt, weights_only=True)['state_dict']

@@ -64,6 +64,9 @@ def test_every_metric_rounds_with_gptq(tiny_cfg, build_tiny_model, tmp_path,
     float_model = build_tiny_model()
     floats = dict(float_model.named_parameters())
     plan = load('plan.json')
+    assert all(plan[n] == dict(bits=plan[n]['bits'], axis=None,
+                               rounding='gptq') for n in gptq_rows)
+    plan = {n: e['bits'] for n, e in plan.items()}
     differ = [n for n in gptq_rows if not torch.equal(
         own[n], quantize_weight(floats[n].data, plan[n]).dequantize())]
     assert len(differ) >= len(gptq_rows) // 2
@@ -117,21 +120,30 @@ def test_bad_gptq_settings_are_one_line(kwargs, message):
 
 @pytest.mark.parametrize('metric', ['uniform', 'outquant'])
 def test_one_calibration_set_per_run(tiny_cfg, tmp_path, monkeypatch, metric):
-    """The traces and GPTQ share one calibration set: chosen and
-    preprocessed once per run (twice before, with GPTQ after a sensitivity
-    metric)."""
-    from mmdet_hawq.engine import pipeline
-    built = []
-    build = pipeline.build_calibration
+    """The traces, GPTQ's error ratios and GPTQ share one calibration set,
+    chosen and preprocessed once per run (twice before, with GPTQ after a
+    sensitivity metric); the settings are resolved once, when the hook is
+    built."""
+    from mmdet_hawq.api import settings as settings_module
+    from mmdet_hawq.engine import calibration
+    built, resolved = [], []
+    build = calibration.build_calibration
+    resolve = settings_module.resolve_sensitivity
 
     def counted(*args, **kwargs):
         built.append(1)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, 'build_calibration', counted)
+    def counted_resolve(*args, **kwargs):
+        resolved.append(1)
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, 'build_calibration', counted)
+    monkeypatch.setattr(settings_module, 'resolve_sensitivity',
+                        counted_resolve)
     kwargs = dict(metric=metric, rounding='gptq', sensitivity=dict(SENS))
     kwargs.update(bits=3) if metric == 'uniform' else kwargs.update(
-        target_bits=4, bit_range=(3, 6))
+        target_bits=4, bit_range=(3, 6), gptq=dict(error_terms='gptq'))
     _, _, load = run_hook(tiny_cfg, tmp_path, **kwargs)
-    assert len(built) == 1
+    assert len(built) == 1 and len(resolved) == 1
     assert load('summary.json')['rounding'] == 'gptq'

@@ -6,8 +6,9 @@ import torch.nn as nn
 
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.models import (class_activation, decoder_outputs,
-                               detector_family, distillation_outputs,
-                               final_head_weights, proposal_branches)
+                               detection_head, detector_family,
+                               distillation_outputs, float_weights,
+                               proposal_branches)
 from mmdet_hawq.quant import list_weights, quantizable_weights
 from mmdet_hawq.sensitivity import preprocess_batches
 from ..conftest import FAMILY_CONFIGS, build_from
@@ -19,11 +20,12 @@ EXPECTED = {
     'dino': ('DINO', 'sigmoid'),
     'conditional': ('Conditional DETR', 'sigmoid'),
     'dab': ('DAB-DETR', 'sigmoid'),
+    'ddq': ('DDQ-DETR', 'sigmoid'),
 }
 
 
 def batch_of(model, cfg):
-    from mmdet_hawq.engine.pipeline import build_calibration
+    from mmdet_hawq.engine.calibration import build_calibration
     loader, _ = build_calibration(cfg, dict(dataset=None, num_images=2,
                                             seed=0, batch_size=2))
     return preprocess_batches(model, loader)[0]
@@ -45,18 +47,22 @@ def test_family_facts_outputs_and_float_head(family_cfg, name):
     assert 0 <= box.min() and box.max() <= 1
     # every weight the head owns stays float, found by identity: the
     # head's parameter set is exactly the float-by-structure set
-    head_ids = {id(p) for p in model.bbox_head.parameters()}
-    assert set(final_head_weights(model)) == head_ids
+    head = detection_head(model)
+    head_ids = {id(p) for p in head.parameters()}
+    reasons = float_weights(model)
+    assert set(reasons) == head_ids
     infos = list_weights(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     for info in infos:
         in_head = id(params[info.name]) in head_ids
         assert info.included != in_head, info.name
         if in_head:
-            assert info.reason.startswith('final class/box FFN'), info.name
+            assert info.reason == reasons[id(params[info.name])]
+            assert info.reason.startswith((
+                'final class/box FFN', 'dense auxiliary branch')), info.name
     assert sum(i.included for i in infos) > 10
     # the head's final layers really are the class/box branches
-    head_names = {n for n, _ in model.bbox_head.named_parameters()}
+    head_names = {n for n, _ in head.named_parameters()}
     assert any(n.startswith(('cls_branches', 'fc_cls')) for n in head_names)
     assert any(n.startswith(('reg_branches', 'fc_reg')) for n in head_names)
     assert not any('memory_trans' in n for n in head_names)
@@ -83,9 +89,10 @@ def test_no_decoder_outputs_in_tensor_mode_is_one_clear_line(family_cfg):
     cfg = family_cfg('conditional')
     model = build_from(cfg)
     batch = batch_of(model, cfg)
-    forward = model.bbox_head.forward
+    head = detection_head(model)
+    forward = head.forward
     # a head that returns only the last layer's scores
-    model.bbox_head.forward = lambda *a, **k: forward(*a, **k)[0][-1]
+    head.forward = lambda *a, **k: forward(*a, **k)[0][-1]
     with pytest.raises(HawqUserError, match='return_intermediate') as err:
         decoder_outputs(model, batch)
     assert '\n' not in str(err.value)
@@ -102,7 +109,7 @@ def test_weight_pattern_that_matches_nothing_is_rejected(family_cfg):
 
 
 @pytest.mark.parametrize('name', ['deformable', 'deformable_twostage',
-                                  'dino'])
+                                  'dino', 'ddq'])
 def test_encoder_proposals_join_the_distilled_outputs(family_cfg, name):
     cfg = family_cfg(name)
     model = build_from(cfg)

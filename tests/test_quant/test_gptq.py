@@ -370,7 +370,7 @@ def test_hessian_bytes_counts_blocks_and_stages():
 
 
 def calibration(model, cfg):
-    from mmdet_hawq.engine.pipeline import build_calibration
+    from mmdet_hawq.engine.calibration import build_calibration
     from mmdet_hawq.sensitivity import preprocess_batches
     loader, _ = build_calibration(cfg, dict(dataset=None, num_images=4,
                                             seed=0, batch_size=2))

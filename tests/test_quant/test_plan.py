@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -5,9 +6,10 @@ import torch
 import torch.nn as nn
 
 from mmdet_hawq.errors import HawqUserError
-from mmdet_hawq.quant import (apply_plan, fake_quantize, list_weights,
-                              load_plan, plan_stats, quantizable_weights,
-                              save_plan, uniform_plan)
+from mmdet_hawq.quant import (PlanEntry, apply_plan, fake_quantize,
+                              gptq_apply, list_weights, load_plan, make_plan,
+                              plan_bits, plan_stats, quantizable_weights,
+                              save_plan, uniform_plan, validate_plan)
 
 
 class Head(nn.Module):
@@ -19,7 +21,12 @@ class Head(nn.Module):
         self.fc_reg = nn.Linear(8, 4)
 
 
-class Detector(nn.Module):
+class DETR(nn.Module):
+    """Named as mmdet's DETR: its family adapter (the head is
+    ``bbox_head``) applies to the subclass below."""
+
+
+class Detector(DETR):
 
     def __init__(self):
         super().__init__()
@@ -63,7 +70,7 @@ def test_apply_plan_in_place_and_stats(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     weights = quantizable_weights(model)
     plan = uniform_plan(weights, 4)
-    plan['attn.in_proj_weight'] = None
+    plan['attn.in_proj_weight'] = PlanEntry(None)
     save_plan(plan, str(tmp_path / 'plan.json'))
     assert load_plan(str(tmp_path / 'plan.json')) == plan
     apply_plan(model, plan)
@@ -77,29 +84,82 @@ def test_apply_plan_in_place_and_stats(tmp_path):
     numels = {n: p.numel() for n, p in weights.items()}
     stats = plan_stats(plan, numels)
     assert stats['avg_bits'] == 4.0
-    q = sum(v for n, v in numels.items() if plan[n] is not None)
+    q = sum(v for n, v in numels.items() if plan[n].bits is not None)
     f = numels['attn.in_proj_weight']
     assert stats['weight_bytes'] == (4 * q + 32 * f) / 8
-    json.dumps(plan)
 
 
-@pytest.mark.parametrize('plan,match', [
-    ({'nope': 4}, 'does not have'),
-    ({}, 'lacks'),
+def test_bad_plans():
+    model = Detector()
+    weights = quantizable_weights(model)
+    full = uniform_plan(weights, 4)
+    with pytest.raises(HawqUserError, match='does not have'):
+        apply_plan(model, dict(full, nope=PlanEntry(4)))
+    with pytest.raises(HawqUserError, match='does not have or does not'):
+        validate_plan(dict(full, nope=PlanEntry(4)), weights)
+    with pytest.raises(HawqUserError, match='lacks'):
+        validate_plan({}, weights)
+    with pytest.raises(HawqUserError, match='no calibration batches'):
+        apply_plan(model, make_plan(plan_bits(full), rounding='gptq'))
+
+
+@pytest.mark.parametrize('entry,match', [
+    (12, 'bit-width of .backbone.0.weight'),
+    (dict(bits=4, axis=1), 'has axis 1'),
+    (dict(bits=4, rounding='best'), 'has rounding .best.'),
+    (dict(bit=4), 'is not a plan entry'),
 ])
-def test_bad_plans(plan, match):
-    model = Detector()
-    full = uniform_plan(quantizable_weights(model), 4)
-    with pytest.raises(HawqUserError, match=match):
-        apply_plan(model, dict(full, **plan) if 'nope' in plan else plan)
+def test_bad_entries_in_a_plan_file(tmp_path, entry, match):
+    path = tmp_path / 'p.json'
+    path.write_text(json.dumps({'backbone.0.weight': entry}))
+    with pytest.raises(HawqUserError, match=match) as err:
+        load_plan(str(path))
+    assert "'" + str(path) + "'" in str(err.value)
 
 
-def test_bad_bits_in_plan():
-    model = Detector()
-    plan = uniform_plan(quantizable_weights(model), 4)
-    plan['backbone.0.weight'] = 12
-    with pytest.raises(HawqUserError, match="'backbone.0.weight'"):
-        apply_plan(model, plan)
+def test_a_plan_file_of_bits_takes_the_runs_scales_and_rounding(tmp_path):
+    """Entries that give only bits (the earlier file format, and what
+    people write by hand) get the axis and rounding the caller passes;
+    entries with their own keep them."""
+    path = tmp_path / 'p.json'
+    path.write_text(json.dumps({'a': 4, 'b': None, 'c': dict(
+        bits=3, axis=0, rounding='nearest')}))
+    plan = load_plan(str(path), axis=0, rounding='gptq')
+    assert plan == {'a': PlanEntry(4, 0, 'gptq'),
+                    'b': PlanEntry(None, 0, 'gptq'),
+                    'c': PlanEntry(3, 0, 'nearest')}
+
+
+def test_one_apply_plan_rounds_each_entry_as_it_says():
+    """Nearest entries get the quantizer's codes, GPTQ entries the codes
+    of :func:`gptq_apply` on the same batches, float entries stay."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8),
+                          nn.ReLU(), nn.Linear(8, 4))
+    batches = [torch.randn(32, 16) for _ in range(2)]
+
+    def forward(m, x):
+        return m(x)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = {'0.weight': PlanEntry(3, None, 'gptq'),
+            '2.weight': PlanEntry(4, 0, 'nearest'),
+            '4.weight': PlanEntry(None)}
+    result = apply_plan(model, plan, batches, forward)
+    assert result.rounding == {'0.weight': 'gptq', '2.weight': 'nearest'}
+    after = dict(model.named_parameters())
+    assert torch.equal(after['2.weight'],
+                       fake_quantize(before['2.weight'], 4, axis=0))
+    assert torch.equal(after['4.weight'], before['4.weight'])
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference[0].weight.copy_(before['0.weight'])
+    want = gptq_apply(reference, {'0.weight': 3}, batches, forward)
+    assert torch.equal(after['0.weight'], reference[0].weight)
+    assert torch.equal(result.applied['0.weight'].codes,
+                       want.applied['0.weight'].codes)
+    assert not torch.equal(after['0.weight'],
+                           fake_quantize(before['0.weight'], 3))
 
 
 def test_model_without_quantizable_weights():
@@ -114,12 +174,12 @@ def test_temporarily_quantized_restores_bit_for_bit():
     conv = torch.nn.Conv2d(2, 3, 3)
     weights = {'lin': lin.weight, 'conv': conv.weight}
     before = {n: p.detach().clone() for n, p in weights.items()}
-    with temporarily_quantized(weights, {'lin': 3, 'conv': None}):
+    with temporarily_quantized(weights, make_plan({'lin': 3, 'conv': None})):
         assert torch.equal(lin.weight, fake_quantize(before['lin'], 3))
         assert torch.equal(conv.weight, before['conv'])
     assert all(torch.equal(weights[n], before[n]) for n in weights)
     with pytest.raises(RuntimeError, match='inside'):
-        with temporarily_quantized(weights, {'lin': 2}, axis=0):
+        with temporarily_quantized(weights, make_plan({'lin': 2}, axis=0)):
             assert torch.equal(lin.weight,
                                fake_quantize(before['lin'], 2, axis=0))
             raise RuntimeError('inside')

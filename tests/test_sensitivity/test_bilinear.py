@@ -5,7 +5,8 @@ import pytest
 import torch
 from mmcv.ops import multi_scale_deform_attn as msda
 
-from mmdet_hawq.sensitivity import double_backward, hutchinson_traces
+from mmdet_hawq.sensitivity import bilinear as bilinear_module
+from mmdet_hawq.sensitivity import hutchinson_traces
 from mmdet_hawq.sensitivity.bilinear import \
     multi_scale_deformable_attn_bilinear as bilinear
 from ..conftest import build_from, requires_cuda
@@ -141,7 +142,7 @@ def test_hutchinson_traces_of_the_small_dino_match_grid_sample(
         family_cfg, monkeypatch):
     from mmcv.ops import MultiScaleDeformableAttention
 
-    from mmdet_hawq.engine.pipeline import build_calibration
+    from mmdet_hawq.engine.calibration import build_calibration
     from mmdet_hawq.quant import quantizable_weights
     from mmdet_hawq.sensitivity import (DetrLossObjective, hessian_mode,
                                         preprocess_batches)
@@ -164,7 +165,8 @@ def test_hutchinson_traces_of_the_small_dino_match_grid_sample(
             calls[name] = calls.get(name, 0) + 1
             return fn(*args)
 
-        monkeypatch.setattr(double_backward,
+        # what the deformable family's double-backward swap installs
+        monkeypatch.setattr(bilinear_module,
                             'multi_scale_deformable_attn_bilinear', counted)
         with hessian_mode(model, weights):
             obj = DetrLossObjective(model, batches, training_flag=True)

@@ -9,7 +9,7 @@ from torch.func import functional_call
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.sensitivity import (fisher_draw, fold_softmax_logits,
                                     gauss_newton_traces, temperature_kl)
-from mmdet_hawq.sensitivity.critical import check_columns, column_groups
+from mmdet_hawq.sensitivity.class_head import check_columns, column_groups
 from .test_estimators import (LAM, T, check, exact_gauss_newton,
                               exact_traces, make, targets)
 

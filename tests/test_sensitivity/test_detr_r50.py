@@ -16,7 +16,7 @@ from ..conftest import ROOT
 
 
 def test_detr_r50_all_metrics(tiny_cfg):
-    from mmdet_hawq.engine.pipeline import build_calibration
+    from mmdet_hawq.engine.calibration import build_calibration
     cfg = Config.fromfile(osp.join(ROOT, 'configs', '_base_',
                                    'detr_r50_hawq.py'))
     torch.manual_seed(0)

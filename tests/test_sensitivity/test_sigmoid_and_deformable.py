@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from mmdet_hawq.models.adapters.deformable_detr import \
+    pytorch_deformable_attention
 from mmdet_hawq.sensitivity import (batch_hvp, gauss_newton_traces,
-                                    hutchinson_traces,
-                                    pytorch_deformable_attention,
-                                    sigmoid_fisher_draw, temperature_kl)
+                                    hutchinson_traces, sigmoid_fisher_draw,
+                                    temperature_kl)
 from .test_estimators import (LAM, T, check, exact_gauss_newton,
                               exact_traces, make, targets)
 

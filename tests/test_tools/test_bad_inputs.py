@@ -266,6 +266,15 @@ def case_missing_config(tmp_path, tiny_cfg):
     return [str(tmp_path / 'nope.py')], [], ['nope.py', 'does not exist']
 
 
+def case_moved_config(tmp_path, tiny_cfg):
+    # a path of the flat configs/ folder the configs had before their
+    # family folders
+    return (['configs/detr_tiny_shapes_outquant_5bit.py'], [],
+            ['config configs/detr_tiny_shapes_outquant_5bit.py does not '
+             'exist: it moved to configs/detr/'
+             'detr_tiny_shapes_outquant_5bit.py'])
+
+
 def case_nonfinite_outputs(tmp_path, tiny_cfg):
     # finite weights whose outputs overflow: the calibration batch stops it
     state = torch.load(tiny_cfg.load_from, weights_only=False)
@@ -353,7 +362,8 @@ CASES = [
     case_missing_checkpoint, case_corrupted_checkpoint,
     case_truncated_checkpoint, case_checkpoint_of_another_model,
     case_bit_range_out_of_range, case_missing_data,
-    case_empty_calibration_set, case_missing_config, case_nonfinite_outputs,
+    case_empty_calibration_set, case_missing_config, case_moved_config,
+    case_nonfinite_outputs,
     case_missing_image_folder, case_missing_calibration_images,
     case_empty_image_folder, case_unsupported_detector,
 ]
@@ -415,6 +425,29 @@ def test_bad_input_through_mmdet_test_py(case, tmp_path, tiny_cfg):
     before = sha256s(inputs)
     proc = run_tool(MMDET_TEST, *mmdet_test_args(args), env=MMDET_TEST_ENV)
     check_one_error_line(proc, case, tmp_path, inputs, before, expected)
+
+
+def test_moved_config_finds_the_family_folder(tmp_path, monkeypatch):
+    from mmdet_hawq.engine.cli import CONFIGS_DIR, moved_config
+    monkeypatch.chdir(ROOT)
+    assert moved_config('configs/detr_r50_outquant_5bit.py') == \
+        'configs/detr/detr_r50_outquant_5bit.py'
+    assert moved_config('./configs/dino_tiny_shapes.py') == \
+        './configs/dino/dino_tiny_shapes.py'
+    assert moved_config(osp.join(ROOT, 'configs', 'shapes_backbone_'
+                                 'pretrain.py')) == \
+        osp.join(CONFIGS_DIR, 'shapes', 'shapes_backbone_pretrain.py')
+    # from a folder outside the checkout: the absolute path
+    monkeypatch.chdir(tmp_path)
+    assert moved_config('configs/deformable_detr_r50_uniform_8bit.py') == \
+        osp.join(CONFIGS_DIR, 'deformable_detr',
+                 'deformable_detr_r50_uniform_8bit.py')
+    monkeypatch.chdir(ROOT)
+    # files that exist, _base_ files, unknown names: nothing moved
+    assert moved_config('configs/detr/detr_r50_outquant_5bit.py') is None
+    assert moved_config('configs/detr_r50_hawq.py') is None
+    assert moved_config('configs/nope.py') is None
+    assert moved_config('configs/detr') is None
 
 
 @pytest.mark.parametrize('kwargs,expected', [
@@ -508,7 +541,7 @@ def test_excepthook_handles_only_user_errors(monkeypatch, capsys):
 FAULT_SCRIPT = """import runpy
 import sys
 
-from mmdet_hawq.engine.hooks import quantization_hook
+from mmdet_hawq import report
 from mmdet_hawq.errors import HawqUserError  # noqa: F401
 
 
@@ -516,7 +549,7 @@ def faulty_pack(*args, **kwargs):
     raise ERROR("can't convert cuda:0 device type tensor to numpy")
 
 
-quantization_hook.pack_state_dict = faulty_pack
+report.pack_state_dict = faulty_pack
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
@@ -660,7 +693,7 @@ def test_terminate_as_interrupt_only_replaces_the_default():
 
 
 def test_no_pkg_resources_warning_with_warnings_on():
-    proc = run_tool('tools/ptq.py', 'configs/detr_tiny_shapes.py',
+    proc = run_tool('tools/ptq.py', 'configs/detr/detr_tiny_shapes.py',
                     '--list-layers')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'pkg_resources' not in proc.stderr

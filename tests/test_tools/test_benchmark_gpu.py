@@ -14,7 +14,7 @@ def test_cpu_smoke_run_on_the_small_dino(tmp_path):
     out = tmp_path / 'gpu.json'
     proc = run_tool('tools/benchmark_gpu.py', '--device', 'cpu', '--height',
                     '64', '--width', '64', '--models', 'configs/missing.py',
-                    'configs/dino_tiny_shapes.py', '--repeats', '1',
+                    'configs/dino/dino_tiny_shapes.py', '--repeats', '1',
                     '--step-images', '2', '--step-samples', '2', '--out',
                     str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -43,8 +43,8 @@ def outputs(work):
 
 @needs_data
 @pytest.mark.parametrize('config,estimator', [
-    ('configs/detr_tiny_shapes_outquant_4bit.py', 'gauss_newton'),
-    ('configs/detr_tiny_shapes_losssen_4bit.py', 'hutchinson'),
+    ('configs/detr/detr_tiny_shapes_outquant_4bit.py', 'gauss_newton'),
+    ('configs/detr/detr_tiny_shapes_losssen_4bit.py', 'hutchinson'),
 ])
 def test_two_processes_match_one(tmp_path, config, estimator):
     one = run_tool('tools/ptq.py', config, '--work-dir', str(tmp_path / '1'),
@@ -74,7 +74,7 @@ def test_two_processes_match_one(tmp_path, config, estimator):
 def test_failed_rank_stops_the_run(tmp_path, fault):
     start = time.time()
     proc = torchrun('tests/test_tools/fault_injection.py',
-                    'configs/detr_tiny_shapes_outquant_4bit.py',
+                    'configs/detr/detr_tiny_shapes_outquant_4bit.py',
                     '--launcher', 'pytorch', '--dist-timeout', '10',
                     '--work-dir', str(tmp_path), '--cfg-options', *SMALL,
                     env=dict(HAWQ_FAULT=fault), timeout=300)

@@ -16,7 +16,7 @@ def one_error_line(proc):
 
 def test_missing_checkpoint(tmp_path):
     line = one_error_line(run_tool(
-        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_8bit.py',
+        'tools/ptq.py', 'configs/detr/detr_tiny_shapes_uniform_8bit.py',
         '--checkpoint', str(tmp_path / 'missing.pth')))
     assert 'missing.pth' in line and '--checkpoint' in line
 
@@ -25,7 +25,7 @@ def test_corrupted_checkpoint(tmp_path, tiny_data):
     bad = tmp_path / 'bad.pth'
     bad.write_bytes(b'not a checkpoint at all')
     line = one_error_line(run_tool(
-        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_8bit.py',
+        'tools/ptq.py', 'configs/detr/detr_tiny_shapes_uniform_8bit.py',
         '--checkpoint', str(bad), '--work-dir', str(tmp_path / 'w'),
         '--cfg-options', f'test_dataloader.dataset.data_root={tiny_data}/',
         f'test_evaluator.ann_file={tiny_data}/annotations/'
@@ -35,7 +35,7 @@ def test_corrupted_checkpoint(tmp_path, tiny_data):
 
 def test_missing_dataset_folder(tmp_path):
     line = one_error_line(run_tool(
-        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_8bit.py',
+        'tools/ptq.py', 'configs/detr/detr_tiny_shapes_uniform_8bit.py',
         '--work-dir', str(tmp_path / 'w'), '--cfg-options',
         f'test_dataloader.dataset.data_root={tmp_path}/nowhere/'))
     assert 'nowhere' in line and 'make data' in line
@@ -59,8 +59,8 @@ def test_bad_plans(tmp_path, plan, match):
 
 
 @pytest.mark.parametrize('config,family,head', [
-    ('detr_tiny_shapes.py', 'DETR, softmax', 'bbox_head.fc_cls.weight'),
-    ('dino_tiny_shapes.py', 'DINO, sigmoid',
+    ('detr/detr_tiny_shapes.py', 'DETR, softmax', 'bbox_head.fc_cls.weight'),
+    ('dino/dino_tiny_shapes.py', 'DINO, sigmoid',
      'bbox_head.cls_branches.3.weight'),
 ])
 def test_list_layers(config, family, head):
@@ -82,7 +82,8 @@ def test_checkpoint_of_another_model_stops_before_the_float_run(tmp_path):
     torch.save(dict(state_dict=state), bad)
     work = tmp_path / 'w'
     line = one_error_line(run_tool(
-        'tools/ptq.py', 'configs/detr_tiny_shapes_uniform_4bit.py', '--float',
+        'tools/ptq.py', 'configs/detr/detr_tiny_shapes_uniform_4bit.py',
+        '--float',
         '--checkpoint', str(bad), '--work-dir', str(work)))
     assert 'other.pth' in line and 'query_embedding.weight' in line
     assert not (work / 'float').exists()
@@ -92,7 +93,7 @@ def test_unknown_critical_class_stops_before_any_data(tmp_path):
     """--cfg-options sets the sensitivity's critical_classes; a typo is one
     line listing the dataset's classes, before the data is read."""
     line = one_error_line(run_tool(
-        'tools/ptq.py', 'configs/detr_tiny_shapes_outquant_4bit.py',
+        'tools/ptq.py', 'configs/detr/detr_tiny_shapes_outquant_4bit.py',
         '--work-dir', str(tmp_path / 'w'), '--cfg-options',
         'custom_hooks.0.sensitivity.critical_classes=[cross,sqare]',
         f'test_dataloader.dataset.data_root={tmp_path}/nowhere/'))
@@ -107,7 +108,7 @@ def test_gptq_config_and_its_uniform_baseline(tmp_path, tiny_data):
     data = [f'{dl}.dataset.data_root={tiny_data}/' for dl in (
         'train_dataloader', 'test_dataloader')]
     proc = run_tool(
-        'tools/ptq.py', 'configs/detr_tiny_shapes_outquant_3bit_gptq.py',
+        'tools/ptq.py', 'configs/detr/detr_tiny_shapes_outquant_3bit_gptq.py',
         '--uniform-baseline', '--work-dir', str(tmp_path / 'w'),
         '--cfg-options', *data,
         f'test_evaluator.ann_file={tiny_data}/annotations/'

@@ -19,7 +19,7 @@ SUBSET = ['test_dataloader.dataset.indices=60',
 @pytest.mark.skipif(not osp.isfile(VAL), reason='run `make data` first')
 def test_ptq_and_mmdet_test_script_agree(tmp_path):
     import mmdet
-    cfg = 'configs/detr_tiny_shapes_outquant_4bit.py'
+    cfg = 'configs/detr/detr_tiny_shapes_outquant_4bit.py'
     ptq = run_tool('tools/ptq.py', cfg, '--work-dir', str(tmp_path / 'a'),
                    '--cfg-options', *SUBSET)
     assert ptq.returncode == 0, ptq.stderr[-3000:]

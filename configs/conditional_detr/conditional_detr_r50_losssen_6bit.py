@@ -1,0 +1,5 @@
+_base_ = '../_base_/conditional_detr_r50_hawq.py'
+custom_hooks = [
+    dict(type='DistillSensitivityHook', metric='losssen', target_bits=6,
+         bit_range=(4, 7))
+]

@@ -1,5 +1,0 @@
-_base_ = './_base_/dab_detr_r50_hawq.py'
-custom_hooks = [
-    dict(type='DistillSensitivityHook', metric='outquant', target_bits=6,
-         bit_range=(4, 7))
-]

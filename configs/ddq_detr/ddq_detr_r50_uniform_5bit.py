@@ -1,0 +1,2 @@
+_base_ = '../_base_/ddq_detr_r50_hawq.py'
+custom_hooks = [dict(type='DistillSensitivityHook', metric='uniform', bits=5)]

@@ -1,5 +1,0 @@
-_base_ = './_base_/deformable_detr_r50_hawq.py'
-custom_hooks = [
-    dict(type='DistillSensitivityHook', metric='outfloat', target_bits=4,
-         bit_range=(3, 6))
-]

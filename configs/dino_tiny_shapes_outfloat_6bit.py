@@ -1,5 +1,0 @@
-_base_ = './_base_/dino_tiny_shapes_hawq.py'
-custom_hooks = [
-    dict(type='DistillSensitivityHook', metric='outfloat', target_bits=6,
-         bit_range=(4, 7))
-]

@@ -1,0 +1,19 @@
+"""The library API: ``quantize(model, calibration, settings)``.
+
+Example:
+    >>> from mmdet_hawq.api import QuantSettings, quantize
+    >>> settings = QuantSettings(metric='outquant', target_bits=5)
+    >>> result = quantize(model, calibration, settings)
+    >>> result.summary['avg_bits'], result.plan['backbone.conv1.weight']
+"""
+from .quantize import (Calibration, QuantResult, check_model, quantize,
+                       weight_floors)
+from .settings import (CALIBRATION_KEYS, GPTQ_DEFAULTS, METRICS,
+                       SENSITIVITY_DEFAULTS, SENSITIVITY_METRICS,
+                       QuantSettings)
+
+__all__ = [
+    'Calibration', 'QuantResult', 'check_model', 'quantize', 'weight_floors',
+    'CALIBRATION_KEYS', 'GPTQ_DEFAULTS', 'METRICS', 'SENSITIVITY_DEFAULTS',
+    'SENSITIVITY_METRICS', 'QuantSettings'
+]

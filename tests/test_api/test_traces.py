@@ -1,0 +1,39 @@
+"""The trace cache key: per kind of device, CPU keys as before."""
+import torch
+
+from mmdet_hawq.api.settings import resolve_sensitivity
+from mmdet_hawq.api.traces import DRAWS_VERSION, cache_key
+
+SOURCE = dict(model='m', checkpoint=None)
+
+
+def test_cache_key_names_the_device_type_of_the_draws():
+    """A CUDA run resumes only from CUDA samples (its generator draws
+    another stream); a CPU run's key is the one earlier releases wrote."""
+    s = resolve_sensitivity('outquant', None)
+    cpu = cache_key('outquant', s, [1, 2], SOURCE, None, torch.device('cpu'))
+    assert cpu['draws'] == DRAWS_VERSION
+    cuda = cache_key('outquant', s, [1, 2], SOURCE, None,
+                     torch.device('cuda', 0))
+    assert cuda['draws'] == f'{DRAWS_VERSION}-cuda'
+    assert {k: v for k, v in cuda.items() if k != 'draws'} == \
+        {k: v for k, v in cpu.items() if k != 'draws'}
+    # every CUDA device draws the same stream: one key for all of them
+    assert cuda == cache_key('outquant', s, [1, 2], SOURCE, None,
+                             torch.device('cuda', 3))
+
+
+def test_cache_key_changes_with_what_changes_the_samples():
+    """Another calibration set, model, checkpoint or per-channel 8-bit
+    point is another key; the stopping rule and the cache folder are not
+    part of it."""
+    s = resolve_sensitivity('outquant', None)
+    cpu = torch.device('cpu')
+    base = cache_key('outquant', s, [1, 2], SOURCE, None, cpu)
+    assert base != cache_key('outquant', s, [1, 3], SOURCE, None, cpu)
+    assert base != cache_key('outquant', s, [1, 2],
+                             dict(SOURCE, checkpoint='x'), None, cpu)
+    assert base != cache_key('outquant', s, [1, 2], SOURCE, 0, cpu)
+    assert base == cache_key(
+        'outquant', dict(s, tol=0.5, max_samples=3, cache_dir='/x'),
+        [1, 2], SOURCE, None, cpu)
