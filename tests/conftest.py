@@ -21,6 +21,11 @@ TINY_SPEC = ShapesSpec(image_size=64, min_size=12, max_size=30, max_objects=3)
 
 register_all_modules(init_default_scope=True)
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # `make test` runs two pytest-xdist workers on two cores: one intra-op
+    # thread each, so that they do not contend for the cores
+    torch.set_num_threads(1)
+
 
 def pytest_configure(config) -> None:
     config.addinivalue_line(

@@ -20,7 +20,7 @@ import torch.nn as nn
 from mmengine.dist import is_main_process
 
 from ..models import (class_activation, decoder_outputs, detector_family,
-                      distillation_outputs)
+                      distillation_outputs, shares_queries)
 from ..quant import fake_quantize, quantize_weights_, uniform_plan
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            TraceResult, cache_path, gauss_newton_traces,
@@ -57,9 +57,14 @@ def model_source(model: nn.Module) -> Dict[str, str]:
 
 def cache_key(metric: str, settings: Mapping[str, Any], img_ids,
               source: Mapping[str, Any], axis: Optional[int],
-              device: torch.device) -> dict:
-    """The trace cache key: everything the samples depend on."""
+              device: torch.device, shared_queries: bool = False) -> dict:
+    """The trace cache key: everything the samples depend on
+    (``shared_queries``: the 8-bit student of a two-stage model replays the
+    teacher's query selection; its samples differ from those of releases
+    before it)."""
     keep = {k: v for k, v in settings.items() if k not in NOT_IN_KEY}
+    if shared_queries and metric == 'outquant':
+        keep['queries'] = 'teacher'
     for name, default in OMITTED_AT_DEFAULT.items():
         if keep.get(name, default) == default:
             keep.pop(name, None)
@@ -112,7 +117,8 @@ def compute_traces(model: nn.Module, weights: Dict[str, nn.Parameter],
         s['critical_classes'] = [classes[i] for i in critical]
     estimator, axis = s['estimator'], settings.axis
     key = cache_key(metric, s, calibration.img_ids, source, axis,
-                    next(iter(weights.values())).device)
+                    next(iter(weights.values())).device,
+                    shares_queries(model))
     path = cache_path(cache_dir, metric, estimator, key) \
         if s['use_cache'] and cache_dir else None
     previous = run_on_main(load_cached, path, key) if path else None

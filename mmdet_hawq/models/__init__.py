@@ -8,6 +8,7 @@ from .family import (DISTILLATION_DEFAULTS, class_activation,
                      decoder_outputs, default_min_bits, detection_head,
                      detector_family, distillation_outputs,
                      double_backward_swaps, float_weights, onnx_outputs,
+                     same_queries, shares_queries,
                      predict_from_outputs, proposal_branches)
 
 __all__ = [
@@ -18,5 +19,5 @@ __all__ = [
     'detector_family', 'distillation_outputs', 'double_backward_swaps',
     'ensure_deformable_attention', 'float_weights', 'is_official_detr',
     'official_detr_state', 'onnx_outputs', 'predict_from_outputs',
-    'proposal_branches'
+    'proposal_branches', 'same_queries', 'shares_queries'
 ]

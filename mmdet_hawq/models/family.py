@@ -1,8 +1,9 @@
 """The public per-family calls, each answered by the model's family adapter
 (:mod:`.adapters`): the rest of the package asks these, never the model's
 head or layers by name."""
-from contextlib import ExitStack, contextmanager
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import (Any, ContextManager, Dict, Iterator, List, Sequence,
+                    Tuple, Union)
 
 import torch
 import torch.nn as nn
@@ -110,3 +111,20 @@ def double_backward_swaps() -> Iterator[None]:
         for swap in swaps:
             stack.enter_context(swap())
         yield
+
+
+def same_queries(model: nn.Module, record: List[Any],
+                 replay: bool) -> ContextManager[None]:
+    """Inside the block, ``model``'s query selections are recorded into
+    ``record`` (a teacher) or replay it (a student), so that the student's
+    queries are the teacher's proposals (two-stage detectors; nothing
+    happens for the others or a module of no supported family)."""
+    adapter = find_adapter(model)
+    return nullcontext() if adapter is None else \
+        adapter.same_queries(model, record, replay)
+
+
+def shares_queries(model: nn.Module) -> bool:
+    """Whether :func:`same_queries` changes anything for ``model``."""
+    adapter = find_adapter(model)
+    return adapter is not None and bool(adapter.selection_ops(model))

@@ -41,7 +41,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import HawqUserError, short_list
-from ..models.family import decoder_outputs, detector_family
+from ..models.family import decoder_outputs, detector_family, same_queries
 from .class_head import (ACTIVATIONS, check_columns, fisher_draw,
                          temperature_kl)
 
@@ -159,7 +159,11 @@ class DistillationObjective:
     first used (a process of a distributed run computes only its share), by
     the same code path as the student's (gradients enabled, same attention
     kernel), so that a student equal to its teacher gets the teacher's
-    outputs bit for bit and the loss is exactly 0.0.
+    outputs bit for bit and the loss is exactly 0.0. In a two-stage model
+    the student replays the teacher's query selection on the same batch
+    (:func:`~mmdet_hawq.models.same_queries`): query ``q`` of both is the
+    same encoder proposal, so the loss measures the damage to each query,
+    not a reordering of them.
 
     Args:
         student (nn.Module): The model differentiated (its weights are the
@@ -213,11 +217,16 @@ class DistillationObjective:
             n: p for n, p in teacher.named_parameters() if n in params
         }
         self._targets: Dict[int, List[Group]] = {}
+        self._selections: Dict[int, List] = {}
 
     def _groups(self, model: nn.Module, index: int) -> List[Group]:
         """``model``'s output groups on batch ``index``; ``layers`` selects
-        from the first (the decoder's)."""
-        out = self.outputs(model, self.batches[index])
+        from the first (the decoder's). The teacher records its query
+        selection; the student replays it."""
+        student = model is not self.teacher
+        with same_queries(model, self._selections.setdefault(index, []),
+                          replay=student):
+            out = self.outputs(model, self.batches[index])
         groups = [tuple(out)] if torch.is_tensor(out[0]) else \
             [tuple(g) for g in out]
         if self.layers is not None:
@@ -249,10 +258,9 @@ class DistillationObjective:
     def loss(self, index: int) -> torch.Tensor:
         """Batch ``index``'s share of the calibration-set distillation loss.
         """
-        loss = 0.0
+        loss, targets = 0.0, self.target(index)  # the teacher first
         for (cls, box), (t_cls, t_box) in zip(self._groups(self.student,
-                                                           index),
-                                              self.target(index)):
+                                                           index), targets):
             kl = temperature_kl(cls, t_cls, self.temperature,
                                 self.activation, self.critical)
             l1 = (box - t_box).abs().sum()
@@ -267,6 +275,7 @@ class DistillationObjective:
         the student's probabilities (:func:`.class_head.fisher_draw`), over
         every group (the L1 term has no
         curvature; at the 8-bit student the residual terms are omitted)."""
+        self.target(index)  # the teacher's query selection first
         groups = self._groups(self.student, index)
         check_batch_finite([t for g in groups for t in g],
                            "the student's outputs", self.batches, index)

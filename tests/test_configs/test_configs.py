@@ -56,8 +56,8 @@ def test_config_builds_its_hook(path):
         assert cfg.model.backbone.init_cfg is None  # no download at build
 
 
-GPTQ_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*',
-                                        '*bit_gptq.py')))
+GPTQ_CONFIGS = sorted(glob.glob(
+    osp.join(ROOT, 'configs', '*', '*bit_gptq.py')))
 
 
 def test_gptq_configs_cover_the_small_models_and_r50():

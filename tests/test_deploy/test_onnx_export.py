@@ -20,7 +20,7 @@ from mmdet_hawq.deploy.onnx_runtime import (OnnxDetector,
                                             dequantize_behaviour,
                                             detections_from_outputs)
 from mmdet_hawq.errors import HawqUserError
-from mmdet_hawq.quant import quantizable_weights, uniform_plan
+from mmdet_hawq.quant import plan_bits, quantizable_weights, uniform_plan
 
 from ..conftest import build_from
 from .conftest import make_packed
@@ -212,8 +212,8 @@ def test_float_export_has_no_integer_weights(tiny_cfg, tmp_path):
 def export_at_4_bits(cfg, tmp_path) -> tuple:
     """The config's model (``load_from``) quantized to 4 bits and exported:
     (fake-quantized model, ONNX file, export report)."""
-    made = make_packed(cfg, plan_fn=lambda m: uniform_plan(
-        quantizable_weights(m), 4))
+    made = make_packed(cfg, plan_fn=lambda m: plan_bits(uniform_plan(
+        quantizable_weights(m), 4)))
     model = fake_quantized(cfg, made['packed'])
     out = str(tmp_path / 'model.onnx')
     report = export_onnx(model, out, SHAPE, packed=made['packed']['packed'])

@@ -11,7 +11,8 @@ from mmengine.runner import Runner
 
 from mmdet_hawq.deploy import PackedWeight, load_packed, module_weight_bytes
 from mmdet_hawq.errors import HawqUserError
-from mmdet_hawq.quant import fake_quantize, quantizable_weights, uniform_plan
+from mmdet_hawq.quant import (fake_quantize, plan_bits, quantizable_weights,
+                              uniform_plan)
 
 from .conftest import make_packed
 
@@ -79,8 +80,8 @@ def test_keep_packed_detections_bit_identical(tiny_cfg, tiny_packed, axis):
 
 
 def test_keep_packed_uniform_2bit(tiny_cfg):
-    made = make_packed(tiny_cfg, plan_fn=lambda m: uniform_plan(
-        quantizable_weights(m), 2))
+    made = make_packed(tiny_cfg, plan_fn=lambda m: plan_bits(uniform_plan(
+        quantizable_weights(m), 2)))
     fake = load_packed(build(tiny_cfg), made['packed'], keep_packed=False)
     kept = load_packed(build(tiny_cfg), made['packed'])
     for a, b in zip(predict(kept, tiny_cfg), predict(fake, tiny_cfg)):
@@ -117,11 +118,11 @@ def test_dequantized_weight_keeps_the_kernels_of_a_parameter():
     """ATen's matmul folds a 3-D input into one mm or not by the weight's
     requires_grad; the two round differently. The packed weight carries the
     replaced parameter's flag, so the outputs stay bit-identical."""
-    from mmdet_hawq.quant import apply_plan, pack_state_dict
+    from mmdet_hawq.quant import apply_plan, make_plan, pack_state_dict
     torch.manual_seed(0)
     model = Attention().eval()
-    plan = {'attn.in_proj_weight': 4, 'attn.out_proj.weight': 4}
-    packed = pack_state_dict(model, apply_plan(model, plan), plan)
+    plan = make_plan({'attn.in_proj_weight': 4, 'attn.out_proj.weight': 4})
+    packed = pack_state_dict(model, apply_plan(model, plan).applied, plan)
     kept = load_packed(Attention(), packed)
     # (B, C, H*W) permuted to (B, H*W, C), as DETR's pre_transformer does
     x = torch.randn(1, 128, 64).permute(0, 2, 1)

@@ -1,6 +1,7 @@
-"""engine/dist.py, api/dist.py and the sharded estimators, on 2 CPU processes over gloo
-(loopback only): sharded traces equal one process's, rank 0's results and
-errors reach every rank, and a silent rank makes the others stop."""
+"""engine/dist.py, api/dist.py and the sharded estimators, on 2 CPU
+processes over gloo (loopback only): sharded traces equal one process's,
+rank 0's results and errors reach every rank, and a silent rank makes the
+others stop."""
 import os
 import pickle
 import time

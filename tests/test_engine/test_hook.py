@@ -2,7 +2,6 @@
 config; the distillation objective on mmdet's DETR."""
 import copy
 import json
-import os
 import os.path as osp
 
 import pytest

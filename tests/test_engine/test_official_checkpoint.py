@@ -114,7 +114,7 @@ def test_own_checkpoints_load_strictly(tiny_cfg, tmp_path, build_tiny_model):
     # a packed low-bit checkpoint of the plugin
     weights = quantizable_weights(model)
     plan = uniform_plan(weights, 4)
-    packed = pack_state_dict(model, apply_plan(model, plan), plan)
+    packed = pack_state_dict(model, apply_plan(model, plan).applied, plan)
     path = str(tmp_path / 'packed.pth')
     torch.save(packed, path)
     runner = load(tiny_cfg, tmp_path / 'packed', path)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmdet_hawq.quant import quantizable_weights, quantize_weights_
+from mmdet_hawq.quant import (make_plan, quantizable_weights,
+                              quantize_weights_)
 from mmdet_hawq.quant.gptq import (gptq_apply, gptq_error_ratios,
                                    gptq_quantize)
 from mmdet_hawq.quant.gptq_inputs import (HessianCollector, call_sequence,
@@ -396,7 +397,7 @@ def test_tiny_detr_three_bits_beats_nearest(build_tiny_model, tiny_cfg):
     weights = quantizable_weights(float_model)
     plan = {n: 3 for n in weights}
     nearest = build_tiny_model()
-    quantize_weights_(quantizable_weights(nearest), plan)
+    quantize_weights_(quantizable_weights(nearest), make_plan(plan))
     gptq = build_tiny_model()
     got = gptq_apply(gptq, plan, batches, decoder_outputs).applied
     assert list(got) == list(plan)
@@ -444,7 +445,7 @@ def test_tiny_dino_deformable_linears_get_gptq_codes(family_cfg):
     gptq_apply(gptq, plan, batches, decoder_outputs)
     nearest = copy.deepcopy(float_model)
     quantize_weights_({n: quantizable_weights(nearest)[n] for n in plan},
-                      plan)
+                      make_plan(plan))
     e_gptq = last_layer_error(gptq, float_model, batches)
     e_near = last_layer_error(nearest, float_model, batches)
     print(f'tiny DINO decoder at 3 bits, last-layer error: GPTQ '

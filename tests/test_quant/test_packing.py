@@ -8,7 +8,7 @@ from mmdet_hawq.quant.packing import (is_packed, pack_codes, pack_planes,
                                       pack_state_dict, pad_packed_codes,
                                       unpack_checkpoint, unpack_codes,
                                       unpack_planes)
-from mmdet_hawq.quant.plan import apply_plan, uniform_plan
+from mmdet_hawq.quant.plan import PlanEntry, apply_plan, uniform_plan
 from mmdet_hawq.quant.quantizer import quantize_weight
 from mmdet_hawq.quant.selection import quantizable_weights
 
@@ -64,9 +64,9 @@ def test_packed_checkpoint_restores_bit_identical_weights():
     model = Tiny()
     names = list(quantizable_weights(model))
     plan = uniform_plan(names, 4)
-    plan['fc.weight'] = 6
-    plan['conv.weight'] = None
-    quantized = apply_plan(model, plan)
+    plan['fc.weight'] = PlanEntry(6)
+    plan['conv.weight'] = PlanEntry(None)
+    quantized = apply_plan(model, plan).applied
     packed = pack_state_dict(model, quantized, plan)
     assert is_packed(packed)
     assert 'conv.weight' in packed['state_dict']

@@ -50,7 +50,7 @@ def test_table1_methods_and_temperature_on_a_tiny_dino(family_cfg, tmp_path):
     plan = json.load(open(work / 'rows' / rows[3]['out'] / 'plan.json'))
     held = [n for n in plan if n.endswith(('sampling_offsets.weight',
                                            'attention_weights.weight'))]
-    assert held and all(plan[n] >= 3 for n in held)
+    assert held and all(plan[n]['bits'] >= 3 for n in held)
     bad = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
                    cfg.load_from, '--methods', 'outquant:newton')
     assert bad.returncode == 2 and 'outquant:newton' in bad.stderr

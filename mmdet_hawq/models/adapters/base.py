@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import HawqUserError
+from .queries import SelectionOp, shared_selection
 
 Batch = Dict  # {'inputs': Tensor (B, 3, H, W), 'data_samples': [...]}
 Group = Tuple[torch.Tensor, torch.Tensor]  # scores (L, B, Q, C), boxes
@@ -150,6 +151,19 @@ class DetrAdapter:
                 h.remove()
         groups.append((caught['cls'][None], caught['box'][None]))
         return groups
+
+    def selection_ops(self, model: nn.Module) -> Sequence[SelectionOp]:
+        """The functions that choose the decoder's queries from the
+        encoder's tokens (none for a one-stage detector), for
+        :meth:`same_queries`."""
+        return ()
+
+    def same_queries(self, model: nn.Module, record: List[Any],
+                     replay: bool) -> ContextManager[None]:
+        """Record the model's query selections (the teacher's), or replay
+        recorded ones (the student's), inside the block
+        (:func:`~.queries.shared_selection`)."""
+        return shared_selection(self.selection_ops(model), record, replay)
 
     def loss_modules(self, model: nn.Module) -> List[nn.Module]:
         """The modules that compute the detector's loss (whose

@@ -36,6 +36,7 @@ import torch.nn as nn
 from ...errors import HawqUserError
 from .base import Batch, Group
 from .deformable_detr import DINOAdapter
+from .queries import SelectionOp, batched_nms_from
 
 #: mmdet's modules of DDQ's query selection: the detector's (encoder
 #: proposals) and the decoder's (distinct queries).
@@ -159,6 +160,15 @@ class DDQDETRAdapter(DINOAdapter):
                 f'({type(head).__name__}), training only')
         reasons.update({id(p): note for m in aux for p in m.parameters()})
         return reasons
+
+    def selection_ops(self, model: nn.Module) -> Sequence[SelectionOp]:
+        """DINO's top-k, and the NMS of the encoder's distinct queries and
+        between decoder layers (mmcv's ``batched_nms`` in both modules of
+        :data:`NMS_MODULES`)."""
+        import importlib
+        return tuple(super().selection_ops(model)) + tuple(
+            (importlib.import_module(m), 'batched_nms', batched_nms_from)
+            for m in NMS_MODULES)
 
     def loss_modules(self, model: nn.Module) -> List[nn.Module]:
         """The head and its dense queries' loss (``DDQAuxLoss``)."""

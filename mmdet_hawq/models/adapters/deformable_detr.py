@@ -7,12 +7,14 @@ two-stage encoder proposal branches, and a loss that reads the detector's
 own ``training`` flag (two-stage proposal outputs; DINO's denoising queries).
 """
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 
 from ..deformable_attention import PytorchDeformableAttention
 from .base import DetrAdapter
+from .queries import SelectionOp, topk_from
 
 #: The fewest bits the ILP gives the linears of multi-scale deformable
 #: attention that feed non-smooth or saturating ops: the sampling offsets
@@ -89,6 +91,13 @@ class DeformableDETRAdapter(DetrAdapter):
                     floors[f'{name}.{child}.weight' if name else
                            f'{child}.weight'] = bits
         return floors
+
+    def selection_ops(self, model: nn.Module) -> Sequence[SelectionOp]:
+        """``torch.topk`` of the encoder proposals' scores, in a two-stage
+        model (``pre_decoder``)."""
+        if not getattr(model, 'as_two_stage', False):
+            return ()
+        return ((torch, 'topk', topk_from), )
 
     def proposal_branches(self, model: nn.Module
                           ) -> Optional[Tuple[nn.Module, nn.Module]]:
