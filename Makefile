@@ -54,10 +54,12 @@ demo: venv data
 	$(VPY) tools/ptq.py configs/detr/detr_tiny_shapes_outquant_5bit.py --float --uniform-baseline --work-dir work_dirs/demo
 
 # The test suite; it installs the DETR reference first where it can (a failed
-# install is reported and its one test is skipped, the rest runs).
+# install is reported and its one test is skipped, the rest runs). Two
+# pytest-xdist workers of one torch thread each, one per core (tests/conftest.py);
+# `pytest -m "not slow" tests` leaves out the integration tests.
 test: venv data
 	-$(MAKE) detr-reference
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n 2 tests
 
 # The original facebookresearch DETR code (PyPI detr 0.1.4) in a venv of its
 # own, the reference of tests/test_models/test_official_detr.py: torch 2.14.1

@@ -31,6 +31,10 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         'markers', 'cuda: needs a CUDA GPU (skipped without one); '
         '`pytest -m cuda tests` runs only these (tools/gpu_check.sh)')
+    config.addinivalue_line(
+        'markers', 'slow: an integration test (a tool in a subprocess, or '
+        "the hook in mmengine's Runner on every family member); "
+        '`pytest -m "not slow" tests` leaves them out')
 
 
 #: Skips a test where no CUDA GPU is visible.

@@ -32,7 +32,7 @@ ROOT = osp.dirname(PACKAGE)
 FACTORIES = {'zeros', 'ones', 'full', 'empty', 'arange', 'tensor', 'randint',
              'randn', 'rand', 'eye', 'linspace', 'as_tensor'}
 #: Folders whose tensor factories must name a device.
-DEVICE_FOLDERS = ('sensitivity', 'quant', 'deploy')
+DEVICE_FOLDERS = ('api', 'sensitivity', 'quant', 'deploy', 'models')
 #: (file under mmdet_hawq/, source line stripped) → why it is host-side.
 HOST_BY_DESIGN = {
     ('sensitivity/traces.py',
@@ -46,6 +46,16 @@ HOST_BY_DESIGN = {
     "ONNX Runtime's outputs are host arrays",
     ('deploy/onnx_runtime.py', 'boxes = torch.as_tensor(np.asarray(boxes))'):
     "ONNX Runtime's outputs are host arrays",
+    ('models/backbone_pretrainer.py',
+     'target = torch.full((b, h, w), num_classes, dtype=torch.long)'):
+    'cell targets are built from host boxes, then moved to the logits',
+    ('models/backbone_pretrainer.py',
+     'ys = (torch.arange(h) + 0.5) * ih / h'): 'as the targets',
+    ('models/backbone_pretrainer.py',
+     'xs = (torch.arange(w) + 0.5) * iw / w'): 'as the targets',
+    ('models/adapters/ddq_detr.py',
+     "return g.op('Constant', value_t=torch.tensor(value, dtype=dtype))"):
+    'a constant of the ONNX graph',
 }
 
 

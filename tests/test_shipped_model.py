@@ -11,6 +11,8 @@ from mmengine.config import Config
 
 from .conftest import ROOT, run_tool
 
+pytestmark = pytest.mark.slow
+
 CKPT = osp.join(ROOT, 'checkpoints', 'detr_tiny_shapes.pth')
 RESULT = osp.join(ROOT, 'checkpoints', 'detr_tiny_shapes.json')
 VAL = osp.join(ROOT, 'data', 'shapes', 'annotations', 'instances_val.json')

@@ -20,7 +20,7 @@ from mmcv.ops.multi_scale_deform_attn import \
     multi_scale_deformable_attn_pytorch as grid_sample_path
 
 from mmdet_hawq.errors import HawqUserError, run_cli
-from mmdet_hawq.sensitivity.bilinear import \
+from mmdet_hawq.models.bilinear import \
     multi_scale_deformable_attn_bilinear as gather_path
 
 SHAPES = [[100, 167], [50, 84], [25, 42], [13, 21]]

@@ -32,7 +32,6 @@ CPU smoke run (what the test suite does):
         --models configs/dino/dino_tiny_shapes.py --repeats 1 --out x.json
 """
 import argparse
-import copy
 import json
 import os
 import os.path as osp
@@ -47,13 +46,12 @@ from mmengine.config import Config
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
+from mmdet_hawq.api import distillation_objective
 from mmdet_hawq.errors import HawqUserError, run_cli
-from mmdet_hawq.models import class_activation
-from mmdet_hawq.quant import quantizable_weights, quantize_weights_
-from mmdet_hawq.quant import uniform_plan
-from mmdet_hawq.sensitivity import (DistillationObjective, gauss_newton_traces,
-                                    hessian_mode, hutchinson_traces,
-                                    rademacher_like, sample_generator)
+from mmdet_hawq.quant import quantizable_weights
+from mmdet_hawq.sensitivity import (gauss_newton_traces, hessian_mode,
+                                    hutchinson_traces, rademacher_like,
+                                    sample_generator)
 from mmdet_hawq.models import ensure_deformable_attention
 from mmdet_hawq.sensitivity.double_backward import double_backward_kernels
 
@@ -123,12 +121,8 @@ def guarded(fn: Callable[[], Dict]) -> Dict:
 
 def objective_at_8bit(model: torch.nn.Module, batches: List[Dict]):
     """Weights, and the distillation objective of the 8-bit student."""
-    teacher = copy.deepcopy(model)
     weights = quantizable_weights(model)
-    quantize_weights_(weights, uniform_plan(weights, 8))
-    obj = DistillationObjective(model, teacher, batches, weights,
-                                activation=class_activation(model))
-    return weights, obj
+    return weights, distillation_objective(model, weights, batches)
 
 
 def plain_hvp(obj, plist: List[torch.Tensor],

@@ -23,12 +23,11 @@ import torch
 from mmengine.config import Config
 
 from mmdet.utils import register_all_modules
+from mmdet_hawq.api import distillation_objective
 from mmdet_hawq.engine.calibration import build_calibration
 from mmdet_hawq.engine.detector import build_detector
-from mmdet_hawq.models import DISTILLATION_DEFAULTS, class_activation
-from mmdet_hawq.quant import apply_plan, quantizable_weights, uniform_plan
-from mmdet_hawq.sensitivity import (DistillationObjective,
-                                    gauss_newton_traces, hessian_mode,
+from mmdet_hawq.quant import quantizable_weights
+from mmdet_hawq.sensitivity import (gauss_newton_traces, hessian_mode,
                                     hutchinson_traces, preprocess_batches)
 
 
@@ -55,16 +54,11 @@ def main() -> int:
         batch_size=args.batch_size))
     batches = preprocess_batches(model, loader)
     weights = quantizable_weights(model)
-    activation = class_activation(model)
-    teacher = copy.deepcopy(model)
-    if args.metric == 'outquant':
-        apply_plan(model, uniform_plan(weights, 8))
+    obj = distillation_objective(
+        model, weights, batches, 8 if args.metric == 'outquant' else None)
     index = range(len(batches))
     rows = []
     with hessian_mode(model, weights):
-        obj = DistillationObjective(
-            model, teacher, batches, weights,
-            *DISTILLATION_DEFAULTS[activation], activation=activation)
         plist = list(weights.values())
 
         def plain() -> float:

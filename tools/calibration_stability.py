@@ -11,7 +11,6 @@ Example:
         --checkpoint checkpoints/detr_tiny_shapes.pth
 """
 import argparse
-import copy
 import json
 import sys
 
@@ -20,10 +19,10 @@ import torch
 from mmengine.config import Config
 
 from mmdet.utils import register_all_modules
+from mmdet_hawq.api import distillation_objective
 from mmdet_hawq.engine.calibration import build_calibration
 from mmdet_hawq.engine.detector import build_detector
-from mmdet_hawq.models import DISTILLATION_DEFAULTS, class_activation
-from mmdet_hawq.quant import apply_plan, quantizable_weights, uniform_plan
+from mmdet_hawq.quant import quantizable_weights
 from mmdet_hawq.sensitivity import (DistillationObjective, hessian_mode,
                                     preprocess_batches)
 
@@ -39,20 +38,20 @@ def main() -> int:
     register_all_modules()
     cfg = Config.fromfile(args.config)
     model = build_detector(cfg, args.checkpoint)
-    teacher = copy.deepcopy(model)
     weights = quantizable_weights(model)
-    activation = class_activation(model)
-    apply_plan(model, uniform_plan(weights, 8))
     losses = []
     for seed in range(args.sets):
         loader, _ = build_calibration(cfg, dict(
             dataset=None, num_images=args.num_images, seed=seed + 1,
             batch_size=8))
         batches = preprocess_batches(model, loader)
-        with hessian_mode(model, weights):
+        if seed == 0:  # the float teacher, the 8-bit student: once
+            obj = distillation_objective(model, weights, batches)
+        else:
             obj = DistillationObjective(
-                model, teacher, batches, weights,
-                *DISTILLATION_DEFAULTS[activation], activation=activation)
+                model, obj.teacher, batches, weights, obj.lambda_kl,
+                obj.temperature, activation=obj.activation)
+        with hessian_mode(model, weights):
             with torch.no_grad():
                 loss = sum(obj.loss(i).item() for i in range(len(batches)))
         losses.append(loss)

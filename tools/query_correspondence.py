@@ -25,12 +25,11 @@ import torch
 from mmengine.config import Config
 
 from mmdet.utils import register_all_modules
-from mmdet_hawq.api import QuantSettings
+from mmdet_hawq.api import QuantSettings, distillation_objective
 from mmdet_hawq.engine.calibration import build_calibration
 from mmdet_hawq.engine.detector import build_detector
-from mmdet_hawq.models import class_activation, decoder_outputs, same_queries
-from mmdet_hawq.quant import quantizable_weights, quantize_weights_, \
-    uniform_plan
+from mmdet_hawq.models import decoder_outputs, same_queries
+from mmdet_hawq.quant import quantizable_weights
 from mmdet_hawq.sensitivity import DistillationObjective, preprocess_batches
 
 
@@ -55,20 +54,16 @@ def main() -> int:
     args = p.parse_args()
     register_all_modules()
     cfg = Config.fromfile(args.config)
-    teacher = build_detector(cfg, args.checkpoint)
-    student = copy.deepcopy(teacher)
+    student = build_detector(cfg, args.checkpoint)
     weights = quantizable_weights(student)
-    quantize_weights_(weights, uniform_plan(weights, 8))
     held_out = copy.deepcopy(cfg)
     held_out.train_dataloader = copy.deepcopy(cfg.test_dataloader)
     settings = QuantSettings(target_bits=4, sensitivity=dict(
         num_images=args.images, batch_size=1)).calibration
     loader, img_ids = build_calibration(held_out, settings)
-    batches = preprocess_batches(teacher, loader)
-    lam, temp = QuantSettings(target_bits=4).distillation(
-        class_activation(teacher))
-    obj = DistillationObjective(student, teacher, batches, weights, lam, temp,
-                                activation=class_activation(teacher))
+    batches = preprocess_batches(student, loader)
+    obj = distillation_objective(student, weights, batches)  # 8-bit student
+    teacher = obj.teacher
     rows: List[Dict] = []
     with torch.no_grad():
         for i, batch in enumerate(batches):

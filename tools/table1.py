@@ -40,6 +40,7 @@ from mmdet_hawq.engine.calibration import (calibration_classes,
 from mmdet_hawq.engine.run import quantize_in_runner
 from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.evaluation import coco_map_bootstrap
+from mmdet_hawq.quant import load_plan, plan_bits
 from mmdet_hawq.report import plot_bits, plot_traces
 
 TARGETS = ((6, (4, 7)), (5, (3, 6)), (4, (3, 6)), (3, (2, 5)))
@@ -493,8 +494,7 @@ def write_figures(work_dir: str, results, state_names) -> None:
             traces[label] = dict(mean=tr.mean().tolist(),
                                  se=tr.stderr().tolist(), names=t['names'])
         if r['precision'] == '5-bit':
-            with open(osp.join(out, 'plan.json')) as f:
-                plans[label] = json.load(f)
+            plans[label] = plan_bits(load_plan(osp.join(out, 'plan.json')))
     if traces:
         names = next(iter(traces.values()))['names']
         plot_traces(osp.join(work_dir, 'fig1_traces.png'), names, traces)

@@ -39,7 +39,7 @@ from mmengine.utils import ProgressBar
 from scipy.stats import spearmanr
 
 from mmdet.utils import register_all_modules
-from mmdet_hawq.api import SENSITIVITY_DEFAULTS
+from mmdet_hawq.api import SENSITIVITY_DEFAULTS, distillation_objective
 from mmdet_hawq.engine.calibration import build_calibration
 from mmdet_hawq.engine.detector import build_detector
 from mmdet_hawq.errors import HawqUserError, run_cli
@@ -48,7 +48,7 @@ from mmdet_hawq.models import (DISTILLATION_DEFAULTS, class_activation,
 from mmdet_hawq.quant import (error_terms, load_plan, make_plan, plan_bits,
                               quantizable_weights, temporarily_quantized)
 from mmdet_hawq.report import plot_prediction_scatter
-from mmdet_hawq.sensitivity import DistillationObjective, preprocess_batches
+from mmdet_hawq.sensitivity import preprocess_batches
 
 
 def parse_args() -> argparse.Namespace:
@@ -123,14 +123,14 @@ class Damage:
     """Distillation loss of the model against its float teacher on fixed
     held-out batches, for weights set to given bit-widths."""
 
-    def __init__(self, model, teacher, batches, weights, lambda_kl: float,
-                 temperature: float, activation: str) -> None:
+    def __init__(self, model, batches, weights, lambda_kl: float,
+                 temperature: float) -> None:
         self.model = model
         self.weights = weights
         # the damage is measured on what the detector outputs: its decoder
-        self.objective = DistillationObjective(
-            model, teacher, batches, weights, lambda_kl, temperature,
-            activation=activation, outputs=decoder_outputs)
+        self.objective = distillation_objective(
+            model, weights, batches, None, None, lambda_kl, temperature,
+            outputs=decoder_outputs)
         self.num_batches = len(batches)
 
     @torch.no_grad()
@@ -213,8 +213,7 @@ def main() -> int:
                     seed=args.seed)
     loader, img_ids = build_calibration(val, settings)
     batches = preprocess_batches(model, loader)
-    damage = Damage(model, copy.deepcopy(model), batches, weights, lambda_kl,
-                    temperature, activation)
+    damage = Damage(model, batches, weights, lambda_kl, temperature)
     all_bits = set(args.bits) | set(args.plan_bits)
     start = time.time()
     logger.info(f'per layer: {len(names)} weights x bits {args.bits} on '

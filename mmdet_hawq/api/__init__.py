@@ -8,6 +8,7 @@ Example:
 """
 from .quantize import (Calibration, QuantResult, check_model, quantize,
                        weight_floors)
+from .traces import distillation_objective
 from .settings import (CALIBRATION_KEYS, GPTQ_DEFAULTS, METRICS,
                        SENSITIVITY_DEFAULTS, SENSITIVITY_METRICS,
                        QuantSettings)
@@ -15,5 +16,5 @@ from .settings import (CALIBRATION_KEYS, GPTQ_DEFAULTS, METRICS,
 __all__ = [
     'Calibration', 'QuantResult', 'check_model', 'quantize', 'weight_floors',
     'CALIBRATION_KEYS', 'GPTQ_DEFAULTS', 'METRICS', 'SENSITIVITY_DEFAULTS',
-    'SENSITIVITY_METRICS', 'QuantSettings'
+    'SENSITIVITY_METRICS', 'QuantSettings', 'distillation_objective'
 ]

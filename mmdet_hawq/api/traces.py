@@ -12,15 +12,16 @@ all-reduced; the cache is read and written on rank 0 only.
 import copy
 import hashlib
 import logging
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from mmengine.dist import is_main_process
 
-from ..models import (class_activation, decoder_outputs, detector_family,
-                      distillation_outputs, shares_queries)
+from ..models import (DISTILLATION_DEFAULTS, class_activation,
+                      decoder_outputs, detector_family, distillation_outputs,
+                      shares_queries)
 from ..quant import fake_quantize, quantize_weights_, uniform_plan
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            TraceResult, cache_path, gauss_newton_traces,
@@ -79,6 +80,47 @@ def cache_key(metric: str, settings: Mapping[str, Any], img_ids,
                 calibration=key_hash(list(img_ids)))
 
 
+def distillation_objective(model: nn.Module,
+                           weights: Mapping[str, nn.Parameter],
+                           batches: Sequence[Any],
+                           student_bits: Optional[int] = 8,
+                           axis: Optional[int] = None,
+                           lambda_kl: Optional[float] = None,
+                           temperature: Optional[float] = None,
+                           **kwargs: Any) -> DistillationObjective:
+    """The distillation objective of a student against its float teacher.
+
+    The teacher is a frozen copy of ``model`` made now; ``model`` itself is
+    the student, its ``weights`` put at ``student_bits`` uniform bits (the
+    paper's 8-bit point of Out Sen Quant; None: left as they are). The
+    caller restores the weights it needs afterwards.
+
+    Args:
+        model (nn.Module): The detector (unwrapped), float weights.
+        weights (Mapping): The targeted weights of ``model`` by name.
+        batches (Sequence): Preprocessed calibration batches.
+        student_bits (int, optional): Bits of the student's weights.
+            Defaults to 8.
+        axis (int, optional): 0 for per-channel scales. Defaults to None.
+        lambda_kl (float, optional): Weight of the KL term; None: the class
+            head's default (:data:`~mmdet_hawq.models.DISTILLATION_DEFAULTS`).
+        temperature (float, optional): Softmax temperature; None: likewise.
+        **kwargs: ``layers``, ``outputs``, ``critical`` of
+            :class:`~mmdet_hawq.sensitivity.DistillationObjective`.
+    """
+    activation = class_activation(model)
+    default_kl, default_t = DISTILLATION_DEFAULTS[activation]
+    teacher = copy.deepcopy(model)
+    if student_bits is not None:
+        # on exactly the targeted weights (the user's include/exclude)
+        quantize_weights_(weights, uniform_plan(weights, student_bits, axis))
+    return DistillationObjective(
+        model, teacher, batches, dict(weights),
+        default_kl if lambda_kl is None else lambda_kl,
+        default_t if temperature is None else temperature,
+        activation=activation, **kwargs)
+
+
 def compute_traces(model: nn.Module, weights: Dict[str, nn.Parameter],
                    settings: QuantSettings, calibration: Any,
                    source: Mapping[str, Any], cache_dir: Optional[str],
@@ -126,10 +168,17 @@ def compute_traces(model: nn.Module, weights: Dict[str, nn.Parameter],
         logger.info(f'sensitivity: {previous.num_samples} cached samples '
                     f'from {path}')
     float_state = {n: p.detach().clone() for n, p in weights.items()}
-    teacher = copy.deepcopy(model) if metric != 'losssen' else None
-    if metric == 'outquant':
-        # W_q8 on exactly the targeted weights (the user's include/exclude)
-        quantize_weights_(weights, uniform_plan(weights, 8, axis))
+    batches = calibration.batches
+    if metric == 'losssen':
+        objective = DetrLossObjective(
+            model, batches, detector_family(model).loss_needs_training_flag,
+            s['seed'])
+    else:
+        objective = distillation_objective(
+            model, weights, batches, 8 if metric == 'outquant' else None,
+            axis, lambda_kl, temperature, layers=s['decoder_layers'],
+            outputs=distillation_outputs if s['proposals'] else
+            decoder_outputs, critical=critical)
 
     def on_sample(result: TraceResult) -> None:
         if path and is_main_process():
@@ -144,21 +193,9 @@ def compute_traces(model: nn.Module, weights: Dict[str, nn.Parameter],
                   max_samples=s['max_samples'], seed=s['seed'],
                   result=previous, on_sample=on_sample, objective=metric,
                   shard=process_shard())
-    batches = calibration.batches
     index = list(range(len(batches)))
     try:
         with hessian_mode(model, weights):
-            if metric == 'losssen':
-                objective = DetrLossObjective(
-                    model, batches,
-                    detector_family(model).loss_needs_training_flag,
-                    s['seed'])
-            else:
-                objective = DistillationObjective(
-                    model, teacher, batches, weights, lambda_kl, temperature,
-                    s['decoder_layers'], class_activation(model),
-                    distillation_outputs if s['proposals'] else
-                    decoder_outputs, critical)
             if estimator == 'gauss_newton':
                 result = gauss_newton_traces(
                     weights, objective.gauss_newton_sample, index, **common)

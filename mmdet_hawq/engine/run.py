@@ -67,7 +67,7 @@ def quantize_in_runner(runner, settings: QuantSettings, out_dir: str,
         write_run(out_dir, model, result, save_packed)
     stats = result.summary
     runner.logger.info(
-        f'DistillSensitivityHook: {s.metric}: {stats["num_quantized"]} of '
+        f'mmdet-hawq: {s.metric}: {stats["num_quantized"]} of '
         f'{stats["num_weights"]} weights quantized, {stats["avg_bits"]:.3f} '
         f'bits on average, {stats["weight_bytes"] / 2**20:.2f} MiB of '
         f'weights (fp32: {stats["fp32_bytes"] / 2**20:.2f} MiB); outputs '

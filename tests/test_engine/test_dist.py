@@ -20,6 +20,8 @@ from ..conftest import free_port
 from ..test_sensitivity.test_estimators import (LAM, MLP, T, objective,
                                                 targets)
 
+pytestmark = pytest.mark.slow
+
 NUM_BATCHES = 5  # uneven: rank 0 gets 3, rank 1 gets 2
 
 

@@ -15,6 +15,8 @@ from mmdet_hawq.sensitivity import (DistillationObjective, hessian_mode,
                                     preprocess_batches)
 from ..conftest import FAMILY_CONFIGS, build_from
 
+pytestmark = pytest.mark.slow
+
 FAMILIES = sorted(FAMILY_CONFIGS)
 
 

@@ -11,7 +11,7 @@ from mmcv.ops import multi_scale_deform_attn as msda
 from mmdet_hawq.models import deformable_attention as da
 from mmdet_hawq.models import ensure_deformable_attention
 from mmdet_hawq.sensitivity.double_backward import double_backward_kernels
-from ..test_sensitivity.test_bilinear import attention_inputs
+from .test_bilinear import attention_inputs
 
 grid_sample_path = msda.multi_scale_deformable_attn_pytorch
 START = torch.tensor([0, 32, 44, 48])  # the levels of attention_inputs

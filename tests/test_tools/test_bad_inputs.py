@@ -23,6 +23,8 @@ from mmengine.config import Config
 import mmdet
 from ..conftest import ROOT, mmdet_config
 
+pytestmark = pytest.mark.slow
+
 #: The user's environment: Python's default warning filters, which
 #: conftest's ``run_tool`` turns off (a clean run prints no warning).
 USER_ENV = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}

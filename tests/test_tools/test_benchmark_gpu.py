@@ -7,6 +7,8 @@ import torch
 
 from ..conftest import run_tool
 
+pytestmark = pytest.mark.slow
+
 
 def test_cpu_smoke_run_on_the_small_dino(tmp_path):
     """Every row of a model that runs, and a model that cannot be built:

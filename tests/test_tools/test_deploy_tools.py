@@ -16,6 +16,8 @@ from mmdet_hawq.errors import HawqUserError
 from ..conftest import ROOT
 from ..test_deploy.conftest import make_packed
 
+pytestmark = pytest.mark.slow
+
 
 def tool(name: str):
     """A tool's module, imported from tools/ (its main() runs in-process:

@@ -15,6 +15,8 @@ import pytest
 
 from ..conftest import ROOT, free_port, run_tool
 
+pytestmark = pytest.mark.slow
+
 VAL = osp.join(ROOT, 'data', 'shapes', 'annotations', 'instances_val.json')
 SMALL = ['test_dataloader.dataset.indices=40',
          'custom_hooks.0.sensitivity.num_images=8',

@@ -5,6 +5,8 @@ import pytest
 
 from ..conftest import ROOT, run_tool
 
+pytestmark = pytest.mark.slow
+
 
 def one_error_line(proc):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]

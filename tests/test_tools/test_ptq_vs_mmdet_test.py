@@ -9,6 +9,8 @@ import pytest
 
 from ..conftest import ROOT, run_tool
 
+pytestmark = pytest.mark.slow
+
 VAL = osp.join(ROOT, 'data', 'shapes', 'annotations', 'instances_val.json')
 SUBSET = ['test_dataloader.dataset.indices=60',
           'custom_hooks.0.sensitivity.num_images=8',

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 PTH = 'quiet_pkg_resources.pth'
 
 

@@ -9,6 +9,8 @@ from mmdet_hawq.evaluation import matched_images, resampled_map
 
 from ..conftest import run_table1, run_tool
 
+pytestmark = pytest.mark.slow
+
 
 def test_table1_smoke(tiny_cfg, tmp_path):
     _, work, rows = run_table1(tiny_cfg, tmp_path)

@@ -4,9 +4,12 @@ measured damage of every layer alone and of a few plans."""
 import json
 import math
 
+import pytest
 import torch
 
 from ..conftest import run_table1, run_tool
+
+pytestmark = pytest.mark.slow
 
 
 def test_predicted_vs_measured_on_a_tiny_detr(tiny_cfg, tmp_path):

@@ -29,11 +29,11 @@ DEFORMABLE_ATTENTION_FLOORS = {'sampling_offsets': 3, 'attention_weights': 3}
 @contextmanager
 def pytorch_deformable_attention() -> Iterator[None]:
     """mmcv's deformable attention runs the gather-based bilinear sampling
-    of :mod:`mmdet_hawq.sensitivity.bilinear` on every device, in place of
+    of :mod:`mmdet_hawq.models.bilinear` on every device, in place of
     its compiled kernel (a ``once_differentiable`` backward) and of its
     ``grid_sample`` path (no double backward on CUDA in many PyTorch
     versions): same results, double backward everywhere."""
-    from ...sensitivity.bilinear import multi_scale_deformable_attn_bilinear
+    from ..bilinear import multi_scale_deformable_attn_bilinear
     try:
         from mmcv.ops import multi_scale_deform_attn as msda
     except ImportError:  # no mmcv ops: no deformable attention either

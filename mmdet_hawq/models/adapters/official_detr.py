@@ -132,7 +132,8 @@ def _class_rows(tensor: torch.Tensor, class_ids: Sequence[int]
             f'{rows - 2} and no-object) but class_ids reach '
             f'{max(class_ids)}: pass the category ids of the checkpoint\'s '
             'dataset (COCO by default)')
-    index = torch.tensor([*class_ids, rows - 1], dtype=torch.long)
+    index = torch.tensor([*class_ids, rows - 1], dtype=torch.long,
+                         device=tensor.device)
     return tensor.index_select(0, index).clone()
 
 
@@ -169,7 +170,7 @@ def convert_official_detr(state_dict: Mapping[str, torch.Tensor],
         out[new] = value
         if new.startswith('backbone.') and new.endswith('.running_var'):
             out[new[:-len('running_var')] + 'num_batches_tracked'] = \
-                torch.tensor(0, dtype=torch.long)
+                torch.tensor(0, dtype=torch.long, device=value.device)
     if unknown:
         raise HawqUserError(
             f'{len(unknown)} key(s) of the official DETR checkpoint have no '

@@ -1,5 +1,7 @@
-"""``rounding='gptq'`` of the hook in mmengine's Runner on a tiny DETR:
-every metric, the packed checkpoint, GPTQ-aware error terms, settings."""
+"""A quantization run in mmengine's Runner (engine/run.py, through the
+hook) on a tiny DETR with ``rounding='gptq'``: every metric, the packed
+checkpoint, GPTQ-aware error terms, settings, and one calibration set and
+one settings resolution per run."""
 import copy
 import json
 import os.path as osp

@@ -5,9 +5,9 @@ import pytest
 import torch
 from mmcv.ops import multi_scale_deform_attn as msda
 
-from mmdet_hawq.sensitivity import bilinear as bilinear_module
+from mmdet_hawq.models import bilinear as bilinear_module
 from mmdet_hawq.sensitivity import hutchinson_traces
-from mmdet_hawq.sensitivity.bilinear import \
+from mmdet_hawq.models.bilinear import \
     multi_scale_deformable_attn_bilinear as bilinear
 from ..conftest import build_from, requires_cuda
 
