@@ -26,7 +26,8 @@ from ..quant import fake_quantize, quantize_weights_, uniform_plan
 from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            TraceResult, cache_path, gauss_newton_traces,
                            hessian_mode, hutchinson_traces, key_hash,
-                           load_cached, output_influence, save_cached)
+                           load_cached, older_caches, output_influence,
+                           save_cached)
 from .dist import process_shard, run_on_main
 from .settings import QuantSettings, critical_indices
 
@@ -167,6 +168,14 @@ def compute_traces(model: nn.Module, weights: Dict[str, nn.Parameter],
     if previous is not None:
         logger.info(f'sensitivity: {previous.num_samples} cached samples '
                     f'from {path}')
+    elif path:
+        older = run_on_main(older_caches, cache_dir, metric, estimator, key)
+        if older:
+            logger.warning(
+                f'sensitivity: {len(older)} cache file(s) of this run written '
+                f'by an earlier release are not read (another key), e.g. '
+                f'{older[0]}: the samples are computed again; delete them to '
+                'reclaim the space')
     float_state = {n: p.detach().clone() for n, p in weights.items()}
     batches = calibration.batches
     if metric == 'losssen':

@@ -1,5 +1,5 @@
 from .cache import (cache_path, file_sha256, key_hash, load_cached,
-                    save_cached, saved_samples_note)
+                    older_caches, save_cached, saved_samples_note)
 from .calibration import class_histogram, select_calibration_indices
 from .class_head import (fisher_draw, fold_softmax_logits,
                          folded_softmax_fisher_draw, sigmoid_fisher_draw,
@@ -15,7 +15,8 @@ from .sharding import Shard, batch_generator
 from .traces import TraceResult, should_stop
 
 __all__ = [
-    'cache_path', 'file_sha256', 'key_hash', 'load_cached', 'save_cached',
+    'cache_path', 'file_sha256', 'key_hash', 'load_cached', 'older_caches',
+    'save_cached',
     'saved_samples_note',
     'class_histogram', 'select_calibration_indices',
     'gauss_newton_traces', 'softmax_fisher_draw', 'sigmoid_fisher_draw',

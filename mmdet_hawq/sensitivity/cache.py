@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import os.path as osp
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .traces import TraceResult
 
@@ -85,3 +85,30 @@ def saved_samples_note(cache_dir: str) -> str:
         'the sensitivity samples taken so far'
     return (f'{what} are saved in {cache_dir}; rerun the same command to '
             'resume from them')
+
+
+def older_caches(cache_dir: str, objective: str, estimator: str,
+                 key: Dict[str, Any]) -> List[str]:
+    """Cache files of the same run written by an earlier release: the same
+    objective, estimator, model, checkpoint and calibration set, but a key
+    of another form (fewer or other settings, another version of the
+    draws). Their samples are never read (the key differs); the caller says
+    so, once, and that they can be deleted.
+
+    Returns:
+        list[str]: Their paths, sorted.
+    """
+    same = ('model', 'checkpoint', 'calibration')
+    found = []
+    pattern = osp.join(cache_dir, f'traces_{objective}_{estimator}_*.json')
+    for path in sorted(glob.glob(pattern)):
+        try:
+            with open(path) as f:
+                old = json.load(f)['key']
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if old != key and all(old.get(k) == key.get(k) for k in same) and (
+                set(old.get('settings', {})) != set(key['settings'])
+                or old.get('draws') != key.get('draws')):
+            found.append(path)
+    return found

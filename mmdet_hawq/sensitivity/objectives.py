@@ -41,7 +41,8 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import HawqUserError, short_list
-from ..models.family import decoder_outputs, detector_family, same_queries
+from ..models.family import (decoder_outputs, detector_family, same_queries,
+                             shares_queries)
 from .class_head import (ACTIVATIONS, check_columns, fisher_draw,
                          temperature_kl)
 
@@ -218,6 +219,7 @@ class DistillationObjective:
         }
         self._targets: Dict[int, List[Group]] = {}
         self._selections: Dict[int, List] = {}
+        self._replays = shares_queries(student)
 
     def _groups(self, model: nn.Module, index: int) -> List[Group]:
         """``model``'s output groups on batch ``index``; ``layers`` selects
@@ -275,7 +277,8 @@ class DistillationObjective:
         the student's probabilities (:func:`.class_head.fisher_draw`), over
         every group (the L1 term has no
         curvature; at the 8-bit student the residual terms are omitted)."""
-        self.target(index)  # the teacher's query selection first
+        if self._replays:  # the teacher's query selection first
+            self.target(index)
         groups = self._groups(self.student, index)
         check_batch_finite([t for g in groups for t in g],
                            "the student's outputs", self.batches, index)

@@ -37,3 +37,26 @@ def test_cache_key_changes_with_what_changes_the_samples():
     assert base == cache_key(
         'outquant', dict(s, tol=0.5, max_samples=3, cache_dir='/x'),
         [1, 2], SOURCE, None, cpu)
+
+
+def test_caches_of_an_earlier_release_are_found_not_read(tmp_path):
+    """A cache file of the same run whose key has another form (here: no
+    ``proposals`` setting, as releases before 0.2 wrote) is named by
+    ``older_caches``; the same form for another checkpoint is not, and
+    neither is read as this run's samples."""
+    from mmdet_hawq.sensitivity import (TraceResult, cache_path, load_cached,
+                                        older_caches, save_cached)
+    s = resolve_sensitivity('outquant', None)
+    key = cache_key('outquant', s, [1, 2], SOURCE, None, torch.device('cpu'))
+    older = dict(key, settings={k: v for k, v in key['settings'].items()
+                                if k != 'proposals'})
+    other = dict(key, checkpoint='another')
+    result = TraceResult(['w'], [4], [[1.0]])
+    for k in (older, other):
+        save_cached(cache_path(str(tmp_path), 'outquant', 'gauss_newton', k),
+                    k, result)
+    found = older_caches(str(tmp_path), 'outquant', 'gauss_newton', key)
+    assert found == [cache_path(str(tmp_path), 'outquant', 'gauss_newton',
+                                older)]
+    assert load_cached(cache_path(str(tmp_path), 'outquant', 'gauss_newton',
+                                  key), key) is None
