@@ -131,3 +131,29 @@ def test_encoder_proposals_join_the_distilled_outputs(family_cfg, name):
     g_dec = torch.autograd.grad(cls.sum(), w, allow_unused=True)[0]
     assert g_dec is None or not g_dec.any()
     assert torch.autograd.grad(p_cls.sum(), w)[0].abs().sum() > 0
+
+
+def test_per_family_names_live_in_the_adapters_only():
+    """The head, its branches and the two-stage query selection are named
+    only by the family adapters (mmdet_hawq/models/adapters/), nowhere else
+    in the package or the tools."""
+    import glob
+    import os.path as osp
+    import re
+
+    import mmdet_hawq
+    root = osp.dirname(osp.dirname(mmdet_hawq.__file__))
+    names = re.compile(r'\b(bbox_head|cls_branches|reg_branches|'
+                       r'as_two_stage|pre_decoder|dqs_cfg)\b')
+    adapters = osp.join('mmdet_hawq', 'models', 'adapters') + osp.sep
+    found = []
+    for path in sorted(glob.glob(osp.join(root, 'mmdet_hawq', '**', '*.py'),
+                                 recursive=True) +
+                       glob.glob(osp.join(root, 'tools', '*.py'))):
+        rel = osp.relpath(path, root)
+        if rel.startswith(adapters):
+            continue
+        with open(path) as f:
+            found += [f'{rel}:{i}' for i, line in enumerate(f, 1)
+                      if names.search(line)]
+    assert not found, found
