@@ -246,9 +246,10 @@ def write_run(out_dir: str, model: nn.Module, result: 'QuantResult',
 
     ``packed.pth`` (the packed low-bit checkpoint, when ``save_packed``),
     ``plan.json``, the per-layer report and ``summary.json``
-    (:func:`write_layer_report`), ``bits_per_layer.png`` (Figure 2 style)
-    and, for the sensitivity metrics, :func:`write_sensitivity_report`'s
-    files.
+    (:func:`write_layer_report`), ``bits_per_layer.png`` (Figure 2 style),
+    for the sensitivity metrics :func:`write_sensitivity_report`'s files,
+    and with quantized activations ``activations.json`` (each input site's
+    range).
 
     Args:
         out_dir (str): Folder, created if missing.
@@ -276,4 +277,8 @@ def write_run(out_dir: str, model: nn.Module, result: 'QuantResult',
               f'{summary["avg_bits"]:.2f} bits on average)')
     if result.sensitivity_report is not None:
         write_sensitivity_report(out_dir, **result.sensitivity_report)
+    if result.activations is not None:
+        with open(osp.join(out_dir, 'activations.json'), 'w') as f:
+            json.dump({n: dict(lo=r.lo, hi=r.hi, bits=r.bits)
+                       for n, r in result.activations.items()}, f, indent=1)
     return summary

@@ -9,8 +9,13 @@ same bits, and the packed checkpoints are byte-identical. The table and
 ``compare_release.json`` go to ``--work-dir``; exit status 1 if any case
 differs.
 
-Example:
+With ``--tables OLD NEW`` it compares two ``tools/table1.py`` work dirs
+instead: every row's mAP, average bits and packed size, and every row's
+plan (bits per weight), e.g. the committed Table 1 and a re-run of it.
+
+Examples:
     python tools/compare_release.py --ref d6d0600 --work-dir /tmp/compare
+    python tools/compare_release.py --tables results/table1 /tmp/t1/table1
 """
 import argparse
 import hashlib
@@ -95,12 +100,46 @@ def run_case(tree: str, config: str, extra: List[str],
     return out
 
 
+#: The cells of a Table 1 row that must not move.
+CELLS = ('precision', 'label', 'estimator', 'mAP', 'avg_bits', 'packed_mib')
+
+
+def compare_tables(old: str, new: str) -> int:
+    """Rows and plans of two ``tools/table1.py`` work dirs; 0 if the
+    same."""
+    rows = [json.load(open(osp.join(d, 'table1.json'))) for d in (old, new)]
+    if len(rows[0]) != len(rows[1]):
+        print(f'{len(rows[0])} rows against {len(rows[1])}')
+        return 1
+    cells = plans = 0
+    for a, b in zip(*rows):
+        if {k: a.get(k) for k in CELLS} != {k: b.get(k) for k in CELLS}:
+            cells += 1
+            print(f'row differs: {a} / {b}')
+        if a.get('out') and a['out'] != 'float':
+            got = [plan_bits(osp.join(d, 'rows', a['out'], 'plan.json'))
+                   for d in (old, new)]
+            if got[0] != got[1]:
+                plans += 1
+                print(f"plan differs: {a['out']}")
+    print(f'{len(rows[0])} rows: {cells} with other cells ({", ".join(CELLS)}'
+          f'), {plans} with another plan')
+    return 0 if cells == plans == 0 else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--ref', required=True, help='git ref of the release')
+    p.add_argument('--ref', help='git ref of the release')
     p.add_argument('--ref-dir', default='/tmp/hawq_ref')
     p.add_argument('--work-dir', default='/tmp/hawq_compare')
+    p.add_argument('--tables', nargs=2, metavar=('OLD', 'NEW'),
+                   help='compare two tools/table1.py work dirs instead')
     args = p.parse_args()
+    if args.tables:
+        return compare_tables(*args.tables)
+    if not args.ref:
+        raise SystemExit('error: give --ref REF (a release to compare '
+                         'with) or --tables OLD NEW')
     ref_tree = ensure_worktree(args.ref, args.ref_dir)
     rows, same_all = [], True
     for name, config, extra in CASES:

@@ -34,7 +34,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 from mmdet_hawq.api import QuantSettings
-from mmdet_hawq.api.settings import check_critical_form, critical_indices
+from mmdet_hawq.api.critical import check_critical_form, critical_indices
 from mmdet_hawq.engine.calibration import (calibration_classes,
                                            calibration_set)
 from mmdet_hawq.engine.run import quantize_in_runner

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from ..errors import HawqUserError
@@ -23,11 +24,15 @@ from ..models import decoder_outputs, default_min_bits
 from ..quant import (GptqResult, PrecisionPlan, QuantizedWeight, apply_plan,
                      bit_floors, list_weights, make_plan, plan_stats,
                      quantizable_weights, uniform_plan, validate_plan)
+from ..quant.activations import (ActivationRange, activation_modules,
+                                 attach_activation_quantizers,
+                                 calibrate_range, observe_sites)
 from ..quant.selection import weight_group
 from ..sensitivity import TraceResult
 from .allocate import allocate
 from .dist import run_on_main
-from .settings import QuantSettings, critical_indices
+from .critical import critical_indices
+from .settings import QuantSettings
 from .traces import compute_traces, model_source
 
 LOGGER = logging.getLogger('mmdet_hawq')
@@ -67,6 +72,9 @@ class QuantResult:
         traces (TraceResult, optional): The sensitivity metrics' traces.
         sensitivity_report (dict, optional): Traces and Pareto curve for
             :func:`~mmdet_hawq.report.write_sensitivity_report`.
+        activations (dict[str, ActivationRange], optional): Site → the
+            calibrated range its inputs are fake-quantized to (the hooks
+            stay on the model), with the ``activations`` setting.
     """
 
     plan: PrecisionPlan
@@ -76,6 +84,7 @@ class QuantResult:
     traces: Optional[TraceResult] = None
     sensitivity_report: Optional[Dict[str, Any]] = field(default=None,
                                                          repr=False)
+    activations: Optional[Dict[str, ActivationRange]] = None
 
 
 def weight_floors(model: nn.Module, weights: Mapping[str, nn.Parameter],
@@ -193,6 +202,11 @@ def quantize(model: nn.Module, calibration: Optional[Calibration],
     rounded = time.time()
     applied = _apply(model, plan, calibration, settings, logger)
     rounding_seconds = time.time() - rounded
+    ranges = None
+    if settings.activations is not None:
+        ranges = _quantize_activations(model, list(applied.applied),
+                                       calibration, settings.activations,
+                                       logger)
     for name, how in applied.rounding.items():
         columns.setdefault(name, {})['rounding'] = how
         if name in applied.notes:
@@ -207,8 +221,35 @@ def quantize(model: nn.Module, calibration: Optional[Calibration],
         **plan_stats(plan, {n: p.numel() for n, p in weights.items()}))
     if settings.rounding == 'gptq':
         summary['gptq'] = dict(settings.gptq)
+    if ranges is not None:
+        summary['activations'] = dict(settings.activations,
+                                      sites=len(ranges))
     return QuantResult(plan, applied.applied, _rows(infos, plan, columns),
-                       summary, traces, report)
+                       summary, traces, report, ranges)
+
+
+def _quantize_activations(model: nn.Module, names: Sequence[str],
+                          calibration: Calibration,
+                          settings: Mapping[str, Any],
+                          logger: logging.Logger
+                          ) -> Dict[str, ActivationRange]:
+    """Calibrate the ranges of the inputs of the quantized layers on the
+    model with its quantized weights, and fake-quantize them from now on
+    (:mod:`~mmdet_hawq.quant.activations`)."""
+    start = time.time()
+    sites = activation_modules(model, names)
+    with torch.no_grad(), observe_sites(sites) as seen:
+        for batch in calibration.batches:
+            decoder_outputs(model, batch)
+    ranges = {n: calibrate_range(o, settings['method'], settings['bits'])
+              for n, o in seen.items()}
+    attach_activation_quantizers(sites, ranges)
+    logger.info(
+        f"activations: {len(ranges)} input sites of {len(sites)} quantized "
+        f"layers at {settings['bits']} bits ({settings['method']} ranges "
+        f'from {len(calibration.batches)} calibration batches) in '
+        f'{time.time() - start:.1f} s')
+    return ranges
 
 
 def _apply(model: nn.Module, plan: PrecisionPlan,

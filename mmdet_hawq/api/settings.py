@@ -12,10 +12,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..allocation import NEGATIVE_POLICIES
-from ..errors import HawqUserError, short_list
+from ..errors import HawqUserError
 from ..models import DISTILLATION_DEFAULTS
 from ..quant import (DEFAULT_EXCLUDE, ROUNDINGS, PrecisionPlan, check_bits,
                      load_plan)
+from ..quant.activations import RANGE_METHODS
+from .critical import check_critical_form
 
 METRICS = ('uniform', 'plan', 'losssen', 'outfloat', 'outquant')
 #: The metrics that compute Hessian traces and solve the ILP.
@@ -58,7 +60,11 @@ GPTQ_DEFAULTS = dict(
     #                         or 'gptq' (times GPTQ's output-error ratio)
 )
 ERROR_TERMS = ('nearest', 'gptq')
-CRITICAL = 'sensitivity critical_classes'
+#: Defaults of the ``activations`` settings (None: activations stay float).
+ACTIVATION_DEFAULTS = dict(
+    bits=8,  # unsigned codes per tensor (ONNX Runtime's QDQ activations)
+    method='mse',  # range: 'minmax', 'percentile' or 'mse'
+)
 
 
 @dataclass
@@ -93,6 +99,10 @@ class QuantSettings:
         rounding (str): ``'nearest'`` (the paper's) or ``'gptq'``.
         gptq (dict, optional): GPTQ settings, see :data:`GPTQ_DEFAULTS`;
             only with ``rounding='gptq'``; resolved in place.
+        activations (dict, optional): Quantize the inputs of the quantized
+            layers too (:mod:`~mmdet_hawq.quant.activations`), with ranges
+            from the calibration images; see :data:`ACTIVATION_DEFAULTS`;
+            resolved in place. Defaults to None: activations stay float.
     """
 
     metric: str = 'outquant'
@@ -107,6 +117,7 @@ class QuantSettings:
     per_channel: bool = False
     rounding: str = 'nearest'
     gptq: Optional[Dict[str, Any]] = None
+    activations: Optional[Dict[str, Any]] = None
     #: The plan read from ``plan_file`` (``metric='plan'``).
     plan: Optional[PrecisionPlan] = field(default=None, init=False,
                                           repr=False)
@@ -141,6 +152,7 @@ class QuantSettings:
                     'with low <= high')
             check_budget(self.target_bits, low, high)
         self.sensitivity = resolve_sensitivity(self.metric, self.sensitivity)
+        self.activations = resolve_activations(self.activations)
         check_min_bits(self.min_bits, self.metric, self.bit_range)
         self.exclude = tuple(self.exclude)
 
@@ -182,7 +194,8 @@ class QuantSettings:
     def reads_calibration(self) -> bool:
         """Whether the run reads calibration images (the sensitivity
         metrics, GPTQ rounding)."""
-        return self.uses_traces or self.rounding == 'gptq'
+        return self.uses_traces or self.rounding == 'gptq' or \
+            self.activations is not None
 
     @property
     def calibration(self) -> Dict[str, Any]:
@@ -254,6 +267,29 @@ def check_min_bits(min_bits: Any, metric: str,
                 f'min_bits entry {pattern!r}: {bits!r} is not a bit-width in '
                 f'bit_range {bit_range}: give a weight pattern and an int '
                 f'from {low} to {high}')
+
+
+def resolve_activations(settings: Any) -> Optional[dict]:
+    """The ``activations`` settings merged with
+    :data:`ACTIVATION_DEFAULTS`, checked (None stays None)."""
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise HawqUserError(
+            f'activations {settings!r} is not a dict: give e.g. '
+            "dict(bits=8, method='mse'), or None to keep them float")
+    unknown = set(settings) - set(ACTIVATION_DEFAULTS)
+    if unknown:
+        raise HawqUserError(
+            f'unknown activations setting(s) {sorted(unknown)}: the known '
+            f'ones are {sorted(ACTIVATION_DEFAULTS)}')
+    s = dict(ACTIVATION_DEFAULTS, **settings)
+    check_bits(s['bits'], 'activations bits')
+    if s['method'] not in RANGE_METHODS:
+        raise HawqUserError(
+            f"activations method {s['method']!r} is unknown: use one of "
+            f'{", ".join(RANGE_METHODS)}')
+    return s
 
 
 def resolve_gptq(rounding: str, settings: Optional[dict]) -> dict:
@@ -388,58 +424,3 @@ def check_setting_values(s: dict, given: Sequence[str] = ()) -> None:
     if s['dataset'] is not None and not isinstance(s['dataset'], dict):
         raise bad('dataset', 'None (the train split) or a dataset config '
                   'dict')
-
-
-def check_critical_form(value: Any, metric: str) -> Optional[List[str]]:
-    """The ``critical_classes`` setting as a list of names, or None;
-    checked without data.
-
-    Raises:
-        HawqUserError: One line: a metric without a class term, an empty
-            list, an entry that is not a string, or a duplicate.
-    """
-    if value is None:
-        return None
-    if metric == 'losssen':
-        raise HawqUserError(
-            f"{CRITICAL}: metric 'losssen' (the detector's own loss) has no "
-            'distillation class term to restrict: use outquant or outfloat')
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)):
-        raise HawqUserError(
-            f'{CRITICAL} is {value!r}: give a list of class names, e.g. '
-            "['cross']")
-    if not names:
-        raise HawqUserError(
-            f'{CRITICAL} is empty: give at least one class name, or leave '
-            'it None for every class')
-    bad = [n for n in names if not isinstance(n, str)]
-    if bad:
-        raise HawqUserError(
-            f'{CRITICAL}: {bad[0]!r} is not a class name (a string): give '
-            "the names, e.g. ['cross'], not indices")
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise HawqUserError(
-            f'{CRITICAL} lists {short_list([repr(d) for d in dups])} more '
-            'than once: give each class once')
-    return list(names)
-
-
-def critical_indices(names: Sequence[str],
-                     classes: Sequence[str]) -> List[int]:
-    """Column indices of ``names`` among the dataset's ``classes``, sorted.
-
-    Raises:
-        HawqUserError: A name is not a class of the dataset; the line lists
-            the classes and the closest name.
-    """
-    classes = list(classes)
-    for name in names:
-        if name not in classes:
-            close = difflib.get_close_matches(name, classes, n=1)
-            hint = f'; did you mean {close[0]!r}?' if close else ''
-            raise HawqUserError(
-                f'{CRITICAL}: {name!r} is not a class of the dataset: the '
-                f'classes are {short_list(classes, 30)}{hint}')
-    return sorted(classes.index(n) for n in names)

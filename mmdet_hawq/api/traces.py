@@ -29,7 +29,8 @@ from ..sensitivity import (DetrLossObjective, DistillationObjective,
                            load_cached, older_caches, output_influence,
                            save_cached)
 from .dist import process_shard, run_on_main
-from .settings import QuantSettings, critical_indices
+from .critical import critical_indices
+from .settings import QuantSettings
 
 #: Settings that enter the trace cache key only away from these values.
 OMITTED_AT_DEFAULT = dict(critical_classes=None)

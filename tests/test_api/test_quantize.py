@@ -67,3 +67,30 @@ def test_calibration_is_plain_data(calibration):
     assert isinstance(calibration, Calibration)
     assert len(calibration.img_ids) == SENS['num_images']
     assert len(calibration.batches) == 2
+
+
+def test_activations_are_calibrated_and_quantized(build_tiny_model,
+                                                  calibration):
+    """With ``activations``: every input of the quantized Linear/Conv2d
+    layers and the attentions' query/key/value get a range from the
+    calibration images, and the model's outputs are those of the weights
+    and activations both on their grids (hooks that stay on the model)."""
+    from mmdet_hawq.models import decoder_outputs
+    from mmdet_hawq.quant.activations import activation_modules
+    weight_only = build_tiny_model()
+    quantize(weight_only, None, QuantSettings(metric='uniform', bits=8))
+    model = build_tiny_model()
+    result = quantize(model, calibration, QuantSettings(
+        metric='uniform', bits=8, activations=dict(method='minmax')))
+    sites = activation_modules(model, list(result.quantized))
+    assert sites and len(result.activations) >= len(sites)
+    assert result.summary['activations'] == dict(
+        bits=8, method='minmax', sites=len(result.activations))
+    batch = calibration.batches[0]
+    with torch.no_grad():
+        a = decoder_outputs(model, batch)[1]
+        b = decoder_outputs(weight_only, batch)[1]
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.05)
+    with pytest.raises(HawqUserError, match="activations method 'x'"):
+        QuantSettings(metric='uniform', bits=8,
+                      activations=dict(method='x'))

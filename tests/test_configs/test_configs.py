@@ -83,3 +83,28 @@ def test_gptq_config_is_its_base_with_gptq_rounding(path):
     assert hook.metric == 'outquant' and hook.rounding == 'gptq'
     assert hook.target_bits == int(bits)
     assert hook.bit_range == ((3, 6) if bits == '4' else (2, 5))
+
+
+ACTIVATION_CONFIGS = sorted(glob.glob(
+    osp.join(ROOT, 'configs', '*', '*_w[48]a8.py')))
+
+
+def test_activation_configs_cover_the_small_models():
+    names = {osp.basename(c) for c in ACTIVATION_CONFIGS}
+    assert names == {f'{m}_tiny_shapes_{v}.py' for m in
+                     ('detr', 'dino', 'deformable_detr')
+                     for v in ('w8a8', 'w4a8')}
+
+
+@pytest.mark.parametrize('path', ACTIVATION_CONFIGS, ids=osp.basename)
+def test_activation_config_quantizes_the_inputs_at_8_bits(path):
+    cfg = Config.fromfile(path)
+    (hook_cfg, ) = [h for h in cfg.custom_hooks
+                    if h['type'] == 'DistillSensitivityHook']
+    s = HOOKS.build(dict(hook_cfg)).settings
+    assert s.activations == dict(bits=8, method='mse')
+    if path.endswith('w8a8.py'):
+        assert (s.metric, s.bits) == ('uniform', 8)
+    else:
+        assert (s.metric, s.target_bits, s.rounding) == ('outquant', 4,
+                                                         'gptq')
