@@ -165,7 +165,8 @@ def calibrate_range(observer: _Observer, method: str,
     values = torch.cat(observer.samples)
     if method == 'percentile':
         lo, hi = torch.quantile(values, torch.tensor(
-            [PERCENTILE, 1 - PERCENTILE], dtype=values.dtype)).tolist()
+            [PERCENTILE, 1 - PERCENTILE], dtype=values.dtype,
+            device=values.device)).tolist()
         return ActivationRange(min(lo, 0.0), max(hi, 0.0), bits)
     best, best_err = full, math.inf
     for clip in MSE_CLIPS:

@@ -289,9 +289,8 @@ def case_nonfinite_outputs(tmp_path, tiny_cfg):
                                   num_images=4, batch_size=2, min_samples=2,
                                   max_samples=2)))
     return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg, ckpt],
-            ["the float teacher's outputs have NaN/Inf values on "
-             'calibration batch 1 of 2 (images ', '.png',
-             'check that the checkpoint'])
+            ["the student's outputs have NaN/Inf values on calibration "
+             'batch 1 of 2 (images ', '.png', 'check that the checkpoint'])
 
 
 def images_missing(tmp_path, tiny_cfg, split, expected, hook=None,
