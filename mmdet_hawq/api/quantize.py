@@ -27,6 +27,7 @@ from ..quant import (GptqResult, PrecisionPlan, QuantizedWeight, apply_plan,
 from ..quant.activations import (ActivationRange, activation_modules,
                                  attach_activation_quantizers,
                                  calibrate_range, observe_sites)
+from ..quant.gptq_inputs import eval_mode
 from ..quant.selection import weight_group
 from ..sensitivity import TraceResult
 from .allocate import allocate
@@ -238,7 +239,8 @@ def _quantize_activations(model: nn.Module, names: Sequence[str],
     (:mod:`~mmdet_hawq.quant.activations`)."""
     start = time.time()
     sites = activation_modules(model, names)
-    with torch.no_grad(), observe_sites(sites) as seen:
+    # eval mode: the hook runs before the test loop calls eval()
+    with torch.no_grad(), eval_mode(model), observe_sites(sites) as seen:
         for batch in calibration.batches:
             decoder_outputs(model, batch)
     ranges = {n: calibrate_range(o, settings['method'], settings['bits'])

@@ -91,6 +91,12 @@ def test_activations_are_calibrated_and_quantized(build_tiny_model,
         a = decoder_outputs(model, batch)[1]
         b = decoder_outputs(weight_only, batch)[1]
     assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.05)
+    # the hook quantizes before the test loop calls eval(): the ranges are
+    # those of the model in eval mode (no dropout), and its mode is kept
+    trained = build_tiny_model().train()
+    again = quantize(trained, calibration, QuantSettings(
+        metric='uniform', bits=8, activations=dict(method='minmax')))
+    assert again.activations == result.activations and trained.training
     with pytest.raises(HawqUserError, match="activations method 'x'"):
         QuantSettings(metric='uniform', bits=8,
                       activations=dict(method='x'))
