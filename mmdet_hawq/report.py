@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .quant import pack_state_dict, plan_bits, save_plan
+from .quant.activations import save_ranges
 from .quant.selection import weight_group
 
 if TYPE_CHECKING:  # the API sits beside this module, not below it
@@ -278,7 +279,6 @@ def write_run(out_dir: str, model: nn.Module, result: 'QuantResult',
     if result.sensitivity_report is not None:
         write_sensitivity_report(out_dir, **result.sensitivity_report)
     if result.activations is not None:
-        with open(osp.join(out_dir, 'activations.json'), 'w') as f:
-            json.dump({n: dict(lo=r.lo, hi=r.hi, bits=r.bits)
-                       for n, r in result.activations.items()}, f, indent=1)
+        save_ranges(result.activations,
+                    osp.join(out_dir, 'activations.json'))
     return summary

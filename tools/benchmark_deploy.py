@@ -17,6 +17,13 @@ which other processes on a busy machine do not inflate. Variants:
                        weights are dequantized once, at session start)
     torch_fp32         PyTorch, the fake-quantized model (fp32 weights)
     torch_packed       PyTorch, weights kept packed (load_packed)
+    onnx_w8a8          ONNX Runtime, integer weights and 8-bit activations
+                       (QuantizeLinear/DequantizeLinear pairs from the run's
+                       activations.json, --activations): ONNX Runtime's
+                       integer kernels
+
+Every row has ``speedup_vs_fp32``: the fp32 ONNX model's median CPU time
+over the variant's.
 
 Also reported: on how many of the images PyTorch with packed weights gives
 detections bit-identical to the fake-quantized model (mmdet's predict), and
@@ -52,7 +59,8 @@ from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 MIB = 2**20
 VARIANTS = ('onnx_fp32', 'onnx_int', 'onnx_int_folded', 'torch_fp32',
-            'torch_packed')
+            'torch_packed', 'onnx_w8a8')
+ONNX_FILES = dict(onnx_fp32='fp32.onnx', onnx_w8a8='w8a8.onnx')
 
 
 def rss_bytes() -> Dict[str, int]:
@@ -97,7 +105,7 @@ def worker(args: argparse.Namespace) -> int:
     before = rss_bytes()
     start = time.perf_counter()
     if variant.startswith('onnx'):
-        name = 'fp32.onnx' if variant == 'onnx_fp32' else 'int.onnx'
+        name = ONNX_FILES.get(variant, 'int.onnx')
         model = OnnxDetector(osp.join(args.work_dir, name), args.threads,
                              fold_dequantize=variant == 'onnx_int_folded')
 
@@ -204,11 +212,13 @@ def table(rows: List[Dict[str, Any]], sizes: Dict[str, Optional[int]]
           ) -> str:
     head = ('| variant | file MiB | weights in memory MiB | RSS load +MiB | '
             'RSS after 1st image MiB | CPU ms median | wall ms median | '
-            'wall ms min |')
-    lines = [head, '|' + '---|' * 8]
+            'wall ms min | speed-up vs fp32 ONNX |')
+    lines = [head, '|' + '---|' * 9]
     for r in rows:
         size = sizes.get(r['variant'])
         weights = r.get('weight_bytes', {}).get('total')
+        speedup = f'{r["speedup_vs_fp32"]:.2f}x' if 'speedup_vs_fp32' in r \
+            else '-'
         lines.append(
             f'| {r["variant"]} | '
             f'{"-" if size is None else f"{size / MIB:.3f}"} | '
@@ -217,7 +227,7 @@ def table(rows: List[Dict[str, Any]], sizes: Dict[str, Optional[int]]
             f'{r["rss_after_first_image"] / MIB:.1f} | '
             f'{r["cpu_ms"]["median"]:.2f} | '
             f'{r["latency_ms"]["median"]:.2f} | '
-            f'{r["latency_ms"]["min"]:.2f} |')
+            f'{r["latency_ms"]["min"]:.2f} | {speedup} |')
     return '\n'.join(lines)
 
 
@@ -231,7 +241,10 @@ def main() -> int:
     parser.add_argument('--threads', type=int, default=1,
                         help='intra-op threads of every variant (default 1)')
     parser.add_argument('--variants', nargs='+', choices=VARIANTS,
-                        default=list(VARIANTS))
+                        help='default: all (onnx_w8a8 with --activations)')
+    parser.add_argument('--activations', metavar='JSON',
+                        help="the activations.json of the checkpoint's run "
+                        '(its 8-bit activation ranges), for onnx_w8a8')
     parser.add_argument('--work-dir', default='work_dirs/benchmark_deploy')
     parser.add_argument('--out', help='JSON file for the results')
     parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
@@ -241,6 +254,14 @@ def main() -> int:
                             '--warmup a non-negative one')
     if args.worker:
         return worker(args)
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS
+                         if v != 'onnx_w8a8' or args.activations]
+    if 'onnx_w8a8' in args.variants and not args.activations:
+        raise HawqUserError(
+            'variant onnx_w8a8 needs the activation ranges: pass '
+            '--activations <work_dir>/hawq/activations.json of a run with '
+            "the 'activations' setting")
     cfg = read_config(args.config)
     check_work_dir(args.work_dir)
 
@@ -258,18 +279,28 @@ def main() -> int:
     fp32 = export_onnx(model, osp.join(args.work_dir, 'fp32.onnx'), shape)
     low = export_onnx(model, osp.join(args.work_dir, 'int.onnx'), shape,
                       packed=packed)
+    sizes = dict(onnx_fp32=fp32['bytes'], onnx_int=low['bytes'],
+                 onnx_int_folded=low['bytes'],
+                 torch_packed=osp.getsize(args.checkpoint))
+    if 'onnx_w8a8' in args.variants:
+        from mmdet_hawq.quant.activations import load_ranges
+        sizes['onnx_w8a8'] = export_onnx(
+            model, osp.join(args.work_dir, 'w8a8.onnx'), shape,
+            packed=packed, activations=load_ranges(args.activations))['bytes']
     from mmdet_hawq.engine.deploy import build_packed_detector
     identical = identical_detections(
         model, build_packed_detector(cfg, args.checkpoint), pairs)
     del model, pairs
-    sizes = dict(onnx_fp32=fp32['bytes'], onnx_int=low['bytes'],
-                 onnx_int_folded=low['bytes'],
-                 torch_packed=osp.getsize(args.checkpoint))
     rows = []
     for variant in args.variants:
         rows.append(spawn(args, variant))
         print(f'{variant}: median {rows[-1]["cpu_ms"]["median"]:.2f} ms CPU',
               flush=True)
+    base = [r for r in rows if r['variant'] == 'onnx_fp32']
+    for r in rows:
+        if base:
+            r['speedup_vs_fp32'] = base[0]['cpu_ms']['median'] / \
+                r['cpu_ms']['median']
     behaviour = dequantize_behaviour(osp.join(args.work_dir, 'int.onnx'))
     print(f'\n{args.checkpoint}: packed checkpoint '
           f'{osp.getsize(args.checkpoint) / MIB:.3f} MiB; fp32 ONNX '

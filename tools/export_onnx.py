@@ -35,6 +35,9 @@ from mmdet_hawq.engine.cli import read_config  # noqa: E402
 from mmdet_hawq.engine.deploy import (default_input_shape,  # noqa: E402
                                       load_for_export)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
+from mmdet_hawq.quant.activations import (activation_modules,  # noqa: E402
+                                          load_ranges,
+                                          quantized_activations)
 
 MIB = 2**20
 
@@ -101,6 +104,10 @@ def main() -> int:
                         help='opset of the written model (default and '
                         'minimum with integer weights: 21; a float model: '
                         '16 to 21)')
+    parser.add_argument('--activations', metavar='JSON',
+                        help="the activations.json of a run with the "
+                        "'activations' setting: 8-bit activations as "
+                        'QuantizeLinear/DequantizeLinear pairs')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
     cfg = read_config(args.config)
@@ -109,6 +116,7 @@ def main() -> int:
     shape = default_input_shape(cfg, args.shape)
     out = check_out(args.out)
     model, packed = load_for_export(cfg, args.checkpoint)
+    ranges = load_ranges(args.activations) if args.activations else None
     if packed is None:
         print(f'{args.checkpoint} is not quantized (a float checkpoint, no '
               'packed weights): exporting it with fp32 weights; pass the '
@@ -120,7 +128,8 @@ def main() -> int:
     check_opset(opset, integer)
     report = export_onnx(model, out, shape,
                          packed=packed if integer else None,
-                         last_layer_only=args.last_layer_only, opset=opset)
+                         last_layer_only=args.last_layer_only, opset=opset,
+                         activations=ranges)
     bits = report['weight_bits']
     counts = {'INT4': sum(b <= 4 for b in bits.values()),
               'INT8': sum(b > 4 for b in bits.values())}
@@ -142,7 +151,9 @@ def main() -> int:
               f'{", ".join(report["unused_weights"])}')
         record['unused_weights'] = report['unused_weights']
     if not args.no_verify:
-        diff = verify(model, out, shape, args.last_layer_only)
+        with quantized_activations(activation_modules(
+                model, list(packed or {})), ranges or {}):
+            diff = verify(model, out, shape, args.last_layer_only)
         record['max_abs_diff_random_image'] = diff
         print('ONNX Runtime vs PyTorch on a random image: max abs diff '
               f'scores {diff["scores"]:.2e}, boxes {diff["boxes"]:.2e}')

@@ -42,6 +42,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import HawqUserError, short_list
+from ..quant.activations import (ActivationRange, activation_modules,
+                                 attach_activation_quantizers)
 from .onnx_lowering import (ONNX_OPSET, lower_quantized_weights,
                             onnx_weight_summary, opset_of)
 from ..models.family import onnx_outputs
@@ -98,6 +100,30 @@ class DequantizeLinearFunction(torch.autograd.Function):
         if axis is None:
             return g.op('DequantizeLinear', codes, scale)
         return g.op('DequantizeLinear', codes, scale, axis_i=axis)
+
+
+def quantize_dequantize(rng: ActivationRange, x: torch.Tensor
+                        ) -> torch.Tensor:
+    """``rng``'s fake quantization of ``x``, exported as ONNX
+    ``QuantizeLinear`` → ``DequantizeLinear`` with uint8 codes and a zero
+    point (``torch.fake_quantize_per_tensor_affine``'s ONNX form): the pair
+    ONNX Runtime fuses with a weight's ``DequantizeLinear`` into an integer
+    kernel. ONNX Runtime divides by the scale, as
+    :meth:`~mmdet_hawq.quant.activations.ActivationRange.fake_quantize`
+    does.
+
+    Raises:
+        HawqUserError: ``rng`` is not 8-bit (ONNX has no narrower QDQ
+            activation type before opset 21's INT4, which ONNX Runtime's
+            integer kernels do not take).
+    """
+    if rng.bits != 8:
+        raise HawqUserError(
+            f'activations at {rng.bits} bits have no integer kernel in '
+            'ONNX Runtime: export 8-bit activations')
+    scale, zero = rng.qparams()
+    return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero),
+                                                 0, 255)
 
 
 class OnnxQuantizedWeight(nn.Module):
@@ -241,7 +267,9 @@ def export_onnx(detector: nn.Module,
                 input_shape: Tuple[int, int],
                 packed: Optional[Mapping[str, Mapping]] = None,
                 last_layer_only: bool = False,
-                opset: int = ONNX_OPSET) -> Dict[str, Any]:
+                opset: int = ONNX_OPSET,
+                activations: Optional[Mapping[str, ActivationRange]] = None
+                ) -> Dict[str, Any]:
     """Export ``detector`` to ONNX, quantized weights as integers.
 
     Args:
@@ -256,6 +284,10 @@ def export_onnx(detector: nn.Module,
             Defaults to False.
         opset (int): Opset of the written model (see :func:`check_opset`).
             Defaults to :data:`ONNX_OPSET`.
+        activations (Mapping[str, ActivationRange], optional): Activation
+            site → range (a run's ``activations.json``): each site's input
+            gets a uint8 ``QuantizeLinear`` → ``DequantizeLinear`` pair.
+            Defaults to None (float activations).
 
     Returns:
         dict: ``file``, ``bytes``, ``opset``, ``unused_weights`` (packed
@@ -270,6 +302,10 @@ def export_onnx(detector: nn.Module,
     model = copy.deepcopy(detector).cpu().eval()
     model.requires_grad_(False)
     bits = attach_onnx_quantized_weights(model, packed) if packed else {}
+    if activations:
+        attach_activation_quantizers(
+            activation_modules(model, list(packed or {})), activations,
+            quantize_dequantize)
     wrapper = DetectorOnnxWrapper(model, input_shape, last_layer_only)
     image = torch.zeros(1, 3, *wrapper.input_shape)
     with tempfile.TemporaryDirectory() as tmp:

@@ -198,8 +198,11 @@ def lower_quantized_weights(proto: onnx.ModelProto,
     consts = _Constants(graph)
     sources: Dict[str, _Codes] = {}
     removed = set()
+    activation_codes = {n.output[0] for n in graph.node
+                        if n.op_type == 'QuantizeLinear'}
     for index, node in enumerate(graph.node):
-        if node.op_type != 'DequantizeLinear':
+        if node.op_type != 'DequantizeLinear' or \
+                node.input[0] in activation_codes:  # an activation's QDQ
             continue
         weight = codes_names.get(node.input[0])
         if weight is None:

@@ -18,10 +18,12 @@ range comes from the calibration images (:func:`observe_sites`) by one of
 range that minimises the mean squared quantization error of the observed
 values).
 """
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
+                    Sequence)
 
 import torch
 import torch.nn as nn
@@ -191,12 +193,22 @@ def quantized_activations(sites: Mapping[str, nn.Module],
             h.remove()
 
 
-def attach_activation_quantizers(sites: Mapping[str, nn.Module],
-                                 ranges: Mapping[str, ActivationRange]
-                                 ) -> List[Any]:
+def attach_activation_quantizers(
+        sites: Mapping[str, nn.Module],
+        ranges: Mapping[str, ActivationRange],
+        quantize: Optional[Callable[[ActivationRange, torch.Tensor],
+                                    torch.Tensor]] = None) -> List[Any]:
     """Fake-quantize the inputs of every site in ``ranges`` from now on
     (forward pre-hooks on the sites' modules); returns the hooks' handles.
+
+    ``quantize(range, x)`` does it (default: :meth:`ActivationRange.
+    fake_quantize`; the ONNX export passes one that exports as
+    ``QuantizeLinear`` → ``DequantizeLinear``).
     """
+    if quantize is None:
+        def quantize(rng: ActivationRange, x: torch.Tensor) -> torch.Tensor:
+            return rng.fake_quantize(x)
+
     def hook(name: str) -> Callable[..., Any]:
         def quantize_inputs(module: nn.Module, args: tuple,
                             kwargs: dict) -> Any:
@@ -204,14 +216,14 @@ def attach_activation_quantizers(sites: Mapping[str, nn.Module],
                 def q(key: str, v: Any) -> Any:
                     rng = ranges.get(f'{name}:{key}')
                     return v if rng is None or not torch.is_tensor(v) else \
-                        rng.fake_quantize(v)
+                        quantize(rng, v)
                 args = tuple(q(ATTENTION_INPUTS[i], a) if i < 3 else a
                              for i, a in enumerate(args))
                 kwargs = {k: q(k, v) if k in ATTENTION_INPUTS else v
                           for k, v in kwargs.items()}
                 return args, kwargs
             if name in ranges and args and torch.is_tensor(args[0]):
-                return ((ranges[name].fake_quantize(args[0]), ) +
+                return ((quantize(ranges[name], args[0]), ) +
                         tuple(args[1:]), kwargs)
             return None
         return quantize_inputs
@@ -219,3 +231,29 @@ def attach_activation_quantizers(sites: Mapping[str, nn.Module],
     modules = {n.split(':')[0] for n in ranges}
     return [sites[n].register_forward_pre_hook(hook(n), with_kwargs=True)
             for n in sites if n in modules]
+
+
+def save_ranges(ranges: Mapping[str, ActivationRange], path: str) -> None:
+    """Write the sites' ranges as JSON (``activations.json``)."""
+    with open(path, 'w') as f:
+        json.dump({n: dict(lo=r.lo, hi=r.hi, bits=r.bits)
+                   for n, r in ranges.items()}, f, indent=1)
+
+
+def load_ranges(path: str) -> Dict[str, ActivationRange]:
+    """Read :func:`save_ranges`' file.
+
+    Raises:
+        HawqUserError: The file cannot be read or is not a map of site
+            names to ``{"lo", "hi", "bits"}``.
+    """
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        return {n: ActivationRange(float(r['lo']), float(r['hi']),
+                                   int(r['bits'])) for n, r in raw.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise HawqUserError(
+            f'activation ranges {path!r} could not be read ({err}): give '
+            "the activations.json of a run with the 'activations' "
+            'setting') from None

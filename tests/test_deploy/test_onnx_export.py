@@ -320,3 +320,51 @@ def test_ddq_detr_query_selection_without_onnx_form_is_one_line(
     assert "dqs_cfg={'type': 'soft_nms', 'iou_threshold': 0.8} cannot be " \
         'exported to ONNX' in str(err.value)
     assert '\n' not in str(err.value)
+
+
+def test_w8a8_exports_qdq_activations_onto_integer_kernels(
+        tiny_cfg, tmp_path):
+    """8-bit activations: every site's input gets a uint8 QuantizeLinear /
+    DequantizeLinear pair; ONNX Runtime's optimizer turns the linear layers
+    into integer kernels (MatMulIntegerToFloat), and its outputs follow the
+    fake-quantized PyTorch model."""
+    import onnxruntime as ort
+
+    from mmdet_hawq import QuantSettings, quantize
+    from mmdet_hawq.engine.calibration import calibration_set
+    from mmdet_hawq.quant import pack_state_dict
+    from mmdet_hawq.quant.activations import (activation_modules,
+                                              quantized_activations)
+    model = build_from(tiny_cfg)
+    settings = QuantSettings(metric='uniform', bits=8,
+                             activations=dict(method='mse'))
+    result = quantize(model, calibration_set(tiny_cfg, model,
+                                             settings.calibration), settings)
+    packed = pack_state_dict(model, result.quantized, result.plan)['packed']
+    reference = build_from(tiny_cfg)
+    reference.load_state_dict(model.state_dict())
+    out = str(tmp_path / 'w8a8.onnx')
+    export_onnx(reference, out, SHAPE, packed=packed,
+                activations=result.activations)
+    graph = onnx.load(out).graph
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+              for n in graph.node if n.op_type == 'Constant'}
+    consts.update({t.name: numpy_helper.to_array(t)
+                   for t in graph.initializer})
+    quantize_nodes = [n for n in graph.node if n.op_type == 'QuantizeLinear']
+    # one pair per site (the exporter merges sites that quantize the same
+    # tensor to the same range, e.g. a self-attention's query and key)
+    assert 0 < len(quantize_nodes) <= len(result.activations)
+    scales = {np.float32(r.qparams()[0]) for r in result.activations.values()}
+    assert all(np.float32(consts[n.input[1]]) in scales
+               for n in quantize_nodes)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
+    ort.InferenceSession(out, options, providers=['CPUExecutionProvider'])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx'))
+             .graph.node]
+    assert fused.count('MatMulIntegerToFloat') >= 10
+    with quantized_activations(activation_modules(reference, list(packed)),
+                               result.activations):
+        scores, boxes = max_diffs(reference, out)
+    assert boxes < 0.05 and scores < 0.5
