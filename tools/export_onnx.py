@@ -35,9 +35,8 @@ from mmdet_hawq.engine.cli import read_config  # noqa: E402
 from mmdet_hawq.engine.deploy import (default_input_shape,  # noqa: E402
                                       load_for_export)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
-from mmdet_hawq.quant.activations import (activation_modules,  # noqa: E402
-                                          load_ranges,
-                                          quantized_activations)
+from mmdet_hawq.quant.activations import (load_ranges,  # noqa: E402
+                                          quantized_activations, sites_of)
 
 MIB = 2**20
 
@@ -151,8 +150,8 @@ def main() -> int:
               f'{", ".join(report["unused_weights"])}')
         record['unused_weights'] = report['unused_weights']
     if not args.no_verify:
-        with quantized_activations(activation_modules(
-                model, list(packed or {})), ranges or {}):
+        with quantized_activations(sites_of(model, ranges or {}),
+                                   ranges or {}):
             diff = verify(model, out, shape, args.last_layer_only)
         record['max_abs_diff_random_image'] = diff
         print('ONNX Runtime vs PyTorch on a random image: max abs diff '

@@ -42,8 +42,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import HawqUserError, short_list
-from ..quant.activations import (ActivationRange, activation_modules,
-                                 attach_activation_quantizers)
+from ..quant.activations import (ActivationRange,
+                                 attach_activation_quantizers, sites_of)
 from .onnx_lowering import (ONNX_OPSET, lower_quantized_weights,
                             onnx_weight_summary, opset_of)
 from ..models.family import onnx_outputs
@@ -303,9 +303,8 @@ def export_onnx(detector: nn.Module,
     model.requires_grad_(False)
     bits = attach_onnx_quantized_weights(model, packed) if packed else {}
     if activations:
-        attach_activation_quantizers(
-            activation_modules(model, list(packed or {})), activations,
-            quantize_dequantize)
+        attach_activation_quantizers(sites_of(model, activations),
+                                     activations, quantize_dequantize)
     wrapper = DetectorOnnxWrapper(model, input_shape, last_layer_only)
     image = torch.zeros(1, 3, *wrapper.input_shape)
     with tempfile.TemporaryDirectory() as tmp:

@@ -257,3 +257,24 @@ def load_ranges(path: str) -> Dict[str, ActivationRange]:
             f'activation ranges {path!r} could not be read ({err}): give '
             "the activations.json of a run with the 'activations' "
             'setting') from None
+
+
+def sites_of(model: nn.Module,
+             ranges: Mapping[str, ActivationRange]) -> Dict[str, nn.Module]:
+    """The modules the sites of ``ranges`` belong to (e.g. to put a saved
+    run's quantizers on a rebuilt model).
+
+    Raises:
+        HawqUserError: A site names no module of ``model``.
+    """
+    modules = dict(model.named_modules())
+    out = {}
+    for site in ranges:
+        name = site.split(':')[0]
+        if name not in modules:
+            raise HawqUserError(
+                f'activation site {site!r} is not a module of '
+                f'{type(model).__name__}: give the activation ranges of a '
+                'run on the same model')
+        out[name] = modules[name]
+    return out

@@ -368,3 +368,19 @@ def test_w8a8_exports_qdq_activations_onto_integer_kernels(
                                result.activations):
         scores, boxes = max_diffs(reference, out)
     assert boxes < 0.05 and scores < 0.5
+
+
+def test_activations_without_an_integer_kernel_are_one_line(
+        tiny_cfg, tmp_path):
+    from mmdet_hawq.quant.activations import ActivationRange
+    model = build_from(tiny_cfg)
+    with pytest.raises(HawqUserError, match='activations at 4 bits have no '
+                       'integer kernel in ONNX Runtime') as err:
+        export_onnx(model, str(tmp_path / 'a4.onnx'), SHAPE,
+                    activations={'backbone.conv1': ActivationRange(
+                        -1.0, 1.0, 4)})
+    assert '\n' not in str(err.value)
+    with pytest.raises(HawqUserError, match="activation site 'neck.x' is "
+                       'not a module of DETR'):
+        export_onnx(model, str(tmp_path / 'a8.onnx'), SHAPE,
+                    activations={'neck.x': ActivationRange(-1.0, 1.0, 8)})
