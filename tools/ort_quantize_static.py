@@ -19,6 +19,9 @@ Variants (which nodes ``quantize_static`` may quantize):
     float_sampling  deformable models (GridSample in the graph): everything
                     but the sampling-offset and attention-weight
                     projections of the deformable attention
+    compute_only    only the ops with integer kernels: Conv, MatMul, Gemm
+                    (op_types_to_quantize), no Q/DQ around Add, Reshape,
+                    Transpose, Softmax, LayerNormalization, ...
 
 Variant ``all`` runs with every ``--methods`` entry; the other variants with
 the method of best mAP (``--fix-method`` to choose it). Each model, the fp32
@@ -64,7 +67,9 @@ TOOLS = osp.dirname(osp.abspath(__file__))
 MIB = 2**20
 #: Calibration methods of ``quantize_static`` tried (lower case → name).
 METHODS = {m.lower(): m for m in ('MinMax', 'Entropy', 'Percentile')}
-VARIANTS = ('all', 'float_decoder', 'float_sampling')
+VARIANTS = ('all', 'float_decoder', 'float_sampling', 'compute_only')
+#: Op types variant ``compute_only`` quantizes.
+COMPUTE_OPS = ['Conv', 'MatMul', 'Gemm']
 #: Graph-name scopes that variant ``float_decoder`` quantizes.
 ENCODER_SIDE = ('/backbone/', '/neck/', '/encoder/')
 #: Graph-name parts of the deformable attention's sampling projections.
@@ -148,9 +153,21 @@ def make_reader(images: List[np.ndarray], input_name: str) -> Any:
 
 def pre_process(fp32: str, out: str) -> str:
     """``quant_pre_process`` of ``fp32`` into ``out``; returns what ran."""
+    import tempfile
+
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    fp32, out = osp.abspath(fp32), osp.abspath(out)
+    here = os.getcwd()
     try:
-        quant_pre_process(fp32, out)
+        # where its symbolic shape inference fails, ONNX Runtime saves a
+        # debug model (sym_shape_infer_temp.onnx and its weights) in the
+        # working directory: a scratch one here
+        with tempfile.TemporaryDirectory() as scratch:
+            os.chdir(scratch)
+            try:
+                quant_pre_process(fp32, out)
+            finally:
+                os.chdir(here)
         return 'quant_pre_process'
     except Exception as err:  # noqa: BLE001 - retried, and recorded
         first = (str(err).strip().splitlines() or [''])[0]
@@ -227,7 +244,9 @@ def quantize(pre: str, out: str, images: List[np.ndarray], method: str,
     quantize_static(pre, out, make_reader(images, input_name),
                     quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     calibrate_method=getattr(CalibrationMethod, method),
-                    nodes_to_exclude=exclude, extra_options=extra)
+                    nodes_to_exclude=exclude, extra_options=extra,
+                    op_types_to_quantize=COMPUTE_OPS
+                    if variant == 'compute_only' else None)
     return dict(quantize_s=time.perf_counter() - start,
                 excluded_nodes=len(exclude), **graph_summary(out))
 
@@ -367,7 +386,7 @@ def export_fp32(args: argparse.Namespace, cfg: Any) -> str:
 def table(record: Dict[str, Any]) -> str:
     """The markdown table of a run: one row per INT8 model."""
     head = ('variant', 'calibration', 'mAP fp32 / int8',
-            'latency fp32 / int8 ms (spread)', 'speedup',
+            'latency fp32 / int8 ms (spread)', 'speedup (per round)',
             'int8 MatMul/Conv/Gemm', 'peak MiB fp32 / int8')
     fp32 = record['fp32']
 
@@ -384,7 +403,9 @@ def table(record: Dict[str, Any]) -> str:
             pair('latency', 'median_ms', '.2f', row) + ' (' +
             pair('latency', 'spread_ms', '.2f', row).replace(' /', ',') +
             ')',
-            format(row.get('speedup_vs_fp32', float('nan')), '.2f') + 'x',
+            format(row.get('speedup_vs_fp32', float('nan')), '.2f') +
+            'x (' + ', '.join(format(v, '.2f') for v in
+                              row.get('speedup_per_round', [])) + ')',
             f'{graph["int8_compute_nodes"]}/{graph["compute_nodes"]}',
             pair('memory', 'peak_mib', '.0f', row)])
     return '\n'.join('| ' + ' | '.join(r) + ' |' for r in rows)
@@ -402,8 +423,9 @@ def main() -> int:
         METHODS.values()), help='calibration methods of variant all '
         '(default: MinMax Entropy Percentile)')
     parser.add_argument('--variants', nargs='+',
-                        help='default: all float_decoder, and '
-                        'float_sampling where the graph has GridSample')
+                        help='default: all float_decoder compute_only, '
+                        'and float_sampling where the graph has '
+                        'GridSample')
     parser.add_argument('--fix-method',
                         help='calibration method of the other variants '
                         '(default: the one of best mAP in variant all)')
@@ -477,7 +499,7 @@ def main() -> int:
     deformable = any(n.op_type == 'GridSample' for n in graph.node)
     del graph
     if variants is None:
-        variants = ['all', 'float_decoder'] + \
+        variants = ['all', 'float_decoder', 'compute_only'] + \
             (['float_sampling'] if deformable else [])
     elif 'float_sampling' in variants and not deformable:
         raise HawqUserError(
@@ -493,6 +515,7 @@ def main() -> int:
     print(f'{fp32}: input {shape}; {len(images)} calibration images; '
           f'{preprocessing}', flush=True)
 
+    from mmdet_hawq.deploy.onnx_runtime import OnnxDetector
     files = {'fp32': fp32}
     rows: List[Dict[str, Any]] = []
     failed: List[Dict[str, str]] = []
@@ -504,24 +527,30 @@ def main() -> int:
     def run(variant: str, method: str) -> None:
         key = f'{variant}_{method.lower()}'
         path = osp.join(args.work_dir, f'int8_{key}.onnx')
+        step = 'quantize_static'
         try:
             made = quantize(pre, path, images, method, variant,
                             args.per_channel, stride)
+            step = 'ONNX Runtime'
+            OnnxDetector(path, args.threads)(images[0])
+            row = dict(variant=variant, method=method, model=path, **made)
+            row['graph'] = {k: row.pop(k) for k in (
+                'quantize_linear', 'dequantize_linear', 'compute_nodes',
+                'int8_compute_nodes', 'bytes')}
+            row['optimized_integer_ops'] = optimized_ops(
+                path, args.threads, args.work_dir)
+            if not args.no_eval:
+                step = 'evaluate_onnx.py'
+                row.update(evaluate(args, path, f'int8_{key}'))
         except Exception as err:  # noqa: BLE001 - reported, the run goes on
-            first = (str(err).strip().splitlines() or [''])[0][:300]
-            failed.append(dict(variant=variant, method=method,
-                               error=f'{type(err).__name__}: {first}'))
-            print(f'{variant} {method}: quantize_static failed: '
+            text = ' '.join(str(err).split())
+            if len(text) > 400:  # the start says where, the end what
+                text = text[:150] + ' ... ' + text[-250:]
+            failed.append(dict(variant=variant, method=method, step=step,
+                               error=f'{type(err).__name__}: {text}'))
+            print(f'{variant} {method}: {step} failed: '
                   f'{failed[-1]["error"]}', flush=True)
             return
-        row = dict(variant=variant, method=method, model=path, **made)
-        row['graph'] = {k: row.pop(k) for k in (
-            'quantize_linear', 'dequantize_linear', 'compute_nodes',
-            'int8_compute_nodes', 'bytes')}
-        row['optimized_integer_ops'] = optimized_ops(path, args.threads,
-                                                     args.work_dir)
-        if not args.no_eval:
-            row.update(evaluate(args, path, f'int8_{key}'))
         files[key] = path
         rows.append(row)
         print(f'{variant} {method}: {row["graph"]["int8_compute_nodes"]}/'
@@ -559,6 +588,10 @@ def main() -> int:
                                   latency[key]['median_ms'])
         row['cpu_speedup_vs_fp32'] = (latency['fp32']['cpu_median_ms'] /
                                       latency[key]['cpu_median_ms'])
+        # paired by round: a slow spell of the machine slows both
+        row['speedup_per_round'] = [
+            a / b for a, b in zip(latency['fp32']['round_medians_ms'],
+                                  latency[key]['round_medians_ms'])]
         if not args.no_memory:
             row['memory'] = measure_memory(args, row['model'])
     record = dict(
@@ -583,7 +616,8 @@ def main() -> int:
           f'{record["omp_num_threads"]}; best calibration: {best}\n')
     print(text)
     for fail in failed:
-        print(f'{fail["variant"]} {fail["method"]}: failed: {fail["error"]}')
+        print(f'{fail["variant"]} {fail["method"]}: {fail["step"]} failed: '
+              f'{fail["error"]}')
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(record, f, indent=1)

@@ -72,6 +72,7 @@ def test_writes_qdq_model_that_runs(cfg_file, tiny_cfg, tmp_path,
     for row in rows.values():
         assert row['outputs_vs_fp32']['finite']
         assert row['latency']['median_ms'] > 0 and row['speedup_vs_fp32'] > 0
+        assert len(row['speedup_per_round']) == 1
 
     capsys.readouterr()
     assert module.memory_worker(path, 1) == 0
