@@ -25,6 +25,7 @@ from ..quant import (GptqResult, PrecisionPlan, QuantizedWeight, apply_plan,
                      bit_floors, list_weights, make_plan, plan_stats,
                      quantizable_weights, uniform_plan, validate_plan)
 from ..quant.activations import (ActivationRange, activation_modules,
+                                 conv_output_modules,
                                  attach_activation_quantizers,
                                  calibrate_range, observe_sites)
 from ..quant.gptq_inputs import eval_mode
@@ -240,14 +241,21 @@ def _quantize_activations(model: nn.Module, names: Sequence[str],
     start = time.time()
     sites = activation_modules(model, names)
     # eval mode: the hook runs before the test loop calls eval()
-    with torch.no_grad(), eval_mode(model), observe_sites(sites) as seen:
-        for batch in calibration.batches:
-            decoder_outputs(model, batch)
+    with torch.no_grad(), eval_mode(model):
+        convs = [n for n, m in sites.items() if isinstance(m, nn.Conv2d)]
+        modules = dict(model.named_modules())
+        outputs = {n: modules[n] for n in conv_output_modules(
+            model, convs,
+            lambda: decoder_outputs(model, calibration.batches[0])).values()}
+        with observe_sites(sites, outputs) as seen:
+            for batch in calibration.batches:
+                decoder_outputs(model, batch)
     ranges = {n: calibrate_range(o, settings['method'], settings['bits'])
               for n, o in seen.items()}
-    attach_activation_quantizers(sites, ranges)
+    attach_activation_quantizers({**sites, **outputs}, ranges)
     logger.info(
-        f"activations: {len(ranges)} input sites of {len(sites)} quantized "
+        f"activations: {len(ranges)} sites ({len(outputs)} convolution "
+        f"outputs) of {len(sites)} quantized "
         f"layers at {settings['bits']} bits ({settings['method']} ranges "
         f'from {len(calibration.batches)} calibration batches) in '
         f'{time.time() - start:.1f} s')

@@ -44,6 +44,7 @@ from torch.nn.utils import parametrize
 from ..errors import HawqUserError, short_list
 from ..quant.activations import (ActivationRange,
                                  attach_activation_quantizers, sites_of)
+from .onnx_integer import integer_layout
 from .onnx_lowering import (ONNX_OPSET, lower_quantized_weights,
                             onnx_weight_summary, opset_of)
 from ..models.family import onnx_outputs
@@ -285,14 +286,17 @@ def export_onnx(detector: nn.Module,
         opset (int): Opset of the written model (see :func:`check_opset`).
             Defaults to :data:`ONNX_OPSET`.
         activations (Mapping[str, ActivationRange], optional): Activation
-            site → range (a run's ``activations.json``): each site's input
-            gets a uint8 ``QuantizeLinear`` → ``DequantizeLinear`` pair.
+            site → range (a run's ``activations.json``): each site's tensor
+            gets a uint8 ``QuantizeLinear`` → ``DequantizeLinear`` pair, every
+            weight's codes are stored as ``INT8`` and the graph gets the
+            integer-kernel layout (:func:`~.onnx_integer.integer_layout`).
             Defaults to None (float activations).
 
     Returns:
         dict: ``file``, ``bytes``, ``opset``, ``unused_weights`` (packed
         weights inference does not read, e.g. DINO's denoising label
-        embedding) and :func:`onnx_weight_summary`'s counts.
+        embedding), :func:`~.onnx_integer.integer_layout`'s counts (with
+        activations) and :func:`onnx_weight_summary`'s counts.
 
     Raises:
         HawqUserError: The opset cannot hold the model, or an operator of
@@ -321,14 +325,16 @@ def export_onnx(detector: nn.Module,
                 raise _unsupported(err, wrapper, image) from None
         proto = onnx.load(traced)
     proto = lower_quantized_weights(proto, _codes_names(packed or {}), bits,
-                                    opset)
+                                    opset, int8_codes=bool(activations))
+    layout = integer_layout(proto) if activations else {}
     onnx.checker.check_model(proto, full_check=True)
     os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
     onnx.save(proto, out_file)
     summary = onnx_weight_summary(proto)
     unused = sorted(set(bits) - set(summary['weight_bits']))
     return dict(file=out_file, bytes=osp.getsize(out_file),
-                opset=opset_of(proto), unused_weights=unused, **summary)
+                opset=opset_of(proto), unused_weights=unused, **layout,
+                **summary)
 
 
 def check_opset(opset: int, quantized: bool) -> None:

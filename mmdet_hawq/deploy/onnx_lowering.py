@@ -98,6 +98,11 @@ class _Constants:
                 'DequantizeLinear', 'RandomNormal', 'RandomUniform',
                 'RandomNormalLike', 'RandomUniformLike', 'Multinomial'):
             return None
+        if node.op_type == 'Identity':
+            # torch's exporter writes an initializer equal to another one
+            # (e.g. all-zero codes of zero-initialised layers) as an
+            # Identity of the first: any size
+            return self.get(node.input[0], depth + 1)
         if node.op_type == 'Shape':
             value = self.shape_of(node)
         else:
@@ -157,7 +162,8 @@ def _fold_layout(node: onnx.NodeProto, src: _Codes,
 def lower_quantized_weights(proto: onnx.ModelProto,
                             codes_names: Mapping[str, str],
                             bits: Mapping[str, int],
-                            opset: int = ONNX_OPSET) -> onnx.ModelProto:
+                            opset: int = ONNX_OPSET,
+                            int8_codes: bool = False) -> onnx.ModelProto:
     """Store the traced int8 codes at their ONNX type; the final opset.
 
     Every ``DequantizeLinear`` of the traced model reads a weight's int8
@@ -186,6 +192,9 @@ def lower_quantized_weights(proto: onnx.ModelProto,
             not read is left out of the recorded bits.
         opset (int): Opset of the model returned (21 with integer weights).
             Defaults to :data:`ONNX_OPSET`.
+        int8_codes (bool): Store codes of at most 4 bits as ``INT8`` too:
+            ONNX Runtime's integer kernels (``QLinearConv``,
+            ``MatMulIntegerToFloat``) take no ``INT4``. Defaults to False.
 
     Returns:
         onnx.ModelProto: The model to save.
@@ -254,8 +263,8 @@ def lower_quantized_weights(proto: onnx.ModelProto,
         k = made.get(src.weight, 0)
         made[src.weight] = k + 1
         suffix = f'.{k}' if k else ''
-        dtype = TensorProto.INT4 if bits[src.weight] <= 4 else \
-            TensorProto.INT8
+        dtype = TensorProto.INT4 if bits[src.weight] <= 4 and \
+            not int8_codes else TensorProto.INT8
         codes_t = _int_tensor(f'{src.weight}.codes{suffix}', src.codes,
                               dtype)
         scale_suffix = suffix if src.axis is not None else ''

@@ -4,7 +4,11 @@ as pure functions plus forward pre-hooks.
 An activation site is an input of a module whose weight is quantized: that
 of a ``Linear`` or ``Conv2d`` (named like the module), and the query, key
 and value of an ``nn.MultiheadAttention`` (its packed input projection;
-``'<module>:query'`` and so on). Its values are
+``'<module>:query'`` and so on); and the output of a quantized ``Conv2d``
+(``'<module>:output'``), taken after the ``BatchNorm`` that normalizes it
+where one does (then ``<module>`` is that norm layer,
+:func:`conv_output_modules`): an integer convolution kernel writes integer
+outputs, so the export needs that tensor's range. Its values are
 quantized asymmetrically to ``bits`` unsigned codes, the layout ONNX
 Runtime's QDQ format gives activations:
 
@@ -92,6 +96,65 @@ def activation_modules(model: nn.Module,
 ATTENTION_INPUTS = ('query', 'key', 'value')
 
 
+#: Suffix of an output site's name.
+OUTPUT = ':output'
+
+
+def conv_output_modules(model: nn.Module, convs: Sequence[str],
+                        run: Callable[[], Any]) -> Dict[str, str]:
+    """Where the output site of every ``Conv2d`` in ``convs`` is: the
+    ``BatchNorm`` that takes the convolution's output as its input (found by
+    running ``run()`` once, with hooks, and comparing the tensors), else the
+    convolution itself. The export folds such a ``BatchNorm`` into the
+    convolution (:func:`~mmdet_hawq.deploy.onnx_integer.fold_batch_norms`),
+    so the quantized tensor is the integer kernel's output.
+
+    Args:
+        model (nn.Module): The model.
+        convs (Sequence[str]): Names of ``Conv2d`` modules.
+        run (Callable): One forward pass of ``model``.
+
+    Returns:
+        dict[str, str]: Convolution → module whose output is the site
+        (``'<module>:output'``).
+    """
+    modules = dict(model.named_modules())
+    produced: Dict[int, tuple] = {}
+    follows: Dict[str, str] = {}
+
+    def after_conv(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if torch.is_tensor(out):
+                produced[id(out)] = (name, out)
+        return hook
+
+    def before_norm(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            hit = produced.get(id(args[0])) if args else None
+            if hit is not None and hit[1] is args[0]:
+                follows.setdefault(hit[0], name)
+        return hook
+
+    handles = [modules[n].register_forward_hook(after_conv(n))
+               for n in convs]
+    handles += [m.register_forward_pre_hook(before_norm(n))
+                for n, m in modules.items()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    _run_hooked(handles, run)
+    produced.clear()
+    return {n: follows.get(n, n) for n in convs}
+
+
+def _run_hooked(handles: Sequence[Any], run: Callable[[], Any]) -> None:
+    """``run()`` without gradients, then remove the hooks' ``handles``."""
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _inputs(name: str, module: nn.Module, args: tuple,
             kwargs: dict) -> Dict[str, torch.Tensor]:
     """Site name → tensor, for the inputs a module's sites quantize: a
@@ -106,15 +169,18 @@ def _inputs(name: str, module: nn.Module, args: tuple,
 
 
 class _Observer:
-    """Running min/max and a strided sample of one site's values."""
+    """Running min/max, element count and a strided sample of one site's
+    values."""
 
     def __init__(self) -> None:
         self.lo, self.hi = 0.0, 0.0
         self.samples: List[torch.Tensor] = []
         self.kept = 0
+        self.elements = 0  # seen in all, over every forward
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float()
+        self.elements += flat.numel()
         self.lo = min(self.lo, float(flat.min()))
         self.hi = max(self.hi, float(flat.max()))
         if self.kept < SAMPLE_PER_SITE:
@@ -125,9 +191,11 @@ class _Observer:
 
 
 @contextmanager
-def observe_sites(sites: Mapping[str, nn.Module]
+def observe_sites(sites: Mapping[str, nn.Module],
+                  outputs: Optional[Mapping[str, nn.Module]] = None
                   ) -> Iterator[Dict[str, _Observer]]:
-    """Inside the block, every forward of a site records its input values.
+    """Inside the block, every forward of a site records its input values,
+    and of a module in ``outputs`` its output (site ``'<name>:output'``).
 
     Yields:
         dict[str, _Observer]: Site name → its observations (sites that did
@@ -141,8 +209,16 @@ def observe_sites(sites: Mapping[str, nn.Module]
                 observers.setdefault(site, _Observer()).add(x)
         return record
 
+    def output_hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple, out: Any) -> None:
+            if torch.is_tensor(out):
+                observers.setdefault(name + OUTPUT, _Observer()).add(out)
+        return record
+
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True)
                for n, m in sites.items()]
+    handles += [m.register_forward_hook(output_hook(n))
+                for n, m in (outputs or {}).items()]
     try:
         yield observers
     finally:
@@ -198,12 +274,14 @@ def attach_activation_quantizers(
         ranges: Mapping[str, ActivationRange],
         quantize: Optional[Callable[[ActivationRange, torch.Tensor],
                                     torch.Tensor]] = None) -> List[Any]:
-    """Fake-quantize the inputs of every site in ``ranges`` from now on
-    (forward pre-hooks on the sites' modules); returns the hooks' handles.
+    """Fake-quantize the tensor of every site in ``ranges`` from now on
+    (forward pre-hooks, and forward hooks for output sites, on the sites'
+    modules); returns the hooks' handles.
 
-    ``quantize(range, x)`` does it (default: :meth:`ActivationRange.
+    ``quantize(ranges[site], x)`` does it (default: :meth:`ActivationRange.
     fake_quantize`; the ONNX export passes one that exports as
-    ``QuantizeLinear`` → ``DequantizeLinear``).
+    ``QuantizeLinear`` → ``DequantizeLinear``, :func:`captured_sites` one
+    that records the tensor).
     """
     if quantize is None:
         def quantize(rng: ActivationRange, x: torch.Tensor) -> torch.Tensor:
@@ -228,9 +306,99 @@ def attach_activation_quantizers(
             return None
         return quantize_inputs
 
-    modules = {n.split(':')[0] for n in ranges}
+    def output_hook(name: str) -> Callable[..., Any]:
+        def quantize_output(module: nn.Module, args: tuple, out: Any) -> Any:
+            return quantize(ranges[name + OUTPUT], out) \
+                if torch.is_tensor(out) else None
+        return quantize_output
+
+    inputs = {n.split(':')[0] for n in ranges if not n.endswith(OUTPUT)}
+    outputs = {n[:-len(OUTPUT)] for n in ranges if n.endswith(OUTPUT)}
     return [sites[n].register_forward_pre_hook(hook(n), with_kwargs=True)
-            for n in sites if n in modules]
+            for n in sites if n in inputs] + \
+        [sites[n].register_forward_hook(output_hook(n))
+         for n in sites if n in outputs]
+
+
+@contextmanager
+def captured_sites(sites: Mapping[str, nn.Module], names: Sequence[str]
+                   ) -> Iterator[List[tuple]]:
+    """Inside the block, each forward of a site in ``names`` appends
+    ``(site, tensor)``: the tensor the site would quantize, part of the
+    autograd graph (one that needs no gradient, e.g. the image, is replaced
+    by a leaf that does), so gradients with respect to it can be taken.
+
+    Args:
+        sites (Mapping[str, nn.Module]): Module name → module of the sites.
+        names (Sequence[str]): Site names to capture.
+
+    Yields:
+        list[tuple[str, Tensor]]: The captures, in forward order.
+    """
+    seen: List[tuple] = []
+
+    def capture(site: str, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            x = x.detach().requires_grad_()
+        seen.append((site, x))
+        return x
+
+    handles = attach_activation_quantizers(sites, {n: n for n in names},
+                                           capture)
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def site_errors(sites: Mapping[str, nn.Module],
+                ranges: Mapping[str, ActivationRange],
+                run: Callable[[], Any]) -> Dict[str, float]:
+    """``Σ ||Q(a) − a||²`` of every site over the forward passes of
+    ``run()``, each site's error measured with every activation float.
+    """
+    errors = {n: 0.0 for n in ranges}
+
+    def measure(site: str, x: torch.Tensor) -> torch.Tensor:
+        d = ranges[site].fake_quantize(x.detach()) - x.detach()
+        errors[site] += float((d.double()**2).sum())
+        return x
+
+    _run_hooked(attach_activation_quantizers(
+        sites, {n: n for n in ranges}, measure), run)
+    return errors
+
+
+def site_macs(sites: Mapping[str, nn.Module],
+              seen: Mapping[str, '_Observer'],
+              outputs: Mapping[str, str]) -> Dict[str, int]:
+    """Multiply-accumulates of the layer behind every input site over the
+    observed forwards: ``Linear`` inputs × out features, attention inputs ×
+    embed dims, ``Conv2d`` outputs (its output site's count) × in channels
+    per group × kernel size. Output sites have none of their own.
+
+    Args:
+        sites (Mapping[str, nn.Module]): Module name → module.
+        seen (Mapping[str, _Observer]): :func:`observe_sites`' observers.
+        outputs (Mapping[str, str]): Convolution → output module
+            (:func:`conv_output_modules`).
+    """
+    macs = {}
+    for site, obs in seen.items():
+        if site.endswith(OUTPUT):
+            continue
+        module = sites[site.split(':')[0]]
+        if isinstance(module, nn.Linear):
+            macs[site] = obs.elements * module.out_features
+        elif isinstance(module, nn.MultiheadAttention):
+            macs[site] = obs.elements * module.embed_dim
+        elif isinstance(module, nn.Conv2d):
+            out = seen.get(outputs.get(site, site) + OUTPUT)
+            per = module.in_channels // module.groups * math.prod(
+                module.kernel_size)
+            macs[site] = (out.elements if out else 0) * per
+    return macs
 
 
 def save_ranges(ranges: Mapping[str, ActivationRange], path: str) -> None:

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.quant.activations import (ActivationRange, activation_modules,
+                                          conv_output_modules,
                                           calibrate_range, observe_sites,
                                           quantized_activations)
 
@@ -82,3 +83,43 @@ def test_sites_hooks_quantize_the_inputs_and_go_away():
         want = block.fc(q['fc'](h))
         assert torch.equal(got, want)
         assert torch.equal(block(x), block.fc(block.attn(x, x + 1, x)[0]))
+
+
+class ConvNet(nn.Module):
+    """conv1 → bn1 → ReLU → conv2 (no norm) → + conv1's branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        a = self.relu(self.bn1(self.conv1(x)))
+        return self.conv2(a) + a
+
+
+def test_conv_outputs_are_taken_after_their_batch_norm():
+    """A convolution's output site is its BatchNorm's output where one
+    normalizes it (the export folds that BN into the integer kernel), else
+    its own; the output quantizer is the formula on that tensor."""
+    torch.manual_seed(0)
+    net = ConvNet().eval()
+    net.bn1.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 6, 6)
+    sites = activation_modules(net, ['conv1.weight', 'conv2.weight'])
+    where = conv_output_modules(net, ['conv1', 'conv2'], lambda: net(x))
+    assert where == {'conv1': 'bn1', 'conv2': 'conv2'}
+    outputs = {'bn1': net.bn1, 'conv2': net.conv2}
+    with observe_sites(sites, outputs) as seen:
+        net(x)
+    assert set(seen) == {'conv1', 'conv2', 'bn1:output', 'conv2:output'}
+    ranges = {n: calibrate_range(o, 'minmax') for n, o in seen.items()}
+    with torch.no_grad():
+        with quantized_activations({**sites, **outputs}, ranges):
+            got = net(x)
+        q = {n: r.fake_quantize for n, r in ranges.items()}
+        a = torch.relu(q['bn1:output'](net.bn1(net.conv1(q['conv1'](x)))))
+        want = q['conv2:output'](net.conv2(q['conv2'](a))) + a
+    assert torch.equal(got, want)

@@ -1,0 +1,225 @@
+"""The integer-kernel layout of an exported graph with 8-bit activations
+(the third step of :func:`~.onnx_export.export_onnx`).
+
+ONNX Runtime replaces a ``Conv`` by its integer kernel ``QLinearConv`` only
+when the ``Conv``'s input, weight and bias each come from a
+``DequantizeLinear`` (the bias as INT32 at scale ``s_x·s_w``) and its output
+goes to a ``QuantizeLinear``. The exporter writes the input and output
+pairs (the activation sites, :mod:`~mmdet_hawq.quant.activations`) and the
+weight's; two things are left to do here, both exact or to within one INT32
+step of the bias:
+
+* :func:`fold_batch_norms`: a ``BatchNormalization`` in eval form after a
+  ``Conv`` with integer weights becomes the weight's per-output-channel
+  scale ``s·γ/√(σ²+ε)`` (the codes do not change) and the ``Conv``'s bias
+  ``(b − μ)·γ/√(σ²+ε) + β``;
+* :func:`quantize_conv_biases`: the float bias of a ``Conv`` whose input and
+  weight are dequantized becomes INT32 codes ``round(b / (s_x·s_w))`` behind
+  a ``DequantizeLinear``.
+
+Linear layers need neither: ONNX Runtime fuses a ``MatMul`` with
+dequantized inputs into ``MatMulIntegerToFloat`` (float output).
+:func:`integer_kernels` counts the integer kernels of an optimised graph.
+"""
+import collections
+from typing import Dict, List, Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .onnx_lowering import _Constants, _int_tensor
+
+__all__ = ['INTEGER_KERNELS', 'fold_batch_norms', 'integer_kernels',
+           'integer_layout', 'quantize_conv_biases']
+
+#: ONNX Runtime's integer (or integer-input) CPU kernels of a QDQ graph.
+INTEGER_KERNELS = ('QLinearConv', 'MatMulIntegerToFloat', 'QLinearMatMul',
+                   'MatMulInteger', 'ConvInteger', 'QGemm', 'QLinearAdd',
+                   'DynamicQuantizeMatMul', 'MatMulNBits')
+
+
+class _Graph:
+    """Producers, consumers and initializers of a graph being rewritten."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.consts = _Constants(graph)
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = \
+            collections.defaultdict(list)
+        for n in graph.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+
+    def value(self, name: str) -> Optional[np.ndarray]:
+        return self.consts.get(name)
+
+    def dequantize(self, name: str) -> Optional[onnx.NodeProto]:
+        """The ``DequantizeLinear`` producing ``name``, if any."""
+        node = self.producer.get(name)
+        return node if node is not None and \
+            node.op_type == 'DequantizeLinear' else None
+
+    def add(self, tensor: onnx.TensorProto) -> str:
+        self.graph.initializer.append(tensor)
+        self.inits[tensor.name] = tensor
+        return tensor.name
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _weight_dequantize(g: _Graph, conv: onnx.NodeProto
+                       ) -> Optional[onnx.NodeProto]:
+    """The ``DequantizeLinear`` of a ``Conv``'s integer weight, when it
+    feeds that ``Conv`` only and its codes and scale are initializers."""
+    dq = g.dequantize(conv.input[1])
+    if dq is None or len(g.consumers[dq.output[0]]) != 1 or \
+            dq.input[0] not in g.inits or g.value(dq.input[1]) is None:
+        return None
+    return dq
+
+
+def fold_batch_norms(proto: onnx.ModelProto) -> int:
+    """Fold each eval ``BatchNormalization`` that is the only consumer of a
+    ``Conv`` with a dequantized weight into that weight's scale (per output
+    channel, ``axis=0``) and the ``Conv``'s bias; in place.
+
+    Returns:
+        int: How many were folded.
+    """
+    g = _Graph(proto.graph)
+    folded = []
+    for bn in list(proto.graph.node):
+        if bn.op_type != 'BatchNormalization' or len(bn.output) != 1:
+            continue
+        conv = g.producer.get(bn.input[0])
+        if conv is None or conv.op_type != 'Conv' or \
+                len(g.consumers[bn.input[0]]) != 1:
+            continue
+        dq = _weight_dequantize(g, conv)
+        params = [g.value(i) for i in bn.input[1:5]]
+        if dq is None or any(p is None for p in params):
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        k = gamma / np.sqrt(var + _attr(bn, 'epsilon', 1e-5))
+        scale = g.value(dq.input[1]).astype(np.float64)
+        if scale.ndim == 1 and _attr(dq, 'axis', 1) != 0:
+            continue  # a per-channel scale along another axis
+        codes_t = g.inits[dq.input[0]]
+        # a negative (or zero) γ goes into the codes, so every scale stays
+        # positive, as integer kernels and the INT32 bias need
+        codes = numpy_helper.to_array(codes_t).astype(np.int32)
+        sign = np.where(k < 0, -1, np.where(k > 0, 1, 0)).reshape(
+            (-1, ) + (1, ) * (codes.ndim - 1))
+        full = np.broadcast_to(scale, k.shape)
+        new_scale = np.where(k != 0, full * np.abs(k), full).astype(
+            np.float32)
+        name = conv.name or conv.output[0]
+        dq.input[0] = g.add(_int_tensor(f'{name}.bn_folded_codes',
+                                        codes * sign, codes_t.data_type))
+        bias = g.value(conv.input[2]) if len(conv.input) > 2 and \
+            conv.input[2] else np.zeros_like(k)
+        new_bias = ((bias - mean) * k + beta).astype(np.float32)
+        dq.input[1] = g.add(numpy_helper.from_array(
+            new_scale, f'{name}.bn_folded_scale'))
+        zero = np.zeros(k.shape, np.int8)
+        dq.input[2] = g.add(_int_tensor(f'{name}.bn_folded_zero_point', zero,
+                                        codes_t.data_type))
+        del dq.attribute[:]
+        dq.attribute.append(helper.make_attribute('axis', 0))
+        bias_name = g.add(numpy_helper.from_array(new_bias,
+                                                  f'{name}.bn_folded_bias'))
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        folded.append(bn)
+    for bn in folded:
+        proto.graph.node.remove(bn)
+    _drop_unused(proto.graph)
+    return len(folded)
+
+
+def quantize_conv_biases(proto: onnx.ModelProto) -> int:
+    """Store the float bias of each ``Conv`` whose input and weight are
+    dequantized as INT32 codes at scale ``s_x·s_w`` (per output channel)
+    behind a ``DequantizeLinear``: the bias ``QLinearConv`` takes; in place.
+
+    Returns:
+        int: How many biases were quantized.
+    """
+    g = _Graph(proto.graph)
+    new_nodes, count = [], 0
+    for conv in proto.graph.node:
+        if conv.op_type != 'Conv' or len(conv.input) < 3 or \
+                conv.input[2] not in g.inits:
+            continue
+        x_dq, w_dq = g.dequantize(conv.input[0]), g.dequantize(conv.input[1])
+        if x_dq is None or w_dq is None:
+            continue
+        s_x, s_w = g.value(x_dq.input[1]), g.value(w_dq.input[1])
+        if s_x is None or s_w is None or np.size(s_x) != 1:
+            continue
+        bias = numpy_helper.to_array(g.inits[conv.input[2]]).astype(
+            np.float64)
+        scale = (float(s_x) * np.broadcast_to(
+            s_w.astype(np.float64), bias.shape)).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0)
+        codes = np.clip(np.round(bias / safe), -2**31, 2**31 - 1)
+        name = f'{conv.name or conv.output[0]}.bias'
+        g.add(numpy_helper.from_array(codes.astype(np.int32),
+                                      f'{name}.codes'))
+        g.add(numpy_helper.from_array(scale, f'{name}.scale'))
+        g.add(numpy_helper.from_array(np.zeros(bias.shape, np.int32),
+                                      f'{name}.zero_point'))
+        new_nodes.append(helper.make_node(
+            'DequantizeLinear',
+            [f'{name}.codes', f'{name}.scale', f'{name}.zero_point'],
+            [f'{name}.dequantized'], name=f'{name}.DequantizeLinear',
+            axis=0))
+        conv.input[2] = f'{name}.dequantized'
+        count += 1
+    nodes = new_nodes + list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    _drop_unused(proto.graph)
+    return count
+
+
+def integer_layout(proto: onnx.ModelProto) -> Dict[str, int]:
+    """:func:`fold_batch_norms` then :func:`quantize_conv_biases`.
+
+    Returns:
+        dict: ``folded_batch_norms`` and ``int32_biases`` counts.
+    """
+    return dict(folded_batch_norms=fold_batch_norms(proto),
+                int32_biases=quantize_conv_biases(proto))
+
+
+def integer_kernels(proto: onnx.ModelProto) -> Dict[str, int]:
+    """Count of each :data:`INTEGER_KERNELS` op (and of the float ``Conv``,
+    ``MatMul`` and ``Gemm`` left) in a graph, e.g. the optimised graph ONNX
+    Runtime wrote (``SessionOptions.optimized_model_filepath``)."""
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    return {op: ops[op] for op in INTEGER_KERNELS + ('Conv', 'FusedConv',
+                                                     'MatMul', 'Gemm',
+                                                     'FusedMatMul')
+            if ops[op]}
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove the initializers no node reads."""
+    used = {i for n in graph.node for i in n.input} | \
+        {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)

@@ -1,0 +1,328 @@
+"""Benchmark INT8 deployment side by side: the fp32 ONNX model, our W8A8
+(and W4A8) exports, and ONNX Runtime's own ``quantize_static``, timed in one
+run under ONNX Runtime, batch 1.
+
+Models:
+
+    fp32                 the fp32 export of the checkpoint (or of random
+                         weights, --random-weights)
+    w8a8                 ours: every weight at 8 bits per tensor, every
+                         activation site at 8 bits (MSE ranges), exported
+                         with the integer-kernel layout (QLinearConv,
+                         MatMulIntegerToFloat); made here by
+                         ``mmdet_hawq.quantize`` on the calibration images,
+                         or taken from a ptq run (--run w8a8=WORK_DIR)
+    <name>               any other ptq run with activations (--run
+                         w4a8=WORK_DIR): its packed.pth and activations.json
+    ort_quantize_static  ONNX Runtime's quantize_static of the fp32 export
+                         (QDQ, MinMax, its defaults otherwise; --per-channel)
+                         on the same calibration images
+
+All models run interleaved image by image (the order rotated) in --rounds
+rounds on the same images (tools/ort_quantize_static.py's ``time_models``),
+so a slow spell of the shared machine slows them alike; ``speedup_vs_fp32``
+is the fp32 model's median over the model's, and ``speedup_per_round`` the
+same per round (its spread is the run-to-run spread). The integer kernels
+of the graph ONNX Runtime optimises each model into are counted. With
+--eval, each model's mAP comes from tools/evaluate_onnx.py (ONNX Runtime,
+the head's predict_by_feat, mmdet's CocoMetric), beside the PyTorch
+fake-quant mAP of a ptq run (its ptq_results.json); peak memory from a fresh
+process per model.
+
+With --random-weights (timing only: the R50 configs at 800x1333, whose COCO
+images and checkpoints this machine does not have), the model keeps its
+initial weights and the calibration and timed images are uniform noise.
+
+Examples:
+    OMP_NUM_THREADS=1 python tools/benchmark_int8.py \
+        configs/detr/detr_r50_uniform_8bit.py --random-weights \
+        --shape 800 1333 --out results/int8/detr_r50_800x1333.json
+    OMP_NUM_THREADS=1 python tools/benchmark_int8.py \
+        configs/detr/detr_tiny_shapes.py checkpoints/detr_tiny_shapes.pth \
+        --run w8a8=work_dirs/act/detr_w8a8 --run w4a8=work_dirs/act/detr_w4a8 \
+        --eval --out results/int8/detr_tiny_shapes.json
+"""
+import warnings
+
+# setuptools' own deprecation notice, raised when mmengine imports
+# pkg_resources: noise at the top of every run (set before the imports)
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
+                        category=UserWarning)
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os.path as osp  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Dict, List, Optional, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
+from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
+
+TOOLS = osp.dirname(osp.abspath(__file__))
+
+
+def load_tool(name: str) -> Any:
+    """Another tool of this folder as a module (its functions)."""
+    spec = importlib.util.spec_from_file_location(
+        f'int8_{name}', osp.join(TOOLS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_runs(given: List[str]) -> Dict[str, Tuple[str, str, str]]:
+    """``NAME=WORK_DIR`` → name → (packed.pth, activations.json, work dir).
+    """
+    runs = {}
+    for item in given:
+        name, sep, folder = item.partition('=')
+        if not sep or not name or name in ('fp32', 'ort_quantize_static'):
+            raise HawqUserError(
+                f'--run {item!r} is not NAME=WORK_DIR with a new NAME: pass '
+                'e.g. --run w4a8=work_dirs/act/detr_w4a8')
+        files = [osp.join(folder, 'hawq', f)
+                 for f in ('packed.pth', 'activations.json')]
+        missing = [f for f in files if not osp.isfile(f)]
+        if missing:
+            raise HawqUserError(
+                f'--run {item}: {missing[0]!r} does not exist: pass the '
+                'work dir of a tools/ptq.py run with the activations '
+                'setting')
+        runs[name] = (files[0], files[1], folder)
+    return runs
+
+
+def random_images(shape: Tuple[int, int], count: int,
+                  seed: int) -> List[np.ndarray]:
+    """``count`` uniform-noise images as the graph takes them: float32
+    (1, 3, H, W), 0-255 integers."""
+    rng = np.random.default_rng(seed)
+    return [np.floor(rng.uniform(0, 256, (1, 3) + tuple(shape))).astype(
+        np.float32) for _ in range(count)]
+
+
+def quantize_w8a8(model: Any, images: List[np.ndarray]
+                  ) -> Tuple[Any, Dict[str, Any]]:
+    """W8A8 by ``mmdet_hawq.quantize`` on ``images``: the packed weights
+    and the activation ranges."""
+    import torch
+    from mmdet.structures import DetDataSample
+
+    from mmdet_hawq import QuantSettings, quantize
+    from mmdet_hawq.api.quantize import Calibration
+    from mmdet_hawq.quant import pack_state_dict
+    batches = []
+    for image in images:
+        h, w = image.shape[2:]
+        sample = DetDataSample(metainfo=dict(
+            img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0)))
+        with torch.no_grad():
+            batches.append(model.data_preprocessor(dict(
+                inputs=[torch.from_numpy(image[0]).to(torch.uint8)],
+                data_samples=[sample]), False))
+    settings = QuantSettings(metric='uniform', bits=8,
+                             activations=dict(method='mse'))
+    result = quantize(model, Calibration(batches, list(range(len(batches))),
+                                         []), settings)
+    return pack_state_dict(model, result.quantized,
+                           result.plan)['packed'], result.activations
+
+
+def fake_quant_map(folder: str) -> Optional[float]:
+    """The PyTorch fake-quant mAP of a ptq run (its ptq_results.json)."""
+    path = osp.join(folder, 'ptq_results.json')
+    if not osp.isfile(path):
+        return None
+    with open(path) as f:
+        metrics = json.load(f)['quantized']['metrics']
+    return next(v for k, v in metrics.items() if k.endswith('bbox_mAP'))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoint', nargs='?',
+                        help='float checkpoint (not with --random-weights)')
+    parser.add_argument('--random-weights', action='store_true',
+                        help='time the config\'s model with its initial '
+                        'weights on noise images (no mAP)')
+    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+                        help='input size (default: the test pipeline\'s)')
+    parser.add_argument('--run', action='append', default=[],
+                        metavar='NAME=WORK_DIR',
+                        help='a ptq run with activations to deploy too')
+    parser.add_argument('--calib-images', type=int, default=None,
+                        help='calibration images (default: the project\'s '
+                        '100; 4 noise images with --random-weights)')
+    parser.add_argument('--images', type=int, default=20,
+                        help='timed images per round (default 20)')
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--per-channel', action='store_true',
+                        help='quantize_static with per-channel weights')
+    parser.add_argument('--eval', action='store_true',
+                        help='mAP of every model under ONNX Runtime')
+    parser.add_argument('--max-images', type=int,
+                        help='evaluate only the first N test images')
+    parser.add_argument('--no-memory', action='store_true')
+    parser.add_argument('--work-dir', default=None)
+    parser.add_argument('--out', help='JSON file for the results')
+    args = parser.parse_args()
+    for name in ('images', 'rounds', 'threads', 'calib_images'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise HawqUserError(f'--{name.replace("_", "-")} takes a '
+                                f'positive integer, not {value}')
+    if args.random_weights == bool(args.checkpoint):
+        raise HawqUserError(
+            'pass a float checkpoint, or --random-weights (timing only), '
+            'not both or neither')
+    if args.random_weights and args.eval:
+        raise HawqUserError('--eval needs a checkpoint: random weights '
+                            'have no mAP')
+    runs = parse_runs(args.run)
+    cfg = read_config(args.config)
+    name = osp.splitext(osp.basename(args.config))[0]
+    args.work_dir = args.work_dir or osp.join('work_dirs', 'benchmark_int8',
+                                              name)
+    check_work_dir(args.work_dir)
+    logging.getLogger().setLevel(logging.ERROR)
+    ort_tool = load_tool('ort_quantize_static')
+
+    import onnx
+    import torch
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from mmdet_hawq.deploy import export_onnx
+    from mmdet_hawq.deploy.onnx_integer import integer_kernels
+    from mmdet_hawq.deploy.onnx_runtime import make_session
+    from mmdet_hawq.engine.deploy import (default_input_shape,
+                                          load_for_export, test_images,
+                                          test_loader)
+    from mmdet_hawq.quant.activations import load_ranges
+    register_all_modules()
+    torch.manual_seed(0)
+    shape = tuple(args.shape) if args.shape else default_input_shape(cfg)
+    if args.random_weights:
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        model.eval()
+        calib = random_images(shape, args.calib_images or 4, 0)
+        timed = random_images(shape, args.images, 1)
+    else:
+        model = load_for_export(cfg, args.checkpoint)[0]
+        from mmdet_hawq.api.settings import SENSITIVITY_DEFAULTS
+        calib = ort_tool.calibration_images(
+            cfg, args.calib_images or SENSITIVITY_DEFAULTS['num_images'],
+            SENSITIVITY_DEFAULTS['seed'], shape)
+        timed = [img.cpu().numpy().astype(np.float32)[None] for img, _ in
+                 test_images(test_loader(cfg), args.images)]
+    files = {'fp32': osp.join(args.work_dir, 'fp32.onnx')}
+    export_onnx(model, files['fp32'], shape)
+    rows: Dict[str, Dict[str, Any]] = {'fp32': {}}
+    if 'w8a8' not in runs:
+        import copy
+        start = time.perf_counter()
+        reference = copy.deepcopy(model)  # without the quantizers' hooks
+        packed, ranges = quantize_w8a8(model, calib)
+        reference.load_state_dict(model.state_dict())
+        files['w8a8'] = osp.join(args.work_dir, 'w8a8.onnx')
+        made = export_onnx(reference, files['w8a8'], shape, packed=packed,
+                           activations=ranges)
+        rows['w8a8'] = dict(sites=len(ranges), made_s=round(
+            time.perf_counter() - start, 1), **{k: made[k] for k in (
+                'folded_batch_norms', 'int32_biases')})
+        del reference
+    for run_name, (packed_file, ranges_file, folder) in runs.items():
+        run_model, packed = load_for_export(cfg, packed_file)
+        ranges = load_ranges(ranges_file)
+        files[run_name] = osp.join(args.work_dir, f'{run_name}.onnx')
+        made = export_onnx(run_model, files[run_name], shape, packed=packed,
+                           activations=ranges)
+        rows[run_name] = dict(run=folder, sites=len(ranges),
+                              pytorch_mAP=fake_quant_map(folder),
+                              **{k: made[k] for k in (
+                                  'folded_batch_norms', 'int32_biases')})
+    del model
+    pre = osp.join(args.work_dir, 'fp32_pre.onnx')
+    ort_tool.pre_process(files['fp32'], pre)
+    files['ort_quantize_static'] = osp.join(args.work_dir, 'ort_int8.onnx')
+    rows['ort_quantize_static'] = dict(per_channel=args.per_channel, **{
+        k: v for k, v in ort_tool.quantize(
+            pre, files['ort_quantize_static'], calib, 'MinMax', 'all',
+            args.per_channel, ort_tool.calibration_stride(len(calib), 10)
+        ).items() if k in ('quantize_s', 'quantize_linear')})
+    print(f'{name}: {shape[0]}x{shape[1]}, models {list(files)}',
+          flush=True)
+    for key, path in files.items():
+        optimized = osp.join(args.work_dir, f'{key}.optimized.onnx')
+        make_session(path, args.threads, optimized_file=optimized)
+        rows[key]['integer_kernels'] = integer_kernels(onnx.load(optimized))
+        rows[key]['bytes'] = osp.getsize(path)
+        if args.eval:
+            rows[key].update(ort_tool.evaluate(args, path, key))
+            print(f'{key}: mAP {rows[key]["mAP"]:.3f} under ONNX Runtime',
+                  flush=True)
+        if not args.no_memory:
+            rows[key]['memory'] = ort_tool.measure_memory(args, path)
+    latency = ort_tool.time_models(files, timed, args.threads, args.rounds,
+                                   args.warmup)
+    base = latency['fp32']
+    results = []
+    for key in files:
+        lat = latency[key]
+        row = dict(variant=key, model=files[key], latency=lat,
+                   speedup_vs_fp32=base['median_ms'] / lat['median_ms'],
+                   speedup_per_round=[
+                       b / v for b, v in zip(base['round_medians_ms'],
+                                             lat['round_medians_ms'])],
+                   **rows[key])
+        results.append(row)
+    print(table(results))
+    if args.out:
+        check_work_dir(osp.dirname(osp.abspath(args.out)))
+        with open(args.out, 'w') as f:
+            json.dump(dict(config=args.config, checkpoint=args.checkpoint,
+                           random_weights=args.random_weights,
+                           input_shape=list(shape), threads=args.threads,
+                           calibration_images=len(calib),
+                           timed_images=len(timed), rounds=args.rounds,
+                           results=results,
+                           command='python tools/benchmark_int8.py ' +
+                           ' '.join(sys.argv[1:])), f, indent=1)
+    return 0
+
+
+def table(results: List[Dict[str, Any]]) -> str:
+    """Markdown: one row per model."""
+    lines = ['| model | mAP ORT (PyTorch) | latency ms median (round '
+             'spread) | speedup vs fp32 (per round) | QLinearConv / integer '
+             'MatMul | peak MiB |', '|---|---|---|---|---|---|']
+    for r in results:
+        k = r['integer_kernels']
+        mm = sum(v for op, v in k.items() if 'MatMul' in op and
+                 op not in ('MatMul', 'FusedMatMul'))
+        m = r.get('mAP')
+        torch_map = r.get('pytorch_mAP')
+        lines.append(
+            f'| {r["variant"]} | '
+            f'{"-" if m is None else f"{m:.3f}"}'
+            f'{"" if torch_map is None else f" ({torch_map:.3f})"} | '
+            f'{r["latency"]["median_ms"]:.1f} '
+            f'({r["latency"]["spread_ms"]:.1f}) | '
+            f'{r["speedup_vs_fp32"]:.2f}x (' + ', '.join(
+                f'{v:.2f}' for v in r['speedup_per_round']) + ') | '
+            f'{k.get("QLinearConv", 0)} / {mm} | '
+            f'{r.get("memory", {}).get("peak_mib", float("nan")):.0f} |')
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    run_cli(main)
