@@ -249,8 +249,9 @@ def write_run(out_dir: str, model: nn.Module, result: 'QuantResult',
     ``plan.json``, the per-layer report and ``summary.json``
     (:func:`write_layer_report`), ``bits_per_layer.png`` (Figure 2 style),
     for the sensitivity metrics :func:`write_sensitivity_report`'s files,
-    and with quantized activations ``activations.json`` (each input site's
-    range).
+    and with quantized activations ``activations.json`` (each int8 site's
+    range) and ``activation_sites.json`` (every site: precision, MACs,
+    squared error, and trace and predicted damage with ``sensitivity``).
 
     Args:
         out_dir (str): Folder, created if missing.
@@ -281,4 +282,6 @@ def write_run(out_dir: str, model: nn.Module, result: 'QuantResult',
     if result.activations is not None:
         save_ranges(result.activations,
                     osp.join(out_dir, 'activations.json'))
+        with open(osp.join(out_dir, 'activation_sites.json'), 'w') as f:
+            json.dump(result.activation_sites, f, indent=1)
     return summary

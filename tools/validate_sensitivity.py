@@ -15,6 +15,16 @@ Writes ``validation.json`` (every measurement), ``validation.md`` (the rank
 correlations) and ``scatter_layers.png``/``scatter_plans.png`` (log-log, one
 colour per metric) into ``--out-dir``.
 
+Activation sites (``--activations``, runs with
+``activations=dict(sensitivity=True)``): the prediction for a layer's inputs
+(and a convolution's output) at int8 is the run's predicted damage, trace ×
+squared error on the calibration images; the measured damage is the
+increase of the same distillation loss on the held-out images when only
+that layer's activation sites are fake-quantized, on the run's quantized
+weights. Spearman's ρ over the layers comes with a bootstrap 95% interval
+(the layers resampled). Written to ``activations.json`` and
+``activations.md`` in ``--out-dir``.
+
 Example:
     python tools/validate_sensitivity.py configs/dino/dino_tiny_shapes.py \\
         --checkpoint checkpoints/dino_tiny_shapes.pth \\
@@ -55,10 +65,18 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('config')
     p.add_argument('--checkpoint', required=True)
-    p.add_argument('--report', nargs='+', required=True,
+    p.add_argument('--report', nargs='+', default=[],
                    metavar='LABEL=DIR',
                    help='sensitivity run folders (with layers.json and '
                    'summary.json), each with a label')
+    p.add_argument('--activations', nargs='+', default=[],
+                   metavar='LABEL=DIR',
+                   help='ptq runs with activations=dict(sensitivity=True) '
+                   '(their hawq/ folder: activation_sites.json, '
+                   'packed.pth): per-site predicted vs measured damage')
+    p.add_argument('--bootstrap', type=int, default=1000,
+                   help='resamples of the sites for the 95%% interval of '
+                   'the activation rank correlation')
     p.add_argument('--bits', type=int, nargs='+', default=[3, 4],
                    help='bit-widths of the per-layer test')
     p.add_argument('--num-images', type=int, default=32,
@@ -194,6 +212,85 @@ def rank_correlation(pred: List[float], meas: List[float]) -> float:
     return float(rho) if np.isfinite(rho) else float('nan')
 
 
+#: Predictions of a layer's activation damage compared (activation_sites.json
+#: columns summed over the layer's sites): the run's trace × error, and each
+#: factor alone (what a Hessian-free or an error-free rule would rank by).
+PREDICTORS = dict(predicted='predicted_damage', error_only='squared_error',
+                  trace_only='trace')
+
+
+def validate_activations(spec: str, cfg, teacher, batches, lambda_kl: float,
+                         temperature: float, resamples: int,
+                         seed: int) -> dict:
+    """Predicted vs measured damage of every layer's activation sites of
+    one run (see the module docstring)."""
+    from mmdet_hawq.engine.deploy import load_for_export
+    from mmdet_hawq.quant.activations import (ActivationRange,
+                                              quantized_activations,
+                                              sites_of)
+    from mmdet_hawq.sensitivity import DistillationObjective
+    label, sep, folder = spec.partition('=')
+    files = {k: osp.join(folder, f) for k, f in (
+        ('sites', 'activation_sites.json'), ('packed', 'packed.pth'),
+        ('summary', 'summary.json'))}
+    missing = [f for f in files.values() if not osp.isfile(f)]
+    if not sep or not label or missing:
+        raise HawqUserError(
+            f'--activations {spec!r}: write LABEL=DIR with the hawq/ folder '
+            'of a ptq run with activations (e.g. act=work_dirs/act/'
+            f'detr_w8a8/hawq){"; missing " + missing[0] if missing else ""}')
+    with open(files['sites']) as f:
+        rows = json.load(f)
+    with open(files['summary']) as f:
+        bits = json.load(f)['activations']['bits']
+    if any('predicted_damage' not in r for r in rows):
+        raise HawqUserError(
+            f'--activations {label}: {files["sites"]} has no predicted '
+            'damage: make the run with activations=dict(sensitivity=True)')
+    student = load_for_export(cfg, files['packed'])[0]
+    ranges = {r['site']: ActivationRange(r['lo'], r['hi'], bits)
+              for r in rows}
+    sites = sites_of(student, ranges)
+    objective = DistillationObjective(
+        student, teacher, batches, {}, lambda_kl, temperature,
+        activation=class_activation(student), outputs=decoder_outputs)
+
+    @torch.no_grad()
+    def loss(quantized: Dict[str, object]) -> float:
+        with quantized_activations(sites, quantized):
+            return float(sum(objective.loss(i).item()
+                             for i in range(len(batches))))
+
+    base = loss({})
+    layers: Dict[str, dict] = {}
+    for r in rows:
+        layer = layers.setdefault(r['layer'], dict(
+            layer=r['layer'], sites=[], **{k: 0.0 for k in PREDICTORS}))
+        for key, column in PREDICTORS.items():
+            layer[key] += r[column]
+        layer['sites'].append(r['site'])
+    bar = ProgressBar(len(layers))
+    for layer in layers.values():
+        layer['measured'] = loss({n: ranges[n] for n in layer['sites']}) - \
+            base
+        bar.update()
+    meas = [x['measured'] for x in layers.values()]
+    rng = np.random.default_rng(seed)
+    picks = [rng.integers(0, len(meas), len(meas)) for _ in range(resamples)]
+    correlations = {}
+    for key in PREDICTORS:
+        pred = [x[key] for x in layers.values()]
+        boot = [rank_correlation([pred[i] for i in pick],
+                                 [meas[i] for i in pick]) for pick in picks]
+        boot = [b for b in boot if np.isfinite(b)]
+        correlations[key] = dict(
+            rho=rank_correlation(pred, meas),
+            rho_95=np.percentile(boot, [2.5, 97.5]).tolist() if boot else
+            [float('nan')] * 2)
+    return dict(label=label, run=folder, base_loss=base,
+                correlations=correlations, layers=list(layers.values()))
+
+
 def main() -> int:
     args = parse_args()
     logger = MMLogger.get_instance('validate_sensitivity')
@@ -202,6 +299,9 @@ def main() -> int:
     model = build_detector(cfg, args.checkpoint)
     weights = quantizable_weights(model)
     names = list(weights)
+    if not args.report and not args.activations:
+        raise HawqUserError('give --report LABEL=DIR (weights) or '
+                            '--activations LABEL=DIR (activation sites)')
     reports = [read_report(s, names) for s in args.report]
     activation = class_activation(model)
     lambda_kl, temperature = DISTILLATION_DEFAULTS[activation]
@@ -213,6 +313,9 @@ def main() -> int:
                     seed=args.seed)
     loader, img_ids = build_calibration(val, settings)
     batches = preprocess_batches(model, loader)
+    if args.activations:
+        return main_activations(args, cfg, model, batches, img_ids,
+                                lambda_kl, temperature)
     damage = Damage(model, batches, weights, lambda_kl, temperature)
     all_bits = set(args.bits) | set(args.plan_bits)
     start = time.time()
@@ -309,6 +412,33 @@ def main() -> int:
                      f"{t['layer_rho_all']:.3f} | {t['plan_rho']:.3f} |"
                      + extra)
     with open(osp.join(args.out_dir, 'validation.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    return 0
+
+
+def main_activations(args, cfg, model, batches, img_ids, lambda_kl: float,
+                     temperature: float) -> int:
+    """The ``--activations`` test: one row per run."""
+    start = time.time()
+    results = [validate_activations(spec, cfg, model, batches, lambda_kl,
+                                    temperature, args.bootstrap, args.seed)
+               for spec in args.activations]
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(osp.join(args.out_dir, 'activations.json'), 'w') as f:
+        json.dump(dict(args=vars(args), img_ids=img_ids,
+                       lambda_kl=lambda_kl, temperature=temperature,
+                       seconds=round(time.time() - start, 1),
+                       runs=results), f, indent=1)
+    lines = ['| run | layers | ' + ' | '.join(
+        f'ρ {k} (95% interval)' for k in PREDICTORS) + ' |',
+        '|---|---|' + '---|' * len(PREDICTORS)]
+    for r in results:
+        c = r['correlations']
+        lines.append(f"| {r['label']} | {len(r['layers'])} | " + ' | '.join(
+            f"{c[k]['rho']:.3f} ({c[k]['rho_95'][0]:.3f}, "
+            f"{c[k]['rho_95'][1]:.3f})" for k in PREDICTORS) + ' |')
+    with open(osp.join(args.out_dir, 'activations.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))
     return 0

@@ -11,26 +11,23 @@ config or a Runner: the hook (:mod:`mmdet_hawq.engine.hooks`) turns its
 config keys into :class:`~.settings.QuantSettings`, builds the calibration
 set and writes the report.
 """
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import torch
 import torch.nn as nn
 
 from ..errors import HawqUserError
-from ..models import decoder_outputs, default_min_bits
+from ..models import class_activation, decoder_outputs, default_min_bits
 from ..quant import (GptqResult, PrecisionPlan, QuantizedWeight, apply_plan,
                      bit_floors, list_weights, make_plan, plan_stats,
                      quantizable_weights, uniform_plan, validate_plan)
-from ..quant.activations import (ActivationRange, activation_modules,
-                                 conv_output_modules,
-                                 attach_activation_quantizers,
-                                 calibrate_range, observe_sites)
-from ..quant.gptq_inputs import eval_mode
+from ..quant.activations import ActivationRange
 from ..quant.selection import weight_group
 from ..sensitivity import TraceResult
+from .activations import quantize_activations
 from .allocate import allocate
 from .dist import run_on_main
 from .critical import critical_indices
@@ -74,9 +71,12 @@ class QuantResult:
         traces (TraceResult, optional): The sensitivity metrics' traces.
         sensitivity_report (dict, optional): Traces and Pareto curve for
             :func:`~mmdet_hawq.report.write_sensitivity_report`.
-        activations (dict[str, ActivationRange], optional): Site → the
-            calibrated range its inputs are fake-quantized to (the hooks
+        activations (dict[str, ActivationRange], optional): Int8 site →
+            the calibrated range its tensor is fake-quantized to (the hooks
             stay on the model), with the ``activations`` setting.
+        activation_sites (list[dict], optional): One row per activation
+            site: its precision, MACs, squared error and, with
+            ``sensitivity``, trace and predicted damage.
     """
 
     plan: PrecisionPlan
@@ -87,6 +87,7 @@ class QuantResult:
     sensitivity_report: Optional[Dict[str, Any]] = field(default=None,
                                                          repr=False)
     activations: Optional[Dict[str, ActivationRange]] = None
+    activation_sites: Optional[List[Dict[str, Any]]] = None
 
 
 def weight_floors(model: nn.Module, weights: Mapping[str, nn.Parameter],
@@ -202,13 +203,17 @@ def quantize(model: nn.Module, calibration: Optional[Calibration],
         columns, report = alloc.columns, alloc.report
     plan_seconds = time.time() - start
     rounded = time.time()
+    act = settings.activations
+    # the float teacher of the activation traces (before the weights change)
+    teacher = copy.deepcopy(model) if act and act['sensitivity'] else None
     applied = _apply(model, plan, calibration, settings, logger)
     rounding_seconds = time.time() - rounded
-    ranges = None
-    if settings.activations is not None:
-        ranges = _quantize_activations(model, list(applied.applied),
-                                       calibration, settings.activations,
-                                       logger)
+    ranges = sites = None
+    if act is not None:
+        ranges, sites = quantize_activations(
+            model, list(applied.applied), calibration, act, teacher,
+            settings.distillation(class_activation(model)), logger)
+        del teacher
     for name, how in applied.rounding.items():
         columns.setdefault(name, {})['rounding'] = how
         if name in applied.notes:
@@ -224,42 +229,11 @@ def quantize(model: nn.Module, calibration: Optional[Calibration],
     if settings.rounding == 'gptq':
         summary['gptq'] = dict(settings.gptq)
     if ranges is not None:
-        summary['activations'] = dict(settings.activations,
-                                      sites=len(ranges))
+        summary['activations'] = dict(
+            act, sites=len(sites), int8_sites=len(ranges),
+            float_sites=list(act['float_sites']))
     return QuantResult(plan, applied.applied, _rows(infos, plan, columns),
-                       summary, traces, report, ranges)
-
-
-def _quantize_activations(model: nn.Module, names: Sequence[str],
-                          calibration: Calibration,
-                          settings: Mapping[str, Any],
-                          logger: logging.Logger
-                          ) -> Dict[str, ActivationRange]:
-    """Calibrate the ranges of the inputs of the quantized layers on the
-    model with its quantized weights, and fake-quantize them from now on
-    (:mod:`~mmdet_hawq.quant.activations`)."""
-    start = time.time()
-    sites = activation_modules(model, names)
-    # eval mode: the hook runs before the test loop calls eval()
-    with torch.no_grad(), eval_mode(model):
-        convs = [n for n, m in sites.items() if isinstance(m, nn.Conv2d)]
-        modules = dict(model.named_modules())
-        outputs = {n: modules[n] for n in conv_output_modules(
-            model, convs,
-            lambda: decoder_outputs(model, calibration.batches[0])).values()}
-        with observe_sites(sites, outputs) as seen:
-            for batch in calibration.batches:
-                decoder_outputs(model, batch)
-    ranges = {n: calibrate_range(o, settings['method'], settings['bits'])
-              for n, o in seen.items()}
-    attach_activation_quantizers({**sites, **outputs}, ranges)
-    logger.info(
-        f"activations: {len(ranges)} sites ({len(outputs)} convolution "
-        f"outputs) of {len(sites)} quantized "
-        f"layers at {settings['bits']} bits ({settings['method']} ranges "
-        f'from {len(calibration.batches)} calibration batches) in '
-        f'{time.time() - start:.1f} s')
-    return ranges
+                       summary, traces, report, ranges, sites)
 
 
 def _apply(model: nn.Module, plan: PrecisionPlan,

@@ -85,7 +85,11 @@ def test_activations_are_calibrated_and_quantized(build_tiny_model,
     sites = activation_modules(model, list(result.quantized))
     assert sites and len(result.activations) >= len(sites)
     assert result.summary['activations'] == dict(
-        bits=8, method='minmax', sites=len(result.activations))
+        bits=8, method='minmax', sensitivity=False, int8_macs=1.0,
+        float_sites=[], sites=len(result.activation_sites),
+        int8_sites=len(result.activations))
+    assert all(r['precision'] == 'int8' for r in result.activation_sites)
+    assert any(r['site'].endswith(':output') for r in result.activation_sites)
     batch = calibration.batches[0]
     with torch.no_grad():
         a = decoder_outputs(model, batch)[1]
@@ -100,3 +104,62 @@ def test_activations_are_calibrated_and_quantized(build_tiny_model,
     with pytest.raises(HawqUserError, match="activations method 'x'"):
         QuantSettings(metric='uniform', bits=8,
                       activations=dict(method='x'))
+
+
+def test_int8_sites_by_predicted_damage_under_a_mac_budget(build_tiny_model,
+                                                           calibration):
+    """With ``sensitivity`` every site gets a Gauss–Newton trace and a
+    predicted damage (trace × squared error); under ``int8_macs`` the int8
+    sites are the exact optimum of the site program on those numbers, the
+    ``float_sites`` stay float, and only the int8 sites are quantized."""
+    from mmdet_hawq.allocation.sites import choose_int8_sites
+    model = build_tiny_model()
+    result = quantize(model, calibration, QuantSettings(
+        metric='uniform', bits=8, activations=dict(
+            sensitivity=True, int8_macs=0.6,
+            float_sites=['decoder.layers.1.*'])))
+    rows = result.activation_sites
+    assert all(r['trace'] >= 0 and r['predicted_damage'] >= 0 for r in rows)
+    assert any(r['predicted_damage'] > 0 for r in rows)
+    layers = [r for r in rows if r['site'] == r['layer']]
+    damage = {r['layer']: 0.0 for r in layers}
+    for r in rows:
+        damage[r['layer']] += r['predicted_damage']
+    macs = {r['layer']: r['macs'] for r in layers}
+    forced = [r['layer'] for r in layers
+              if r['layer'].startswith('decoder.layers.1.')]
+    assert forced
+    want = choose_int8_sites(damage, macs, 0.6, forced)
+    int8 = {r['layer'] for r in layers if r['precision'] == 'int8'}
+    assert int8 == want and not int8 & set(forced)
+    assert sum(macs[n] for n in int8) >= 0.6 * sum(macs.values())
+    assert set(result.activations) == {r['site'] for r in rows
+                                       if r['precision'] == 'int8'}
+    assert len(result.activations) < len(rows)
+
+
+@pytest.mark.parametrize('activations,message', [
+    (dict(int8_macs=0.5), 'int8_macs=0.5 chooses sites by their predicted '
+     'damage: pass sensitivity=True'),
+    (dict(int8_macs=1.5), 'int8_macs=1.5 is not a share of the MACs'),
+    (dict(float_sites='fc'), "float_sites 'fc' is not a list of site name "
+     'patterns'),
+])
+def test_bad_activation_settings_are_one_line(activations, message):
+    with pytest.raises(HawqUserError, match=message) as err:
+        QuantSettings(metric='uniform', bits=8, activations=activations)
+    assert '\n' not in str(err.value)
+
+
+def test_site_pattern_matching_nothing_and_impossible_budget_are_one_line(
+        build_tiny_model, calibration):
+    for activations, message in (
+            (dict(float_sites=['nothing.*']), "float_sites pattern "
+             "'nothing.*' matches no activation site"),
+            (dict(float_sites=['*'], sensitivity=True, int8_macs=0.5),
+             r'int8_macs=0.5 cannot be reached: .* at most 0.0000 of the '
+             'MACs')):
+        with pytest.raises(HawqUserError, match=message) as err:
+            quantize(build_tiny_model(), calibration, QuantSettings(
+                metric='uniform', bits=8, activations=activations))
+        assert '\n' not in str(err.value)

@@ -16,13 +16,6 @@ from .test_deploy_tools import run_main, tool
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope='module')
-def cfg_file(tiny_cfg, tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp('ort_static') / 'tiny.py')
-    tiny_cfg.dump(path)
-    return path
-
-
 def test_writes_qdq_model_that_runs(cfg_file, tiny_cfg, tmp_path,
                                     monkeypatch, capsys):
     module = tool('ort_quantize_static')

@@ -1,0 +1,81 @@
+"""tools/benchmark_int8.py and validate_sensitivity.py --activations on the
+tiny DETR: the side-by-side table has every model with its speedup and
+integer kernels; the activation validation compares the run's predicted
+damage with measured damage; bad input is one line."""
+import json
+
+import pytest
+
+from mmdet_hawq.errors import HawqUserError
+
+from .test_deploy_tools import run_main
+
+pytestmark = pytest.mark.slow
+
+
+def test_random_weights_side_by_side(cfg_file, tmp_path, monkeypatch):
+    out = tmp_path / 'int8.json'
+    assert run_main('benchmark_int8', monkeypatch, cfg_file,
+                    '--random-weights', '--shape', 64, 64, '--images', 2,
+                    '--rounds', 2, '--warmup', 1, '--no-memory',
+                    '--work-dir', tmp_path / 'work', '--out', out) == 0
+    record = json.loads(out.read_text())
+    rows = {r['variant']: r for r in record['results']}
+    assert list(rows) == ['fp32', 'w8a8', 'ort_quantize_static']
+    assert rows['fp32']['speedup_vs_fp32'] == 1.0
+    for r in rows.values():
+        assert r['speedup_vs_fp32'] > 0 and len(r['speedup_per_round']) == 2
+        assert r['latency']['runs'] == 4
+    # every convolution of ours runs as QLinearConv, none of fp32's
+    assert rows['w8a8']['integer_kernels']['QLinearConv'] == \
+        rows['w8a8']['folded_batch_norms'] + 1  # + the neck's (no BN)
+    assert 'QLinearConv' not in rows['fp32']['integer_kernels']
+    assert record['input_shape'] == [64, 64]
+
+
+def test_activation_validation_and_bad_inputs(cfg_file, tiny_cfg, tmp_path,
+                                              monkeypatch):
+    from mmdet_hawq import QuantSettings, quantize
+    from mmdet_hawq.engine.calibration import calibration_set
+    from mmdet_hawq.report import write_run
+
+    from ..conftest import build_from
+    model = build_from(tiny_cfg)
+    settings = QuantSettings(metric='uniform', bits=8,
+                             sensitivity=dict(num_images=4, batch_size=2),
+                             activations=dict(sensitivity=True))
+    result = quantize(model, calibration_set(tiny_cfg, model,
+                                             settings.calibration), settings)
+    run = tmp_path / 'run'
+    write_run(str(run), model, result)
+    out = tmp_path / 'val'
+    assert run_main('validate_sensitivity', monkeypatch, cfg_file,
+                    '--checkpoint', tiny_cfg.load_from, '--activations',
+                    f'w8a8={run}', '--num-images', 4, '--bootstrap', 50,
+                    '--out-dir', out) == 0
+    record = json.loads((out / 'activations.json').read_text())
+    layers = record['runs'][0]['layers']
+    sites = json.loads((run / 'activation_sites.json').read_text())
+    assert len(layers) == len({s['layer'] for s in sites})
+    by_layer = {x['layer']: x for x in layers}
+    for s in sites[:5]:  # the prediction is the run's, summed per layer
+        assert by_layer[s['layer']]['predicted'] >= s['predicted_damage']
+    assert any(x['measured'] != 0 for x in layers)
+    corr = record['runs'][0]['correlations']['predicted']
+    assert -1 <= corr['rho'] <= 1
+    weights_only = tmp_path / 'weights_only'
+    write_run(str(weights_only), model, quantize(
+        build_from(tiny_cfg), None, QuantSettings(metric='uniform', bits=8)))
+    for args, message in (
+            (('--activations', f'x={weights_only}'), 'activation_sites.json'),
+            ((), 'give --report LABEL=DIR')):
+        with pytest.raises(HawqUserError, match=message):
+            run_main('validate_sensitivity', monkeypatch, cfg_file,
+                     '--checkpoint', tiny_cfg.load_from, *args,
+                     '--out-dir', out)
+    with pytest.raises(HawqUserError, match='pass a float checkpoint, or '
+                       '--random-weights'):
+        run_main('benchmark_int8', monkeypatch, cfg_file)
+    with pytest.raises(HawqUserError, match='is not NAME=WORK_DIR'):
+        run_main('benchmark_int8', monkeypatch, cfg_file, '--random-weights',
+                 '--run', 'w8a8')
