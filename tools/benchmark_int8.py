@@ -14,6 +14,11 @@ Models:
                          or taken from a ptq run (--run w8a8=WORK_DIR)
     <name>               any other ptq run with activations (--run
                          w4a8=WORK_DIR): its packed.pth and activations.json
+    <name>_weight_only   a run's weights with float activations
+                         (--weight-only NAME): INT4/INT8 DequantizeLinear
+    <model>_matmulnbits  with --int4-matmul, each of ours with its weights
+                         of at most 4 bits in ONNX Runtime's 4-bit kernel
+                         MatMulNBits (accuracy level 4: int8 dot products)
     ort_quantize_static  ONNX Runtime's quantize_static of the fp32 export
                          (QDQ, MinMax, its defaults otherwise; --per-channel)
                          on the same calibration images
@@ -156,6 +161,13 @@ def main() -> int:
     parser.add_argument('--run', action='append', default=[],
                         metavar='NAME=WORK_DIR',
                         help='a ptq run with activations to deploy too')
+    parser.add_argument('--weight-only', action='append', default=[],
+                        metavar='NAME', help='also export --run NAME '
+                        'with float activations (its weights only)')
+    parser.add_argument('--int4-matmul', action='store_true',
+                        help='also export each of ours with MatMulNBits '
+                        'for its weights of at most 4 bits '
+                        '(<model>_matmulnbits)')
     parser.add_argument('--calib-images', type=int, default=None,
                         help='calibration images (default: the project\'s '
                         '100; 4 noise images with --random-weights)')
@@ -240,16 +252,29 @@ def main() -> int:
             time.perf_counter() - start, 1), **{k: made[k] for k in (
                 'folded_batch_norms', 'int32_biases')})
         del reference
-    for run_name, (packed_file, ranges_file, folder) in runs.items():
+    unknown = [n for n in args.weight_only if n not in runs]
+    if unknown:
+        raise HawqUserError(
+            f'--weight-only {unknown[0]}: no --run of that name; give the '
+            f'NAME of a --run ({", ".join(runs) or "none given"})')
+    exports = [(n, n, True) for n in runs] + \
+        [(f'{n}_weight_only', n, False) for n in args.weight_only]
+    for key, run_name, with_ranges in exports:
+        packed_file, ranges_file, folder = runs[run_name]
         run_model, packed = load_for_export(cfg, packed_file)
-        ranges = load_ranges(ranges_file)
-        files[run_name] = osp.join(args.work_dir, f'{run_name}.onnx')
-        made = export_onnx(run_model, files[run_name], shape, packed=packed,
-                           activations=ranges)
-        rows[run_name] = dict(run=folder, sites=len(ranges),
-                              pytorch_mAP=fake_quant_map(folder),
-                              **{k: made[k] for k in (
-                                  'folded_batch_norms', 'int32_biases')})
+        ranges = load_ranges(ranges_file) if with_ranges else None
+        for nbits in (False, True) if args.int4_matmul else (False, ):
+            name = f'{key}_matmulnbits' if nbits else key
+            files[name] = osp.join(args.work_dir, f'{name}.onnx')
+            made = export_onnx(run_model, files[name], shape,
+                               packed=packed, activations=ranges,
+                               int4_matmul=nbits)
+            rows[name] = dict(run=folder, sites=len(ranges or {}),
+                              pytorch_mAP=fake_quant_map(folder)
+                              if with_ranges else None,
+                              **{k: v for k, v in made.items() if k in (
+                                  'folded_batch_norms', 'int32_biases',
+                                  'matmul_nbits')})
     del model
     pre = osp.join(args.work_dir, 'fp32_pre.onnx')
     ort_tool.pre_process(files['fp32'], pre)

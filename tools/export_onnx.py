@@ -107,6 +107,9 @@ def main() -> int:
                         help="the activations.json of a run with the "
                         "'activations' setting: 8-bit activations as "
                         'QuantizeLinear/DequantizeLinear pairs')
+    parser.add_argument('--int4-matmul', action='store_true',
+                        help="weights of at most 4 bits in linear layers as "
+                        "ONNX Runtime's MatMulNBits (packed 4-bit codes)")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
     cfg = read_config(args.config)
@@ -128,7 +131,8 @@ def main() -> int:
     report = export_onnx(model, out, shape,
                          packed=packed if integer else None,
                          last_layer_only=args.last_layer_only, opset=opset,
-                         activations=ranges)
+                         activations=ranges,
+                         int4_matmul=args.int4_matmul and integer)
     bits = report['weight_bits']
     counts = {'INT4': sum(b <= 4 for b in bits.values()),
               'INT8': sum(b > 4 for b in bits.values())}
@@ -138,7 +142,10 @@ def main() -> int:
                   checkpoint_bytes=osp.getsize(args.checkpoint),
                   initializers=report['initializers'],
                   quantized_weights=counts,
-                  dequantize_nodes=report['dequantize_nodes'])
+                  dequantize_nodes=report['dequantize_nodes'],
+                  **{k: report[k] for k in ('folded_batch_norms',
+                                            'int32_biases', 'matmul_nbits')
+                     if k in report})
     print(f'{out}: {report["bytes"] / MIB:.3f} MiB, opset '
           f'{report["opset"]}, input (1, 3, {shape[0]}, {shape[1]})')
     print(f'initializers: {describe(report)}')

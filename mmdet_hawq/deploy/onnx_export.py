@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 from ..errors import HawqUserError, short_list
 from ..quant.activations import (ActivationRange,
                                  attach_activation_quantizers, sites_of)
-from .onnx_integer import integer_layout
+from .onnx_integer import integer_layout, matmul_nbits
 from .onnx_lowering import (ONNX_OPSET, lower_quantized_weights,
                             onnx_weight_summary, opset_of)
 from ..models.family import onnx_outputs
@@ -269,8 +269,8 @@ def export_onnx(detector: nn.Module,
                 packed: Optional[Mapping[str, Mapping]] = None,
                 last_layer_only: bool = False,
                 opset: int = ONNX_OPSET,
-                activations: Optional[Mapping[str, ActivationRange]] = None
-                ) -> Dict[str, Any]:
+                activations: Optional[Mapping[str, ActivationRange]] = None,
+                int4_matmul: bool = False) -> Dict[str, Any]:
     """Export ``detector`` to ONNX, quantized weights as integers.
 
     Args:
@@ -291,6 +291,9 @@ def export_onnx(detector: nn.Module,
             weight's codes are stored as ``INT8`` and the graph gets the
             integer-kernel layout (:func:`~.onnx_integer.integer_layout`).
             Defaults to None (float activations).
+        int4_matmul (bool): Give the ``MatMul`` of every weight of at most 4
+            bits ONNX Runtime's ``MatMulNBits`` (:func:`~.onnx_integer.
+            matmul_nbits`). Defaults to False.
 
     Returns:
         dict: ``file``, ``bytes``, ``opset``, ``unused_weights`` (packed
@@ -328,6 +331,8 @@ def export_onnx(detector: nn.Module,
                                     opset, int8_codes=bool(activations))
     layout = integer_layout(proto) if activations else {}
     onnx.checker.check_model(proto, full_check=True)
+    if int4_matmul:  # a com.microsoft op: after the ONNX checker
+        layout['matmul_nbits'] = matmul_nbits(proto)
     os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
     onnx.save(proto, out_file)
     summary = onnx_weight_summary(proto)

@@ -19,7 +19,10 @@ step of the bias:
 
 Linear layers need neither: ONNX Runtime fuses a ``MatMul`` with
 dequantized inputs into ``MatMulIntegerToFloat`` (float output).
-:func:`integer_kernels` counts the integer kernels of an optimised graph.
+:func:`matmul_nbits` instead gives the ``MatMul`` of a weight of at most 4
+bits ONNX Runtime's 4-bit kernel ``MatMulNBits`` (com.microsoft), the
+weight stored as packed 4-bit codes, exactly. :func:`integer_kernels`
+counts the integer kernels of an optimised graph.
 """
 import collections
 from typing import Dict, List, Optional
@@ -31,7 +34,7 @@ from onnx import helper, numpy_helper
 from .onnx_lowering import _Constants, _int_tensor
 
 __all__ = ['INTEGER_KERNELS', 'fold_batch_norms', 'integer_kernels',
-           'integer_layout', 'quantize_conv_biases']
+           'integer_layout', 'matmul_nbits', 'quantize_conv_biases']
 
 #: ONNX Runtime's integer (or integer-input) CPU kernels of a QDQ graph.
 INTEGER_KERNELS = ('QLinearConv', 'MatMulIntegerToFloat', 'QLinearMatMul',
@@ -202,6 +205,72 @@ def integer_layout(proto: onnx.ModelProto) -> Dict[str, int]:
     """
     return dict(folded_batch_norms=fold_batch_norms(proto),
                 int32_biases=quantize_conv_biases(proto))
+
+
+#: ``MatMulNBits``' block along K (its scales are per block; ours are per
+#: tensor, so every block gets the same scale).
+NBITS_BLOCK = 32
+
+
+def matmul_nbits(proto: onnx.ModelProto, accuracy_level: int = 4) -> int:
+    """Each ``MatMul`` whose weight is a ``DequantizeLinear`` of 2-D codes
+    in ``[-8, 7]`` with a per-tensor scale becomes ``MatMulNBits``: the
+    codes ``c`` (K, N) stored transposed as unsigned nibbles ``c + 8`` (its
+    default zero point 8), two a byte, in blocks of :data:`NBITS_BLOCK`
+    along K (zero-padded), every block's scale the weight's; in place.
+
+    Args:
+        proto (onnx.ModelProto): An exported model.
+        accuracy_level (int): ``MatMulNBits``' compute type: 4 quantizes
+            the input to int8 per block at run time (integer dot products),
+            0 dequantizes the weight to float. Defaults to 4.
+
+    Returns:
+        int: How many ``MatMul`` were replaced.
+    """
+    g = _Graph(proto.graph)
+    count = 0
+    for index, node in enumerate(list(proto.graph.node)):
+        dq = g.dequantize(node.input[1]) if node.op_type == 'MatMul' \
+            else None
+        scale = None if dq is None else g.value(dq.input[1])
+        if scale is None or np.size(scale) != 1 or \
+                dq.input[0] not in g.inits:
+            continue
+        codes = numpy_helper.to_array(g.inits[dq.input[0]]).astype(np.int32)
+        if codes.ndim != 2 or codes.min() < -8 or codes.max() > 7:
+            continue
+        k, n = codes.shape
+        blocks = -(-k // NBITS_BLOCK)
+        padded = np.zeros((n, blocks * NBITS_BLOCK), np.int32)
+        padded[:, :k] = codes.T
+        nibbles = (padded + 8).astype(np.uint8).reshape(n, blocks,
+                                                        NBITS_BLOCK)
+        name = f'{node.name or node.output[0]}.nbits'
+        g.add(numpy_helper.from_array(
+            nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), f'{name}.codes'))
+        g.add(numpy_helper.from_array(
+            np.full(n * blocks, float(scale), np.float32), f'{name}.scales'))
+        fused = helper.make_node(
+            'MatMulNBits', [node.input[0], f'{name}.codes',
+                            f'{name}.scales'], list(node.output),
+            name=name, domain='com.microsoft', K=k, N=n, bits=4,
+            block_size=NBITS_BLOCK, accuracy_level=accuracy_level)
+        proto.graph.node.remove(node)
+        proto.graph.node.insert(index, fused)
+        count += 1
+    if count:
+        used = {i for n in proto.graph.node for i in n.input}
+        dead = [n for n in proto.graph.node
+                if n.op_type == 'DequantizeLinear' and n.output[0] not in
+                used]
+        for n in dead:
+            proto.graph.node.remove(n)
+        _drop_unused(proto.graph)
+        if not any(o.domain == 'com.microsoft' for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid('com.microsoft',
+                                                          1))
+    return count
 
 
 def integer_kernels(proto: onnx.ModelProto) -> Dict[str, int]:

@@ -89,10 +89,11 @@ ACTIVATION_CONFIGS = sorted(glob.glob(
     osp.join(ROOT, 'configs', '*', '*_w[48]a8.py')))
 
 
-def test_activation_configs_cover_the_small_models():
+def test_activation_configs_cover_the_small_models_and_r50():
     names = {osp.basename(c) for c in ACTIVATION_CONFIGS}
-    assert names == {f'{m}_tiny_shapes_{v}.py' for m in
+    assert names == {f'{m}_{size}_{v}.py' for m in
                      ('detr', 'dino', 'deformable_detr')
+                     for size in ('tiny_shapes', 'r50')
                      for v in ('w8a8', 'w4a8')}
 
 
@@ -102,7 +103,8 @@ def test_activation_config_quantizes_the_inputs_at_8_bits(path):
     (hook_cfg, ) = [h for h in cfg.custom_hooks
                     if h['type'] == 'DistillSensitivityHook']
     s = HOOKS.build(dict(hook_cfg)).settings
-    assert s.activations == dict(bits=8, method='mse')
+    assert s.activations == dict(bits=8, method='mse', sensitivity=True,
+                                 int8_macs=1.0, float_sites=[])
     if path.endswith('w8a8.py'):
         assert (s.metric, s.bits) == ('uniform', 8)
     else:

@@ -432,3 +432,26 @@ def test_identical_codes_of_two_layers_lower():
         {'a.weight': 8, 'b.weight': 8})
     names = {t.name for t in lowered.graph.initializer}
     assert {'a.weight.codes', 'b.weight.codes'} <= names
+
+
+def test_int4_weights_in_matmul_nbits(tiny_cfg, tmp_path):
+    """``int4_matmul``: the 4-bit weights of the linear layers go to ONNX
+    Runtime's MatMulNBits (packed 4-bit codes, int8 dot products), which
+    ONNX Runtime runs close to the fake-quantized model (its activations
+    are quantized per block at run time, so not to float precision)."""
+    made = make_packed(tiny_cfg, plan_fn=lambda m: plan_bits(uniform_plan(
+        quantizable_weights(m), 4)))
+    model = fake_quantized(tiny_cfg, made['packed'])
+    out = str(tmp_path / 'nbits.onnx')
+    report = export_onnx(model, out, SHAPE, packed=made['packed']['packed'],
+                         int4_matmul=True)
+    nodes = onnx.load(out).graph.node
+    dequantized = {n.output[0] for n in nodes
+                   if n.op_type == 'DequantizeLinear'}
+    assert report['matmul_nbits'] == sum(
+        n.op_type == 'MatMulNBits' for n in nodes) >= 10
+    # every linear weight is 4-bit here: no MatMul reads a weight's codes
+    assert not [n for n in nodes
+                if n.op_type == 'MatMul' and n.input[1] in dequantized]
+    scores, boxes = max_diffs(model, out)
+    assert scores < 0.5 and boxes < 0.05

@@ -143,3 +143,35 @@ def test_without_dequantized_input_the_bias_stays_float():
     conv = next(n for n in model.graph.node if n.op_type == 'Conv')
     conv.input[0] = 'x'  # a float input: no integer kernel to feed
     assert quantize_conv_biases(model) == 0
+
+
+@pytest.mark.parametrize('k', [64, 40])  # 40: a zero-padded last block
+def test_matmul_nbits_stores_the_codes_exactly(k):
+    """``MatMulNBits`` at accuracy level 0 (the weight dequantized to float)
+    gives the ``MatMul`` of the dequantized codes: the packing (transposed,
+    nibbles ``c + 8``, blocks along K) is exact; level 4 (int8 dot
+    products) stays close."""
+    from mmdet_hawq.deploy.onnx_integer import matmul_nbits
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-7, 8, (k, 24)).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node('DequantizeLinear', ['w.codes', 'w.scale'], ['w']),
+         helper.make_node('MatMul', ['x', 'w'], ['y'], name='mm')], 'g',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, [5, k])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, [5, 24])],
+        [numpy_helper.from_array(codes, 'w.codes'),
+         numpy_helper.from_array(np.array(0.03, np.float32), 'w.scale')])
+    model = helper.make_model(graph, opset_imports=[
+        helper.make_opsetid('', 21)])
+    model.ir_version = 10
+    x = rng.normal(size=(5, k)).astype(np.float32)
+    want = x @ (codes.astype(np.float32) * np.float32(0.03))
+    for level, tol in ((0, 1e-5), (4, 0.05)):
+        nbits = copy.deepcopy(model)
+        assert matmul_nbits(nbits, accuracy_level=level) == 1
+        ops = [n.op_type for n in nbits.graph.node]
+        assert ops == ['MatMulNBits']  # the weight's DequantizeLinear gone
+        session = ort.InferenceSession(nbits.SerializeToString(),
+                                       providers=['CPUExecutionProvider'])
+        got = session.run(None, {'x': x})[0]
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
