@@ -99,7 +99,8 @@ def activation_traces(capture: Capture,
                               'gauss_newton_activations', 'distillation')
         total = shard.sum(first).cpu()
         result.samples.append((total / torch.tensor(
-            result.numels, dtype=torch.float64)).tolist())
+            result.numels, dtype=torch.float64,
+            device=total.device)).tolist())
     else:
         result = start_result(result, names, result.numels,
                               'gauss_newton_activations', 'distillation')
