@@ -327,6 +327,10 @@ def captured_sites(sites: Mapping[str, nn.Module], names: Sequence[str]
     ``(site, tensor)``: the tensor the site would quantize, part of the
     autograd graph (one that needs no gradient, e.g. the image, is replaced
     by a leaf that does), so gradients with respect to it can be taken.
+    Each capture is an alias of its own (``view_as``): when two sites read
+    one tensor (a block's input feeding a convolution and its downsample,
+    a self-attention's query and key), each gradient is that of its own
+    consumer's path, the one its quantizer would perturb.
 
     Args:
         sites (Mapping[str, nn.Module]): Module name → module of the sites.
@@ -338,8 +342,8 @@ def captured_sites(sites: Mapping[str, nn.Module], names: Sequence[str]
     seen: List[tuple] = []
 
     def capture(site: str, x: torch.Tensor) -> torch.Tensor:
-        if not x.requires_grad:
-            x = x.detach().requires_grad_()
+        x = x.view_as(x) if x.requires_grad else \
+            x.detach().requires_grad_()
         seen.append((site, x))
         return x
 
