@@ -20,8 +20,12 @@ Models:
                          of at most 4 bits in ONNX Runtime's 4-bit kernel
                          MatMulNBits (accuracy level 4: int8 dot products)
     ort_quantize_static  ONNX Runtime's quantize_static of the fp32 export
-                         (QDQ, MinMax, its defaults otherwise; --per-channel)
-                         on the same calibration images
+                         on the same calibration images: QDQ, MinMax, its
+                         defaults otherwise (every op it quantizes,
+                         per-tensor weights)
+    ort_quantize_static_compute_per_channel
+                         the same with its fastest settings here: Conv,
+                         MatMul and Gemm only, per-channel weights
 
 All models run interleaved image by image (the order rotated) in --rounds
 rounds on the same images (tools/ort_quantize_static.py's ``time_models``),
@@ -69,6 +73,12 @@ from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 TOOLS = osp.dirname(osp.abspath(__file__))
+#: ONNX Runtime baselines: name → (tools/ort_quantize_static.py variant,
+#: per-channel weights).
+ORT_VARIANTS = {
+    'ort_quantize_static': ('all', False),
+    'ort_quantize_static_compute_per_channel': ('compute_only', True),
+}
 
 
 def load_tool(name: str) -> Any:
@@ -86,7 +96,7 @@ def parse_runs(given: List[str]) -> Dict[str, Tuple[str, str, str]]:
     runs = {}
     for item in given:
         name, sep, folder = item.partition('=')
-        if not sep or not name or name in ('fp32', 'ort_quantize_static'):
+        if not sep or not name or name == 'fp32' or name in ORT_VARIANTS:
             raise HawqUserError(
                 f'--run {item!r} is not NAME=WORK_DIR with a new NAME: pass '
                 'e.g. --run w4a8=work_dirs/act/detr_w4a8')
@@ -176,8 +186,6 @@ def main() -> int:
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--per-channel', action='store_true',
-                        help='quantize_static with per-channel weights')
     parser.add_argument('--eval', action='store_true',
                         help='mAP of every model under ONNX Runtime')
     parser.add_argument('--max-images', type=int,
@@ -278,12 +286,15 @@ def main() -> int:
     del model
     pre = osp.join(args.work_dir, 'fp32_pre.onnx')
     ort_tool.pre_process(files['fp32'], pre)
-    files['ort_quantize_static'] = osp.join(args.work_dir, 'ort_int8.onnx')
-    rows['ort_quantize_static'] = dict(per_channel=args.per_channel, **{
-        k: v for k, v in ort_tool.quantize(
-            pre, files['ort_quantize_static'], calib, 'MinMax', 'all',
-            args.per_channel, ort_tool.calibration_stride(len(calib), 10)
-        ).items() if k in ('quantize_s', 'quantize_linear')})
+    for key, (variant, per_channel) in ORT_VARIANTS.items():
+        files[key] = osp.join(args.work_dir, f'{key}.onnx')
+        made = ort_tool.quantize(pre, files[key], calib, 'MinMax', variant,
+                                 per_channel, ort_tool.calibration_stride(
+                                     len(calib), 10))
+        rows[key] = dict(variant_of_quantize_static=variant,
+                         per_channel=per_channel,
+                         quantize_s=made['quantize_s'],
+                         quantize_linear=made['quantize_linear'])
     print(f'{name}: {shape[0]}x{shape[1]}, models {list(files)}',
           flush=True)
     for key, path in files.items():
