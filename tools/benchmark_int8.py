@@ -277,6 +277,9 @@ def main() -> int:
             made = export_onnx(run_model, files[name], shape,
                                packed=packed, activations=ranges,
                                int4_matmul=nbits)
+            if nbits and not made['matmul_nbits']:  # no weight <= 4 bits
+                del files[name]
+                continue
             rows[name] = dict(run=folder, sites=len(ranges or {}),
                               pytorch_mAP=fake_quant_map(folder)
                               if with_ranges else None,
