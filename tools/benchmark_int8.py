@@ -31,7 +31,9 @@ All models run interleaved image by image (the order rotated) in --rounds
 rounds on the same images (tools/ort_quantize_static.py's ``time_models``),
 so a slow spell of the shared machine slows them alike; ``speedup_vs_fp32``
 is the fp32 model's median over the model's, and ``speedup_per_round`` the
-same per round (its spread is the run-to-run spread). The integer kernels
+same per round (its spread is the run-to-run spread). A baseline that
+ONNX Runtime cannot run is listed under ``failed`` with its error (e.g.
+per-channel QLinearMatMul on DINO in 1.20.1). The integer kernels
 of the graph ONNX Runtime optimises each model into are counted. With
 --eval, each model's mAP comes from tools/evaluate_onnx.py (ONNX Runtime,
 the head's predict_by_feat, mmdet's CocoMetric), beside the PyTorch
@@ -289,11 +291,23 @@ def main() -> int:
     del model
     pre = osp.join(args.work_dir, 'fp32_pre.onnx')
     ort_tool.pre_process(files['fp32'], pre)
+    from mmdet_hawq.deploy.onnx_runtime import OnnxDetector
+    failed = []
     for key, (variant, per_channel) in ORT_VARIANTS.items():
         files[key] = osp.join(args.work_dir, f'{key}.onnx')
-        made = ort_tool.quantize(pre, files[key], calib, 'MinMax', variant,
-                                 per_channel, ort_tool.calibration_stride(
-                                     len(calib), 10))
+        try:
+            made = ort_tool.quantize(pre, files[key], calib, 'MinMax',
+                                     variant, per_channel,
+                                     ort_tool.calibration_stride(
+                                         len(calib), 10))
+            OnnxDetector(files[key], args.threads)(calib[0])
+        except Exception as err:  # noqa: BLE001 - recorded, the run goes on
+            text = ' '.join(str(err).split())
+            failed.append(dict(variant=key, error=f'{type(err).__name__}: '
+                               f'{text[:150]} ... {text[-250:]}'))
+            print(f'{key}: failed: {failed[-1]["error"]}', flush=True)
+            del files[key]
+            continue
         rows[key] = dict(variant_of_quantize_static=variant,
                          per_channel=per_channel,
                          quantize_s=made['quantize_s'],
@@ -333,7 +347,7 @@ def main() -> int:
                            input_shape=list(shape), threads=args.threads,
                            calibration_images=len(calib),
                            timed_images=len(timed), rounds=args.rounds,
-                           results=results,
+                           results=results, failed=failed,
                            command='python tools/benchmark_int8.py ' +
                            ' '.join(sys.argv[1:])), f, indent=1)
     return 0
