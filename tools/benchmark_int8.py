@@ -21,11 +21,16 @@ Models:
                          MatMulNBits (accuracy level 4: int8 dot products)
     ort_quantize_static  ONNX Runtime's quantize_static of the fp32 export
                          on the same calibration images: QDQ, MinMax, its
-                         defaults otherwise (every op it quantizes,
-                         per-tensor weights)
-    ort_quantize_static_compute_per_channel
-                         the same with its fastest settings here: Conv,
-                         MatMul and Gemm only, per-channel weights
+                         defaults otherwise (every op it quantizes, int8
+                         activations, per-tensor weights)
+    ort_quantize_static_u8_per_channel
+                         the same with uint8 activations (ours' type; with
+                         int8 ones ONNX Runtime fuses fewer convolutions)
+                         and per-channel weights: its fastest settings here
+    ort_quantize_static_compute_u8_per_channel
+                         likewise, Conv/MatMul/Gemm only (no Q/DQ around
+                         Add, Softmax, ...: its most accurate on the small
+                         models)
 
 All models run interleaved image by image (the order rotated) in --rounds
 rounds on the same images (tools/ort_quantize_static.py's ``time_models``),
@@ -76,10 +81,12 @@ from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 TOOLS = osp.dirname(osp.abspath(__file__))
 #: ONNX Runtime baselines: name → (tools/ort_quantize_static.py variant,
-#: per-channel weights).
+#: per-channel weights, QUInt8 activations).
 ORT_VARIANTS = {
-    'ort_quantize_static': ('all', False),
-    'ort_quantize_static_compute_per_channel': ('compute_only', True),
+    'ort_quantize_static': ('all', False, False),
+    'ort_quantize_static_u8_per_channel': ('all', True, True),
+    'ort_quantize_static_compute_u8_per_channel': ('compute_only', True,
+                                                   True),
 }
 
 
@@ -293,13 +300,13 @@ def main() -> int:
     ort_tool.pre_process(files['fp32'], pre)
     from mmdet_hawq.deploy.onnx_runtime import OnnxDetector
     failed = []
-    for key, (variant, per_channel) in ORT_VARIANTS.items():
+    for key, (variant, per_channel, u8) in ORT_VARIANTS.items():
         files[key] = osp.join(args.work_dir, f'{key}.onnx')
         try:
             made = ort_tool.quantize(pre, files[key], calib, 'MinMax',
                                      variant, per_channel,
                                      ort_tool.calibration_stride(
-                                         len(calib), 10))
+                                         len(calib), 10), u8)
             OnnxDetector(files[key], args.threads)(calib[0])
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
             text = ' '.join(str(err).split())
@@ -309,7 +316,7 @@ def main() -> int:
             del files[key]
             continue
         rows[key] = dict(variant_of_quantize_static=variant,
-                         per_channel=per_channel,
+                         per_channel=per_channel, u8_activations=u8,
                          quantize_s=made['quantize_s'],
                          quantize_linear=made['quantize_linear'])
     print(f'{name}: {shape[0]}x{shape[1]}, models {list(files)}',

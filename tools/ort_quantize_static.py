@@ -229,12 +229,14 @@ def calibration_stride(count: int, stride: int) -> Optional[int]:
 
 
 def quantize(pre: str, out: str, images: List[np.ndarray], method: str,
-             variant: str, per_channel: bool,
-             stride: Optional[int]) -> Dict[str, Any]:
-    """``quantize_static`` of the pre-processed fp32 model into ``out``."""
+             variant: str, per_channel: bool, stride: Optional[int],
+             u8_activations: bool = False) -> Dict[str, Any]:
+    """``quantize_static`` of the pre-processed fp32 model into ``out``
+    (``u8_activations``: QUInt8 activations instead of its default QInt8).
+    """
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat,
-                                          quantize_static)
+                                          QuantType, quantize_static)
     model = onnx.load(pre)
     exclude = excluded_nodes(model, variant)
     input_name = model.graph.input[0].name
@@ -245,6 +247,8 @@ def quantize(pre: str, out: str, images: List[np.ndarray], method: str,
                     quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     calibrate_method=getattr(CalibrationMethod, method),
                     nodes_to_exclude=exclude, extra_options=extra,
+                    activation_type=QuantType.QUInt8 if u8_activations
+                    else QuantType.QInt8,
                     op_types_to_quantize=COMPUTE_OPS
                     if variant == 'compute_only' else None)
     return dict(quantize_s=time.perf_counter() - start,

@@ -22,7 +22,8 @@ def test_random_weights_side_by_side(cfg_file, tmp_path, monkeypatch):
     record = json.loads(out.read_text())
     rows = {r['variant']: r for r in record['results']}
     assert list(rows) == ['fp32', 'w8a8', 'ort_quantize_static',
-                          'ort_quantize_static_compute_per_channel']
+                          'ort_quantize_static_u8_per_channel',
+                          'ort_quantize_static_compute_u8_per_channel']
     assert rows['fp32']['speedup_vs_fp32'] == 1.0
     for r in rows.values():
         assert r['speedup_vs_fp32'] > 0 and len(r['speedup_per_round']) == 2
