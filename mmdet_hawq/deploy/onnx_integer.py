@@ -65,6 +65,19 @@ class _Graph:
         return node if node is not None and \
             node.op_type == 'DequantizeLinear' else None
 
+    def tensor(self, name: str) -> Optional[onnx.TensorProto]:
+        """The initializer ``name`` is, following ``Identity`` nodes (torch's
+        exporter writes an initializer equal to an earlier one, e.g. two
+        zero-initialised biases, as an ``Identity`` of it)."""
+        for _ in range(16):
+            if name in self.inits:
+                return self.inits[name]
+            node = self.producer.get(name)
+            if node is None or node.op_type != 'Identity':
+                return None
+            name = node.input[0]
+        return None
+
     def add(self, tensor: onnx.TensorProto) -> str:
         self.graph.initializer.append(tensor)
         self.inits[tensor.name] = tensor
@@ -81,10 +94,10 @@ def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
 def _weight_dequantize(g: _Graph, conv: onnx.NodeProto
                        ) -> Optional[onnx.NodeProto]:
     """The ``DequantizeLinear`` of a ``Conv``'s integer weight, when it
-    feeds that ``Conv`` only and its codes and scale are initializers."""
+    feeds that ``Conv`` only and its codes and scale are constant."""
     dq = g.dequantize(conv.input[1])
     if dq is None or len(g.consumers[dq.output[0]]) != 1 or \
-            dq.input[0] not in g.inits or g.value(dq.input[1]) is None:
+            g.tensor(dq.input[0]) is None or g.value(dq.input[1]) is None:
         return None
     return dq
 
@@ -115,7 +128,7 @@ def fold_batch_norms(proto: onnx.ModelProto) -> int:
         scale = g.value(dq.input[1]).astype(np.float64)
         if scale.ndim == 1 and _attr(dq, 'axis', 1) != 0:
             continue  # a per-channel scale along another axis
-        codes_t = g.inits[dq.input[0]]
+        codes_t = g.tensor(dq.input[0])
         # a negative (or zero) γ goes into the codes, so every scale stays
         # positive, as integer kernels and the INT32 bias need
         codes = numpy_helper.to_array(codes_t).astype(np.int32)
@@ -163,7 +176,7 @@ def quantize_conv_biases(proto: onnx.ModelProto) -> int:
     new_nodes, count = [], 0
     for conv in proto.graph.node:
         if conv.op_type != 'Conv' or len(conv.input) < 3 or \
-                conv.input[2] not in g.inits:
+                g.tensor(conv.input[2]) is None:
             continue
         x_dq, w_dq = g.dequantize(conv.input[0]), g.dequantize(conv.input[1])
         if x_dq is None or w_dq is None:
@@ -171,7 +184,7 @@ def quantize_conv_biases(proto: onnx.ModelProto) -> int:
         s_x, s_w = g.value(x_dq.input[1]), g.value(w_dq.input[1])
         if s_x is None or s_w is None or np.size(s_x) != 1:
             continue
-        bias = numpy_helper.to_array(g.inits[conv.input[2]]).astype(
+        bias = numpy_helper.to_array(g.tensor(conv.input[2])).astype(
             np.float64)
         scale = (float(s_x) * np.broadcast_to(
             s_w.astype(np.float64), bias.shape)).astype(np.float32)
@@ -234,10 +247,10 @@ def matmul_nbits(proto: onnx.ModelProto, accuracy_level: int = 4) -> int:
         dq = g.dequantize(node.input[1]) if node.op_type == 'MatMul' \
             else None
         scale = None if dq is None else g.value(dq.input[1])
-        if scale is None or np.size(scale) != 1 or \
-                dq.input[0] not in g.inits:
+        codes_t = None if scale is None else g.tensor(dq.input[0])
+        if codes_t is None or np.size(scale) != 1:
             continue
-        codes = numpy_helper.to_array(g.inits[dq.input[0]]).astype(np.int32)
+        codes = numpy_helper.to_array(codes_t).astype(np.int32)
         if codes.ndim != 2 or codes.min() < -8 or codes.max() > 7:
             continue
         k, n = codes.shape

@@ -175,3 +175,17 @@ def test_matmul_nbits_stores_the_codes_exactly(k):
                                        providers=['CPUExecutionProvider'])
         got = session.run(None, {'x': x})[0]
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_a_bias_behind_an_identity_is_quantized_too():
+    """torch's exporter writes an initializer equal to an earlier one (two
+    zero-initialised biases) as an Identity of it: the INT32 bias follows
+    the Identity, so the convolution still fuses."""
+    model = conv_bn_graph(np.ones(C_OUT), output_q=True)
+    fold_batch_norms(model)
+    conv = next(n for n in model.graph.node if n.op_type == 'Conv')
+    model.graph.node.insert(0, helper.make_node(
+        'Identity', [conv.input[2]], ['bias.alias']))
+    conv.input[2] = 'bias.alias'
+    assert quantize_conv_biases(model) == 1
+    onnx.checker.check_model(model, full_check=True)
