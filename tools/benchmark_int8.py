@@ -158,6 +158,11 @@ def quantize_w8a8(model: Any, images: List[np.ndarray]
                            result.plan)['packed'], result.activations
 
 
+def step(what: str) -> None:
+    """One progress line, with the time."""
+    print(f'[{time.strftime("%H:%M:%S")}] {what}', flush=True)
+
+
 def fake_quant_map(folder: str) -> Optional[float]:
     """The PyTorch fake-quant mAP of a ptq run (its ptq_results.json)."""
     path = osp.join(folder, 'ptq_results.json')
@@ -206,6 +211,10 @@ def main() -> int:
     parser.add_argument('--max-images', type=int,
                         help='evaluate only the first N test images')
     parser.add_argument('--no-memory', action='store_true')
+    parser.add_argument('--ort', nargs='*', default=list(ORT_VARIANTS),
+                        choices=list(ORT_VARIANTS), metavar='VARIANT',
+                        help='ONNX Runtime baselines to make (default: all '
+                        'three; none: --ort with no name)')
     parser.add_argument('--work-dir', default=None)
     parser.add_argument('--out', help='JSON file for the results')
     args = parser.parse_args()
@@ -261,13 +270,16 @@ def main() -> int:
         timed = [img.cpu().numpy().astype(np.float32)[None] for img, _ in
                  test_images(test_loader(cfg), args.images)]
     files = {'fp32': osp.join(args.work_dir, 'fp32.onnx')}
+    step('exporting fp32')
     export_onnx(model, files['fp32'], shape)
     rows: Dict[str, Dict[str, Any]] = {'fp32': {}}
     if 'w8a8' not in runs:
         import copy
         start = time.perf_counter()
         reference = copy.deepcopy(model)  # without the quantizers' hooks
+        step(f'quantizing w8a8 on {len(calib)} calibration images')
         packed, ranges = quantize_w8a8(model, calib)
+        step('exporting w8a8')
         reference.load_state_dict(model.state_dict())
         files['w8a8'] = osp.join(args.work_dir, 'w8a8.onnx')
         made = export_onnx(reference, files['w8a8'], shape, packed=packed,
@@ -289,6 +301,7 @@ def main() -> int:
         ranges = load_ranges(ranges_file) if with_ranges else None
         for nbits in (False, True) if args.int4_matmul else (False, ):
             name = f'{key}_matmulnbits' if nbits else key
+            step(f'exporting {name}')
             files[name] = osp.join(args.work_dir, f'{name}.onnx')
             made = export_onnx(run_model, files[name], shape,
                                packed=packed, activations=ranges,
@@ -304,11 +317,15 @@ def main() -> int:
                                   'matmul_nbits')})
     del model
     pre = osp.join(args.work_dir, 'fp32_pre.onnx')
-    ort_tool.pre_process(files['fp32'], pre)
+    if args.ort:
+        step('quant_pre_process of the fp32 model')
+        ort_tool.pre_process(files['fp32'], pre)
     from mmdet_hawq.deploy.onnx_runtime import OnnxDetector
     failed = []
-    for key, (variant, per_channel, u8) in ORT_VARIANTS.items():
+    for key in args.ort:
+        variant, per_channel, u8 = ORT_VARIANTS[key]
         files[key] = osp.join(args.work_dir, f'{key}.onnx')
+        step(f'{key}: quantize_static on {len(calib)} calibration images')
         try:
             made = ort_tool.quantize(pre, files[key], calib, 'MinMax',
                                      variant, per_channel,
@@ -329,6 +346,8 @@ def main() -> int:
     print(f'{name}: {shape[0]}x{shape[1]}, models {list(files)}',
           flush=True)
     for key, path in files.items():
+        step(f'{key}: optimised graph' + (', mAP' if args.eval else '') +
+             ('' if args.no_memory else ', peak memory'))
         optimized = osp.join(args.work_dir, f'{key}.optimized.onnx')
         make_session(path, args.threads, optimized_file=optimized)
         rows[key]['integer_kernels'] = integer_kernels(onnx.load(optimized))
@@ -339,6 +358,8 @@ def main() -> int:
                   flush=True)
         if not args.no_memory:
             rows[key]['memory'] = ort_tool.measure_memory(args, path)
+    step(f'timing {len(files)} models on {len(timed)} images, '
+         f'{args.rounds} rounds')
     latency = ort_tool.time_models(files, timed, args.threads, args.rounds,
                                    args.warmup)
     base = latency['fp32']
