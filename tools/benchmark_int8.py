@@ -158,6 +158,36 @@ def quantize_w8a8(model: Any, images: List[np.ndarray]
                            result.plan)['packed'], result.activations
 
 
+def op_time_shares(path: str, image: np.ndarray, threads: int,
+                   work_dir: str) -> Dict[str, float]:
+    """Share of one image's kernel time per op type, from ONNX Runtime's
+    profiler (after one warm-up run), largest first."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = osp.join(work_dir, 'profile')
+    session = ort.InferenceSession(path, options,
+                                   providers=['CPUExecutionProvider'])
+    feed = {session.get_inputs()[0].name: image}
+    session.run(None, feed)  # warm-up
+    session.run(None, feed)
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    runs = [e for e in events if e.get('name') == 'model_run']
+    last = runs[-1]['ts'] if runs else 0
+    times: Dict[str, float] = {}
+    for e in events:
+        if e.get('cat') == 'Node' and e.get('ts', 0) >= last and \
+                e.get('name', '').endswith('_kernel_time'):
+            op = e.get('args', {}).get('op_name', '?')
+            times[op] = times.get(op, 0.0) + e['dur']
+    total = sum(times.values()) or 1.0
+    return {op: t / total for op, t in sorted(times.items(),
+                                              key=lambda x: -x[1])}
+
+
 def step(what: str) -> None:
     """One progress line, with the time."""
     print(f'[{time.strftime("%H:%M:%S")}] {what}', flush=True)
@@ -211,6 +241,9 @@ def main() -> int:
     parser.add_argument('--max-images', type=int,
                         help='evaluate only the first N test images')
     parser.add_argument('--no-memory', action='store_true')
+    parser.add_argument('--profile', action='store_true',
+                        help="ONNX Runtime's profile of one image per "
+                        'model: the share of the time per op type')
     parser.add_argument('--ort', nargs='*', default=list(ORT_VARIANTS),
                         choices=list(ORT_VARIANTS), metavar='VARIANT',
                         help='ONNX Runtime baselines to make (default: all '
@@ -358,6 +391,12 @@ def main() -> int:
                   flush=True)
         if not args.no_memory:
             rows[key]['memory'] = ort_tool.measure_memory(args, path)
+    if args.profile:
+        for key, path in files.items():
+            step(f'{key}: profile of one image')
+            rows[key]['profile'] = op_time_shares(path, timed[0],
+                                                  args.threads,
+                                                  args.work_dir)
     step(f'timing {len(files)} models on {len(timed)} images, '
          f'{args.rounds} rounds')
     latency = ort_tool.time_models(files, timed, args.threads, args.rounds,

@@ -17,7 +17,7 @@ def test_random_weights_side_by_side(cfg_file, tmp_path, monkeypatch):
     out = tmp_path / 'int8.json'
     assert run_main('benchmark_int8', monkeypatch, cfg_file,
                     '--random-weights', '--shape', 64, 64, '--images', 2,
-                    '--rounds', 2, '--warmup', 1, '--no-memory',
+                    '--rounds', 2, '--warmup', 1, '--no-memory', '--profile',
                     '--work-dir', tmp_path / 'work', '--out', out) == 0
     record = json.loads(out.read_text())
     rows = {r['variant']: r for r in record['results']}
@@ -33,6 +33,10 @@ def test_random_weights_side_by_side(cfg_file, tmp_path, monkeypatch):
         rows['w8a8']['folded_batch_norms'] + 1  # + the neck's (no BN)
     assert 'QLinearConv' not in rows['fp32']['integer_kernels']
     assert record['input_shape'] == [64, 64]
+    # the profile: shares of one image's kernel time per op type
+    shares = rows['w8a8']['profile']
+    assert abs(sum(shares.values()) - 1) < 1e-6
+    assert 'QLinearConv' in shares and 'Conv' in rows['fp32']['profile']
 
 
 def test_activation_validation_and_bad_inputs(cfg_file, tiny_cfg, tmp_path,
