@@ -251,12 +251,12 @@ def main() -> int:
     parser.add_argument('--work-dir', default=None)
     parser.add_argument('--out', help='JSON file for the results')
     args = parser.parse_args()
-    for name in ('images', 'rounds', 'threads', 'calib_images',
-                 'calib_stride'):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise HawqUserError(f'--{name.replace("_", "-")} takes a '
-                                f'positive integer, not {value}')
+    ort_tool = load_tool('ort_quantize_static')
+    ort_tool.check_positive(args, ('images', 'rounds', 'threads',
+                                   'calib_images', 'calib_stride'))
+    if args.warmup < 0:
+        raise HawqUserError(f'--warmup takes a non-negative integer, not '
+                            f'{args.warmup}')
     if args.random_weights == bool(args.checkpoint):
         raise HawqUserError(
             'pass a float checkpoint, or --random-weights (timing only), '
@@ -270,8 +270,9 @@ def main() -> int:
     args.work_dir = args.work_dir or osp.join('work_dirs', 'benchmark_int8',
                                               name)
     check_work_dir(args.work_dir)
+    if args.out:  # before the long run, not after it
+        check_work_dir(osp.dirname(osp.abspath(args.out)))
     logging.getLogger().setLevel(logging.ERROR)
-    ort_tool = load_tool('ort_quantize_static')
 
     import onnx
     import torch
@@ -414,7 +415,6 @@ def main() -> int:
         results.append(row)
     print(table(results))
     if args.out:
-        check_work_dir(osp.dirname(osp.abspath(args.out)))
         with open(args.out, 'w') as f:
             json.dump(dict(config=args.config, checkpoint=args.checkpoint,
                            random_weights=args.random_weights,

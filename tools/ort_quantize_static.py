@@ -102,6 +102,15 @@ def parse_choices(given: Optional[Sequence[str]], known: Dict[str, str],
     return out
 
 
+def check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """One line for the first of ``names`` (options) given below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise HawqUserError(f'--{name.replace("_", "-")} takes a '
+                                f'positive integer, not {value}')
+
+
 def calibration_images(cfg: Any, num_images: int, seed: int,
                        shape: Sequence[int]) -> List[np.ndarray]:
     """The project's calibration images, as the ONNX graph takes them:
@@ -473,12 +482,8 @@ def main() -> int:
                         METHODS, 'calibration method')
     variants = parse_choices(args.variants, {v: v for v in VARIANTS},
                              'variant')
-    for name in ('num_images', 'threads', 'max_images', 'latency_images',
-                 'latency_rounds'):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise HawqUserError(f'--{name.replace("_", "-")} takes a '
-                                f'positive integer, not {value}')
+    check_positive(args, ('num_images', 'threads', 'max_images',
+                          'latency_images', 'latency_rounds'))
     if args.warmup < 0 or args.calib_stride < 0:
         raise HawqUserError('--warmup and --calib-stride take non-negative '
                             'integers')

@@ -82,6 +82,10 @@ def test_activation_validation_and_bad_inputs(cfg_file, tiny_cfg, tmp_path,
     with pytest.raises(HawqUserError, match='pass a float checkpoint, or '
                        '--random-weights'):
         run_main('benchmark_int8', monkeypatch, cfg_file)
+    with pytest.raises(HawqUserError, match='--images takes a positive '
+                       'integer, not 0'):
+        run_main('benchmark_int8', monkeypatch, cfg_file, '--random-weights',
+                 '--images', 0)
     with pytest.raises(HawqUserError, match='is not NAME=WORK_DIR'):
         run_main('benchmark_int8', monkeypatch, cfg_file, '--random-weights',
                  '--run', 'w8a8')
