@@ -56,10 +56,13 @@ demo: venv data
 # The test suite; it installs the DETR reference first where it can (a failed
 # install is reported and its one test is skipped, the rest runs). Two
 # pytest-xdist workers of one torch thread each, one per core (tests/conftest.py);
-# `pytest -m "not slow" tests` leaves out the integration tests.
+# `pytest -m "not slow" tests` leaves out the integration tests. The second
+# line dry-runs the CPU-against-CUDA tests with the CPU in the GPU's place,
+# so that they cannot rot between the sessions lent a GPU (docs/gpu.md).
 test: venv data
 	-$(MAKE) detr-reference
 	$(VPY) -m pytest -q -n 2 tests
+	$(VPY) -m pytest -q -n 2 -m cuda --gpu-device cpu tests/test_engine/test_cuda.py
 
 # The original facebookresearch DETR code (PyPI detr 0.1.4) in a venv of its
 # own, the reference of tests/test_models/test_official_detr.py: torch 2.14.1

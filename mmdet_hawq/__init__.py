@@ -9,21 +9,21 @@ also chains a ``sys.excepthook`` (:func:`~mmdet_hawq.errors.
 install_excepthook`): a :class:`HawqUserError` that reaches the top of a
 program, e.g. mmdet's own ``tools/test.py``, ends it with one ``error:``
 line and exit status 2 instead of a traceback; and it puts a check in
-front of mmcv's compiled deformable attention
-(:func:`~mmdet_hawq.models.ensure_deformable_attention`): on a GPU where
-mmcv was built without CUDA ops, DINO and Deformable DETR run through mmcv's
-PyTorch path, with one log line, instead of failing inside mmcv.
+front of mmcv's compiled deformable attention and NMS
+(:func:`~mmdet_hawq.models.ensure_compiled_ops`): on a GPU where mmcv was
+built without CUDA ops, DINO, Deformable DETR and DDQ-DETR run through
+PyTorch paths, with one log line each, instead of failing inside mmcv.
 """
 from .api import Calibration, QuantResult, QuantSettings, quantize
 from .datasets import SHAPES_CLASSES, ShapesDataset, generate_shapes_dataset
 from .engine import DistillSensitivityHook, load_checkpoint_file
 from .errors import HawqUserError, install_excepthook
-from .models import BackbonePretrainer, ensure_deformable_attention
+from .models import BackbonePretrainer, ensure_compiled_ops
 
 __version__ = '0.2.0'
 
 install_excepthook()
-ensure_deformable_attention()
+ensure_compiled_ops()
 
 __all__ = [
     'Calibration', 'QuantResult', 'QuantSettings', 'quantize',

@@ -37,9 +37,28 @@ def pytest_configure(config) -> None:
         '`pytest -m "not slow" tests` leaves them out')
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        '--gpu-device', default='cuda',
+        help="the device tests/test_engine/test_cuda.py compares with the "
+        "CPU (default cuda); 'cpu' dry-runs those tests without a GPU, the "
+        'CPU against itself: it shows that the tests run, not that the GPU '
+        'agrees')
+
+
 #: Skips a test where no CUDA GPU is visible.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                    reason='needs a CUDA GPU')
+
+
+@pytest.fixture
+def gpu_device(request) -> str:
+    """The device the GPU tests run on (``--gpu-device``); skips the test
+    where it is CUDA and no GPU is visible."""
+    device = request.config.getoption('--gpu-device')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        pytest.skip('needs a CUDA GPU (--gpu-device cpu dry-runs it)')
+    return device
 
 
 @pytest.fixture(scope='session')

@@ -52,7 +52,7 @@ from mmdet_hawq.quant import quantizable_weights
 from mmdet_hawq.sensitivity import (gauss_newton_traces, hessian_mode,
                                     hutchinson_traces, rademacher_like,
                                     sample_generator)
-from mmdet_hawq.models import ensure_deformable_attention
+from mmdet_hawq.models import ensure_compiled_ops
 from mmdet_hawq.sensitivity.double_backward import double_backward_kernels
 
 DEFAULT_MODELS = ('configs/_base_/detr_r50_hawq.py',
@@ -183,7 +183,7 @@ def sensitivity_step(cfg_path: str, args) -> Dict:
 def measure(cfg_path: str, args) -> Dict:
     """The costs of one model at the benchmark resolution."""
     model = build(cfg_path, args.device)
-    note = ensure_deformable_attention(torch.device(args.device))
+    note = ensure_compiled_ops(torch.device(args.device))
     weights, obj = objective_at_8bit(
         model, [fake_batch(args.height, args.width, args.device)])
     plist = list(weights.values())

@@ -14,6 +14,14 @@
 #       at most 8 files into OUT_DIR (default
 #       $OUT, else results/gpu_check). Under 8 minutes on one H200.
 #
+#   REHEARSE=1 PYTHON=... tools/gpu_check.sh DIR
+#       a rehearsal on a machine without a GPU (e.g. a Python 3.12 venv with
+#       the device's torch version built for the CPU and its packages): the
+#       same set-up, the CUDA tests dry-run with --gpu-device cpu, the
+#       benchmarks on the CPU at a small size, every time limit times
+#       TIME_SCALE (default 1). It shows that the script runs, not GPU
+#       figures.
+#
 # mmcv there has no compiled ops (mmcv builds them against one torch; none
 # exists for the machine's): mmcv.ops then cannot even be imported, so a
 # stand-in mmcv/_ext.py whose every function raises is written beside it,
@@ -34,11 +42,12 @@ if [ "${1:-}" = wheels ]; then
     plat="$plat --platform $p"
   done
   # what mmengine/mmcv/mmdet need and the machine's image does not hold
-  # (it has numpy, scipy, matplotlib, opencv, pillow, rich, pyyaml, tqdm)
+  # (it has numpy, scipy, matplotlib, opencv, pillow, rich, pyyaml, tqdm;
+  # six too, but a rehearsal's venv may not)
   python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp $plat -d .whl \
     mmengine==0.10.7 mmdet==3.3.0 pycocotools shapely addict yapf \
-    termcolor terminaltables platformdirs
+    termcolor terminaltables platformdirs six
   # mmcv: the venv's own build (pip's cache, or a build from the sdist),
   # its compiled ops taken out and the wheel retagged pure Python
   rm -rf /tmp/mmcv-wheel
@@ -112,9 +121,16 @@ cat "$OUT_DIR/env.txt"
 [ -f data/shapes/annotations/instances_val.json ] || \
   $PY tools/make_shapes_dataset.py --out-dir data/shapes > /dev/null
 
+if [ -n "${REHEARSE:-}" ]; then
+  GPU=cpu
+  BENCH=(--device cpu --height 160 --width 224 --repeats 1 --step-images 2
+         --step-samples 2 --trace-samples 2 --no-profile)
+else
+  GPU=cuda BENCH=(--repeats 3)
+fi
 status=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT_DIR
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * ${TIME_SCALE:-1} )); shift 2
   local start=$SECONDS
   echo "== $name (limit ${limit}s)"
   if timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1; then
@@ -128,15 +144,24 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT_DIR
 
 # the main job on the GPU on the shipped small models: the demo (float,
 # uniform, Out Sen Quant), Loss Sen through deformable attention (Hutchinson,
-# capped at 32 images and 10 samples to fit), Out Sen Float/Quant, GPTQ, and
-# mmdet's own test.py; the summaries go to one log, the CPU's figures are in
-# the README and docs/ (docs/gpu.md, docs/results.md)
+# capped at 32 images and 10 samples to fit), Out Sen Float/Quant, GPTQ,
+# W8A8 with per-site sensitivity, and mmdet's own test.py; the summaries go
+# to one log, the CPU's figures are in the README and docs/ (docs/gpu.md,
+# docs/results.md)
 ptq_runs() {
-  local cfg
+  local failed=0 log=/tmp/hawq-gpu/run.log
+  mkdir -p /tmp/hawq-gpu
+  show() {  # show CMD...: run it, keep the lines that matter, note a failure
+    "$@" > "$log" 2>&1 || { echo "FAILED (exit $?)"; failed=1; }
+    grep -E 'bbox mAP|coco/bbox_mAP:|sensitivity.*: sample|activation' \
+      "$log" | grep -vE 'copypaste|Build settings' | tail -n 10
+    grep -E "^[A-Za-z.]*(Error|Exception)|^error:|not available on" "$log" \
+      | tail -n 4
+  }
   run_ptq() {
     echo "### tools/ptq.py configs/$1.py ${*:2}"
-    $PY tools/ptq.py "configs/$1.py" --work-dir "/tmp/hawq-gpu/${1##*/}" "${@:2}" \
-      2>&1 | tail -n 8
+    show $PY tools/ptq.py "configs/$1.py" \
+      --work-dir "/tmp/hawq-gpu/${1##*/}" "${@:2}"
   }
   run_ptq detr/detr_tiny_shapes_outquant_5bit --float --uniform-baseline
   run_ptq dino/dino_tiny_shapes_losssen_4bit --cfg-options \
@@ -145,21 +170,21 @@ ptq_runs() {
   run_ptq dino/dino_tiny_shapes_outquant_4bit
   run_ptq deformable_detr/deformable_detr_tiny_shapes_outquant_4bit --uniform-baseline
   run_ptq detr/detr_tiny_shapes_outquant_4bit_gptq
+  run_ptq detr/detr_tiny_shapes_w8a8
   echo "### mmdet tools/test.py configs/deformable_detr/deformable_detr_tiny_shapes_outfloat_4bit.py"
-  $PY "$($PY -c 'import mmdet, os; print(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "tools"))')/test.py" \
+  show $PY "$($PY -c 'import mmdet, os; print(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "tools"))')/test.py" \
     configs/deformable_detr/deformable_detr_tiny_shapes_outfloat_4bit.py \
-    checkpoints/deformable_detr_tiny_shapes.pth --work-dir /tmp/hawq-gpu/test_py \
-    2>&1 | grep -E 'bbox_mAP:|DistillSensitivityHook|deformable attention|rror' \
-    | tail -n 6
+    checkpoints/deformable_detr_tiny_shapes.pth --work-dir /tmp/hawq-gpu/test_py
+  return $failed
 }
 export PY
 export -f ptq_runs
 
-step cuda_tests 140 $PY -m pytest -v -m cuda -p no:cacheprovider \
-  --durations=8 -W ignore::DeprecationWarning tests
-step benchmark_gpu 130 $PY tools/benchmark_gpu.py --repeats 3 \
+step cuda_tests 150 $PY -m pytest -v -n 4 -m cuda -p no:cacheprovider \
+  --gpu-device $GPU --durations=12 -W ignore::DeprecationWarning tests
+step benchmark_gpu 110 $PY tools/benchmark_gpu.py "${BENCH[@]}" \
   --out "$OUT_DIR/benchmark_gpu.json"
-step benchmark_bilinear 30 $PY tools/benchmark_bilinear.py --device cuda \
+step benchmark_bilinear 25 $PY tools/benchmark_bilinear.py --device $GPU \
   --repeats 10
 step ptq 140 bash -c ptq_runs
 exit $status

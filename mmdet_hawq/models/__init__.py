@@ -3,7 +3,7 @@ from .adapters.deformable_detr import DEFORMABLE_ATTENTION_FLOORS
 from .adapters.official_detr import (COCO_CATEGORY_IDS, convert_official_detr,
                                      is_official_detr, official_detr_state)
 from .backbone_pretrainer import BackbonePretrainer
-from .deformable_attention import ensure_deformable_attention
+from .compiled_ops import ensure_compiled_ops
 from .family import (DISTILLATION_DEFAULTS, class_activation,
                      decoder_outputs, default_min_bits, detection_head,
                      detector_family, distillation_outputs,
@@ -17,7 +17,7 @@ __all__ = [
     'adapter_of', 'class_activation', 'convert_official_detr',
     'decoder_outputs', 'default_min_bits', 'detection_head',
     'detector_family', 'distillation_outputs', 'double_backward_swaps',
-    'ensure_deformable_attention', 'float_weights', 'is_official_detr',
+    'ensure_compiled_ops', 'float_weights', 'is_official_detr',
     'official_detr_state', 'onnx_outputs', 'predict_from_outputs',
     'proposal_branches', 'same_queries', 'shares_queries'
 ]

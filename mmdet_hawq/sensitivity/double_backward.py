@@ -11,7 +11,7 @@ Fast kernels of a DETR-family model can be first-order only:
 
 The Gauss–Newton estimator needs first-order gradients only and keeps the
 fast kernels (where mmcv's compiled deformable attention does not run on a
-GPU, :mod:`mmdet_hawq.models.deformable_attention` routes it to the PyTorch
+GPU, :mod:`mmdet_hawq.models.compiled_ops` routes it to the PyTorch
 path).
 """
 from contextlib import contextmanager

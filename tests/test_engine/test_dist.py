@@ -25,16 +25,18 @@ pytestmark = pytest.mark.slow
 NUM_BATCHES = 5  # uneven: rank 0 gets 3, rank 1 gets 2
 
 
-def problem():
-    """An MLP student off its teacher, 5 batches, the three estimators."""
+def problem(device: str = 'cpu'):
+    """An MLP student off its teacher, 5 batches, the three estimators, on
+    ``device``."""
     torch.manual_seed(0)
     teacher = MLP().double()
     model = MLP().double()
     with torch.no_grad():
         for p, q in zip(model.parameters(), teacher.parameters()):
             p.copy_(q + 0.05 * torch.randn_like(q))
-    xs = [torch.randn(3, 7, 4, dtype=torch.float64)
+    xs = [torch.randn(3, 7, 4, dtype=torch.float64).to(device)
           for _ in range(NUM_BATCHES)]
+    model, teacher = model.to(device), teacher.to(device)
     loss_fn = objective('distill_quant', model, teacher, xs, None)
     n_total = sum(x[..., 0].numel() for x in xs)
 
@@ -45,8 +47,8 @@ def problem():
     return model, loss_fn, gn_sample
 
 
-def estimate(shard):
-    model, loss_fn, gn_sample = problem()
+def estimate(shard, device: str = 'cpu'):
+    model, loss_fn, gn_sample = problem(device)
     common = dict(tol=0.0, max_samples=4, seed=11, shard=shard)
     return dict(
         hutchinson=hutchinson_traces(targets(model), loss_fn,
@@ -65,11 +67,11 @@ def _init(rank, port, timeout_s):
     init_cpu_process_group(timeout_s)
 
 
-def _estimate_worker(rank, port, out):
+def _estimate_worker(rank, port, out, device='cpu'):
     _init(rank, port, 60)
     shard = process_shard()
     assert (shard.rank, shard.world_size) == (rank, 2)
-    samples = estimate(shard)
+    samples = estimate(shard, device)
     with open(f'{out}.{rank}', 'wb') as f:
         pickle.dump(samples, f)
     torch_dist.destroy_process_group()
@@ -113,9 +115,9 @@ def _silent_rank_worker(rank, port, out):
     os._exit(0)
 
 
-def spawn(worker, tmp_path):
+def spawn(worker, tmp_path, *args):
     out = str(tmp_path / 'out')
-    mp.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), out) + args, nprocs=2, join=True)
     results = []
     for rank in range(2):
         if os.path.exists(f'{out}.{rank}'):
@@ -124,9 +126,11 @@ def spawn(worker, tmp_path):
     return results
 
 
-def test_sharded_traces_equal_one_process(tmp_path):
-    single = estimate(None)
-    ranks = spawn(_estimate_worker, tmp_path)
+def check_sharded_traces(tmp_path, device: str = 'cpu') -> None:
+    """Two processes' all-reduced samples on ``device`` equal one
+    process's."""
+    single = estimate(None, device)
+    ranks = spawn(_estimate_worker, tmp_path, device)
     assert len(ranks) == 2
     for kind, rows in single.items():
         ref = torch.tensor(rows)
@@ -137,6 +141,10 @@ def test_sharded_traces_equal_one_process(tmp_path):
             assert rel <= 1e-12, (kind, rel)
     # the draws differ from sample to sample (the check is not vacuous)
     assert single['gauss_newton'][0] != single['gauss_newton'][1]
+
+
+def test_sharded_traces_equal_one_process(tmp_path):
+    check_sharded_traces(tmp_path)
 
 
 def test_shard_positions_cover_the_set_once():

@@ -12,7 +12,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..deformable_attention import PytorchDeformableAttention
+from ..compiled_ops import PytorchDeformableAttention
 from .base import DetrAdapter
 from .queries import SelectionOp, topk_from
 
