@@ -12,6 +12,11 @@ step that saves work has said so (:func:`set_interrupt_note`, with
 :func:`terminate_as_interrupt` around that step), with exit status 130 or
 143. ``MMDET_HAWQ_TRACEBACK=1`` shows the traceback instead.
 
+Running out of memory (on the GPU or the host) inside the hook is the
+size of the job, not a bug: :func:`report_internal_errors` turns it into
+one :class:`HawqUserError` line that says what to lower
+(:func:`out_of_memory`).
+
 Any other exception inside the hook is a bug, not the user's input:
 :func:`report_internal_errors` turns it into a :class:`HawqInternalError`
 that carries where it was raised and its traceback. mmengine's Runner hides
@@ -31,6 +36,8 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import (Any, Callable, Iterator, Optional, Sequence, Tuple, Type,
                     TypeVar)
+
+import torch
 
 #: Exit status after SIGINT (Ctrl-C) and SIGTERM, as a shell reports them.
 EXIT_SIGINT = 130
@@ -103,12 +110,31 @@ class HawqInternalError(RuntimeError):
 _Fn = TypeVar('_Fn', bound=Callable[..., Any])
 
 
+def out_of_memory(err: BaseException) -> Optional[HawqUserError]:
+    """The one-line error of ``err`` if it is running out of memory (a
+    ``torch.OutOfMemoryError`` on an accelerator, or the host allocator's
+    failure), else None."""
+    text = str(err).strip()
+    if not (isinstance(err, torch.OutOfMemoryError) or (
+            isinstance(err, RuntimeError)
+            and "can't allocate memory" in text)):
+        return None
+    first = (text.splitlines() or [type(err).__name__])[0][:160]
+    return HawqUserError(
+        f'out of memory ({first}): lower the calibration batch size '
+        '(sensitivity batch_size, default 4) or the images\' size, or use '
+        "estimator='gauss_newton' (Hutchinson's double backward takes "
+        'several times the memory); the sensitivity samples saved so far '
+        'are kept, and the same command resumes from them')
+
+
 def report_internal_errors(fn: _Fn) -> _Fn:
     """Make an unexpected exception in ``fn`` a :class:`HawqInternalError`.
 
     For the hook's entry points (``before_run``, ``before_test``, ...):
     :class:`HawqUserError`, :class:`HawqInternalError` and what is not an
-    ``Exception`` (Ctrl-C, SIGTERM, ``sys.exit``) pass unchanged.
+    ``Exception`` (Ctrl-C, SIGTERM, ``sys.exit``) pass unchanged; running
+    out of memory becomes a :class:`HawqUserError` (:func:`out_of_memory`).
 
     Args:
         fn (Callable): The entry point.
@@ -123,6 +149,9 @@ def report_internal_errors(fn: _Fn) -> _Fn:
         except (HawqUserError, HawqInternalError):
             raise
         except Exception as err:  # noqa: BLE001 - re-raised with its origin
+            user = out_of_memory(err)
+            if user is not None:
+                raise user from None
             # the traceback from ``fn`` on: this frame says nothing
             raise HawqInternalError.from_exception(
                 err, err.__traceback__.tb_next) from err

@@ -624,6 +624,34 @@ def test_report_internal_errors_passes_what_is_not_a_bug():
     assert err.value.details.count('File "') == 1
 
 
+@pytest.mark.parametrize('error', [
+    torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB '
+                           '(GPU 0; 139.81 GiB total capacity)\nmore'),
+    RuntimeError('[enforce fail at alloc_cpu.cpp:117] data. '
+                 "DefaultCPUAllocator: can't allocate memory: you tried to "
+                 'allocate 80000000000 bytes.')
+])
+def test_running_out_of_memory_is_one_user_error_line(error):
+    """The size of the job, not a bug: one line saying what to lower."""
+    from mmdet_hawq.errors import (HawqInternalError, HawqUserError,
+                                   report_internal_errors)
+
+    @report_internal_errors
+    def entry(error=error):
+        raise error
+
+    with pytest.raises(HawqUserError) as err:
+        entry()
+    message = str(err.value)
+    assert '\n' not in message and message.startswith(
+        f'out of memory ({str(error).splitlines()[0][:160]}): lower the '
+        'calibration batch size')
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    # another RuntimeError is still a bug
+    with pytest.raises(HawqInternalError):
+        entry(RuntimeError('shape mismatch'))
+
+
 def test_excepthook_reports_internal_errors(monkeypatch, capsys):
     from mmdet_hawq import errors
     seen = []
