@@ -45,7 +45,8 @@ def _dataset_files(ds_cfg: dict) -> Tuple[Optional[str], Optional[str]]:
 
 def check_data_files(cfg, calibration: Optional[dict] = None) -> None:
     """The annotation file and image folder of the test split, and of the
-    calibration set when the hook reads one, exist; no annotation is read.
+    calibration set when the hook reads one, and the test evaluator's
+    annotation file exist; no annotation is read.
 
     Args:
         cfg (mmengine.Config): The run's config.
@@ -65,6 +66,17 @@ def check_data_files(cfg, calibration: Optional[dict] = None) -> None:
             if calibration.get('dataset') else
             ('calibration set', 'train_dataloader.dataset',
              calibration_dataset_cfg(cfg)))
+    evaluators = cfg.get('test_evaluator') or []
+    for i, metric in enumerate(evaluators if isinstance(evaluators, (
+            list, tuple)) else [evaluators]):
+        ann = metric.get('ann_file') if hasattr(metric, 'get') else None
+        key = 'test_evaluator' + (f'.{i}' if isinstance(
+            evaluators, (list, tuple)) else '')
+        if isinstance(ann, str) and is_local_path(ann) and \
+                not osp.isfile(ann):
+            raise HawqUserError(
+                f'the {key} annotation file {ann!r} does not exist: '
+                f'{MAKE_DATA} or set {key}.ann_file to where it is')
     for what, key, ds_cfg in datasets:
         ann, img = _dataset_files(ds_cfg)
         if ann is not None and not osp.isfile(ann):

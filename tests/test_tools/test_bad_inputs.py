@@ -249,6 +249,15 @@ def case_missing_data(tmp_path, tiny_cfg):
             [cfg], ['nowhere', 'make data'])
 
 
+def case_missing_evaluator_annotations(tmp_path, tiny_cfg):
+    # was mmengine's traceback from CocoMetric, after the Runner's log
+    cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py')
+    return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+             f'test_evaluator.ann_file={tmp_path}/nowhere/val.json'],
+            [cfg], ["test_evaluator annotation file '", "nowhere/val.json' "
+                    'does not exist', 'test_evaluator.ann_file'])
+
+
 def case_empty_calibration_set(tmp_path, tiny_cfg):
     ann = json.load(open(tiny_cfg.val_evaluator.ann_file))
     empty = tmp_path / 'empty'
@@ -364,6 +373,7 @@ CASES = [
     case_missing_checkpoint, case_corrupted_checkpoint,
     case_truncated_checkpoint, case_checkpoint_of_another_model,
     case_bit_range_out_of_range, case_missing_data,
+    case_missing_evaluator_annotations,
     case_empty_calibration_set, case_missing_config, case_moved_config,
     case_nonfinite_outputs,
     case_missing_image_folder, case_missing_calibration_images,
