@@ -33,6 +33,7 @@ CPU smoke run (what the test suite does):
 """
 import argparse
 import json
+import logging
 import os
 import os.path as osp
 import time
@@ -42,6 +43,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 from mmengine.config import Config
+from mmengine.logging import MMLogger
 
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
@@ -69,7 +71,14 @@ def build(cfg_path: str, device: str) -> torch.nn.Module:
     cfg.model.backbone.init_cfg = None
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
-    model.init_weights()
+    # mmengine logs every parameter's initialisation at INFO (1,700 lines)
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
     return model.to(device).eval()
 
 

@@ -151,12 +151,13 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT_DIR
 ptq_runs() {
   local failed=0 log=/tmp/hawq-gpu/run.log
   mkdir -p /tmp/hawq-gpu
-  show() {  # show CMD...: run it, keep the lines that matter, note a failure
-    "$@" > "$log" 2>&1 || { echo "FAILED (exit $?)"; failed=1; }
-    grep -E 'bbox mAP|coco/bbox_mAP:|sensitivity.*: sample|activation' \
-      "$log" | grep -vE 'copypaste|Build settings' | tail -n 10
-    grep -E "^[A-Za-z.]*(Error|Exception)|^error:|not available on" "$log" \
-      | tail -n 4
+  show() {  # show CMD...: run it, keep the lines that matter; on a
+    # failure the end of its output
+    "$@" > "$log" 2>&1 || { echo "FAILED (exit $?)"; failed=1;
+                           tail -n 15 "$log"; }
+    grep -E 'sensitivity .*: sample' "$log" | tail -n 1
+    grep -E "not available on|activation sensitivity:|activations: " "$log"
+    grep -E 'coco/bbox_mAP:|bbox mAP|^warning' "$log" | tail -n 6
   }
   run_ptq() {
     echo "### tools/ptq.py configs/$1.py ${*:2}"
@@ -180,7 +181,7 @@ ptq_runs() {
 export PY
 export -f ptq_runs
 
-step cuda_tests 150 $PY -m pytest -v -n 4 -m cuda -p no:cacheprovider \
+step cuda_tests 150 $PY -m pytest -v -n 8 -m cuda -p no:cacheprovider \
   --gpu-device $GPU --durations=12 -W ignore::DeprecationWarning tests
 step benchmark_gpu 110 $PY tools/benchmark_gpu.py "${BENCH[@]}" \
   --out "$OUT_DIR/benchmark_gpu.json"
