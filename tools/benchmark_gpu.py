@@ -348,6 +348,13 @@ def main() -> int:
     finally:
         save()
     print(f'wrote {args.out}')
+    failed = [m['config'] for m in result['models'] if 'error' in m or
+              'error' in m.get('sensitivity_step', {})]
+    failed += ['cuda_vs_cpu'] if any(
+        'error' in v for v in result.get('cuda_vs_cpu', {}).values()) else []
+    if failed:  # the JSON holds every row; the exit status says some failed
+        print(f'failed rows: {", ".join(failed)}')
+        return 1
     return 0
 
 

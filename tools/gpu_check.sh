@@ -123,7 +123,7 @@ cat "$OUT_DIR/env.txt"
 
 if [ -n "${REHEARSE:-}" ]; then
   GPU=cpu
-  BENCH=(--device cpu --height 160 --width 224 --repeats 1 --step-images 2
+  BENCH=(--device cpu --height 320 --width 448 --repeats 1 --step-images 2
          --step-samples 2 --trace-samples 2 --no-profile)
 else
   GPU=cuda BENCH=(--repeats 3)

@@ -12,14 +12,17 @@ pytestmark = pytest.mark.slow
 
 def test_cpu_smoke_run_on_the_small_dino(tmp_path):
     """Every row of a model that runs, and a model that cannot be built:
-    its row records the error, the run goes on and the JSON is written."""
+    its row records the error, the run goes on, the JSON is written and the
+    exit status says a row failed."""
     out = tmp_path / 'gpu.json'
     proc = run_tool('tools/benchmark_gpu.py', '--device', 'cpu', '--height',
                     '64', '--width', '64', '--models', 'configs/missing.py',
                     'configs/dino/dino_tiny_shapes.py', '--repeats', '1',
                     '--step-images', '2', '--step-samples', '2', '--out',
                     str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the failed row makes the exit status 1, after the JSON is written
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert 'failed rows: configs/missing.py' in proc.stdout
     missing, row = json.load(open(out))['models']
     assert missing['config'] == 'configs/missing.py'
     assert 'missing.py' in missing['error'] and missing['where']
