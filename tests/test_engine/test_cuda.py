@@ -112,7 +112,7 @@ def test_loss_gradient_and_hvp_match_cpu(family_cfg, gpu_device, name):
 def run_hook(cfg, work_dir: str, device: str, **settings) -> Dict:
     """The hook with ``settings`` through mmengine's Runner with the model
     on ``device``: its outputs, the test metrics and the quantized
-    model."""
+    weights."""
     cfg = copy.deepcopy(cfg)
     cfg.work_dir = work_dir
     cfg.custom_hooks = [dict(type='DistillSensitivityHook', save_packed=True,
@@ -134,8 +134,8 @@ def run_hook(cfg, work_dir: str, device: str, **settings) -> Dict:
                 summary=read('summary.json'),
                 ranges=read('activations.json'),
                 sites=read('activation_sites.json'), metrics=metrics,
-                model=model, state={k: v.detach().cpu() for k, v in
-                                    model.state_dict().items()},
+                state={k: v.detach().cpu() for k, v in
+                       model.state_dict().items()},
                 packed=osp.join(out, 'packed.pth'))
 
 
@@ -198,6 +198,7 @@ def test_gptq_and_activations_on_gpu_match_cpu(family_cfg, tmp_path,
     sensitivity: nothing here is drawn but the activation traces."""
     onnx = pytest.importorskip('onnx')
     from mmdet_hawq.deploy.onnx_export import export_onnx
+    from mmdet_hawq.engine.deploy import load_for_export
     from mmdet_hawq.quant.activations import load_ranges
     cfg = family_cfg(name)
     settings = dict(metric='uniform', bits=4, rounding='gptq',
@@ -231,19 +232,19 @@ def test_gptq_and_activations_on_gpu_match_cpu(family_cfg, tmp_path,
     assert np.mean(ok) >= 0.9, (
         f'{sum(not x for x in ok)} of {len(ok)} sites beyond 3 SE')
     check_packed_loads_on_cpu(gpu)
-    # the model that lives on the device exports what its CPU copy does
-    packed = torch.load(gpu['packed'], map_location='cpu',
-                        weights_only=False)['packed']
+    # a model that lives on the device exports what its CPU copy does (the
+    # detector rebuilt from the packed file, as tools/export_onnx.py does)
+    model, packed = load_for_export(cfg, gpu['packed'])
     ranges = load_ranges(osp.join(gpu['out'], 'activations.json'))
     protos = []
-    for where, model in (('host_copy', copy.deepcopy(gpu['model']).cpu()),
-                         ('on_device', gpu['model'])):
+    for where, detector in (('host', model),
+                            ('device', copy.deepcopy(model).to(gpu_device))):
         out_file = str(tmp_path / f'{where}.onnx')
-        export_onnx(model, out_file, (64, 64), packed=packed,
+        export_onnx(detector, out_file, (64, 64), packed=packed,
                     activations=ranges)
+        assert next(detector.parameters()).device.type == \
+            torch.device('cpu' if where == 'host' else gpu_device).type
         protos.append(onnx.load(out_file).SerializeToString())
-    assert next(gpu['model'].parameters()).device.type == \
-        torch.device(gpu_device).type
     assert protos[0] == protos[1]
 
 
