@@ -122,9 +122,10 @@ def out_of_memory(err: BaseException) -> Optional[HawqUserError]:
     first = (text.splitlines() or [type(err).__name__])[0][:160]
     return HawqUserError(
         f'out of memory ({first}): lower the calibration batch size '
-        '(sensitivity batch_size, default 4) or the images\' size, or use '
-        "estimator='gauss_newton' (Hutchinson's double backward takes "
-        'several times the memory); the sensitivity samples saved so far '
+        '(sensitivity batch_size, default 4); Hutchinson\'s double backward '
+        "takes several times the memory of estimator='gauss_newton' (the "
+        'Out Sen default), and GPTQ holds fewer Hessians at once with '
+        'gptq=dict(sequential=True); the sensitivity samples saved so far '
         'are kept, and the same command resumes from them')
 
 
