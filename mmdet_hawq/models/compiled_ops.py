@@ -81,15 +81,15 @@ def torch_nms(boxes: torch.Tensor, scores: torch.Tensor,
 
 class _CheckedOp:
     """One of mmcv's compiled ops behind a check: tried once per device
-    (:meth:`probe`); a device where it fails runs :meth:`fallback`, said
-    once in the log.
+    (:meth:`probe`); on a device where it fails the subclass runs its
+    PyTorch path instead, said once in the log (:meth:`runs_on`).
 
     Args:
         compiled (Any): mmcv's op.
-        what (str): The log line's name of the op and who needs it.
     """
 
-    what = ''
+    #: The log line's names: (the op, the detectors that need it).
+    what: Tuple[str, str] = ('', '')
 
     def __init__(self, compiled: Any) -> None:
         self.compiled = compiled
