@@ -66,12 +66,11 @@ def check_data_files(cfg, calibration: Optional[dict] = None) -> None:
             if calibration.get('dataset') else
             ('calibration set', 'train_dataloader.dataset',
              calibration_dataset_cfg(cfg)))
-    evaluators = cfg.get('test_evaluator') or []
-    for i, metric in enumerate(evaluators if isinstance(evaluators, (
-            list, tuple)) else [evaluators]):
-        ann = metric.get('ann_file') if hasattr(metric, 'get') else None
-        key = 'test_evaluator' + (f'.{i}' if isinstance(
-            evaluators, (list, tuple)) else '')
+    evaluators = cfg.get('test_evaluator') or {}
+    listed = isinstance(evaluators, (list, tuple))
+    for i, metric in enumerate(evaluators if listed else [evaluators]):
+        ann = metric.get('ann_file')
+        key = f'test_evaluator.{i}' if listed else 'test_evaluator'
         if isinstance(ann, str) and is_local_path(ann) and \
                 not osp.isfile(ann):
             raise HawqUserError(
