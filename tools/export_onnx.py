@@ -124,10 +124,11 @@ def main() -> int:
               'packed weights): exporting it with fp32 weights; pass the '
               "hook's packed.pth for integer weights")
 
-    from mmdet_hawq.deploy import ONNX_OPSET, check_opset, export_onnx
+    from mmdet_hawq.deploy import (ONNX_OPSET, check_opset, export_onnx,
+                                   stores_int4)
     integer = packed is not None and not args.float_weights
     opset = ONNX_OPSET if args.opset is None else args.opset
-    check_opset(opset, integer)
+    check_opset(opset, stores_int4(packed if integer else None, ranges))
     report = export_onnx(model, out, shape,
                          packed=packed if integer else None,
                          last_layer_only=args.last_layer_only, opset=opset,

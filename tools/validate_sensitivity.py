@@ -217,6 +217,28 @@ def rank_correlation(pred: List[float], meas: List[float]) -> float:
 #: factor alone (what a Hessian-free or an error-free rule would rank by).
 PREDICTORS = dict(predicted='predicted_damage', error_only='squared_error',
                   trace_only='trace')
+#: Layer values of runs since the measured correction (every site of a
+#: layer carries them): the damage measured on the calibration images and
+#: the larger of it and the prediction, which the site choice reads.
+LAYER_PREDICTORS = dict(measured_calib='layer_measured_damage',
+                        corrected='layer_damage')
+#: The measured damage the top layers must hold for :func:`top_share`.
+TOP_SHARE = 0.9
+
+
+def top_share(pred: List[float], meas: List[float]) -> float:
+    """Share of the measured damage held by the ``k`` layers a predictor
+    ranks first, where ``k`` is the fewest layers holding :data:`TOP_SHARE`
+    of it: 1 when the predictor ranks the layers whose float precision
+    recovers the loss first."""
+    meas = np.maximum(np.asarray(meas, dtype=float), 0.0)
+    total = meas.sum()
+    if total <= 0:
+        return float('nan')
+    ordered = np.sort(meas)[::-1]
+    k = int(np.searchsorted(np.cumsum(ordered), TOP_SHARE * total)) + 1
+    top = np.argsort(-np.asarray(pred, dtype=float), kind='stable')[:k]
+    return float(meas[top].sum() / ordered[:k].sum())
 
 
 def validate_activations(spec: str, cfg, teacher, batches, lambda_kl: float,
@@ -243,6 +265,8 @@ def validate_activations(spec: str, cfg, teacher, batches, lambda_kl: float,
         rows = json.load(f)
     with open(files['summary']) as f:
         bits = json.load(f)['activations']['bits']
+    predictors = dict(PREDICTORS, **{
+        k: c for k, c in LAYER_PREDICTORS.items() if c in rows[0]})
     if any('predicted_damage' not in r for r in rows):
         raise HawqUserError(
             f'--activations {label}: {files["sites"]} has no predicted '
@@ -265,9 +289,12 @@ def validate_activations(spec: str, cfg, teacher, batches, lambda_kl: float,
     layers: Dict[str, dict] = {}
     for r in rows:
         layer = layers.setdefault(r['layer'], dict(
-            layer=r['layer'], sites=[], **{k: 0.0 for k in PREDICTORS}))
+            layer=r['layer'], sites=[], **{k: 0.0 for k in predictors}))
         for key, column in PREDICTORS.items():
             layer[key] += r[column]
+        for key, column in LAYER_PREDICTORS.items():
+            if key in predictors:
+                layer[key] = r[column]
         layer['sites'].append(r['site'])
     bar = ProgressBar(len(layers))
     for layer in layers.values():
@@ -278,13 +305,13 @@ def validate_activations(spec: str, cfg, teacher, batches, lambda_kl: float,
     rng = np.random.default_rng(seed)
     picks = [rng.integers(0, len(meas), len(meas)) for _ in range(resamples)]
     correlations = {}
-    for key in PREDICTORS:
+    for key in predictors:
         pred = [x[key] for x in layers.values()]
         boot = [rank_correlation([pred[i] for i in pick],
                                  [meas[i] for i in pick]) for pick in picks]
         boot = [b for b in boot if np.isfinite(b)]
         correlations[key] = dict(
-            rho=rank_correlation(pred, meas),
+            rho=rank_correlation(pred, meas), top_share=top_share(pred, meas),
             rho_95=np.percentile(boot, [2.5, 97.5]).tolist() if boot else
             [float('nan')] * 2)
     return dict(label=label, run=folder, base_loss=base,
@@ -430,14 +457,21 @@ def main_activations(args, cfg, model, batches, img_ids, lambda_kl: float,
                        lambda_kl=lambda_kl, temperature=temperature,
                        seconds=round(time.time() - start, 1),
                        runs=results), f, indent=1)
+    keys = [k for k in (*PREDICTORS, *LAYER_PREDICTORS)
+            if any(k in r['correlations'] for r in results)]
     lines = ['| run | layers | ' + ' | '.join(
-        f'ρ {k} (95% interval)' for k in PREDICTORS) + ' |',
-        '|---|---|' + '---|' * len(PREDICTORS)]
+        f'ρ {k} (95% interval), top share' for k in keys) + ' |',
+        '|---|---|' + '---|' * len(keys)]
     for r in results:
         c = r['correlations']
         lines.append(f"| {r['label']} | {len(r['layers'])} | " + ' | '.join(
             f"{c[k]['rho']:.3f} ({c[k]['rho_95'][0]:.3f}, "
-            f"{c[k]['rho_95'][1]:.3f})" for k in PREDICTORS) + ' |')
+            f"{c[k]['rho_95'][1]:.3f}), {c[k]['top_share']:.2f}"
+            if k in c else '–' for k in keys) + ' |')
+    lines.append('')
+    lines.append(f'top share: the measured damage of the layers a predictor '
+                 f'ranks first, over that of the fewest layers holding '
+                 f'{TOP_SHARE:.0%} of it (1: those layers ranked first).')
     with open(osp.join(args.out_dir, 'activations.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))

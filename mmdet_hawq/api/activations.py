@@ -6,13 +6,17 @@ the convolutions' output sites after their BatchNorm) → their ranges from
 the calibration images → each site's squared quantization error → with
 ``sensitivity``, each site's Gauss–Newton trace of the distillation loss
 against the float teacher (:mod:`~mmdet_hawq.sensitivity.activation_traces`)
-and its predicted damage, trace × error → the int8 sites by the exact 0/1
-program under the ``int8_macs`` budget
-(:func:`~mmdet_hawq.allocation.sites.choose_int8_sites`; every site when
-the budget is 1) → their quantizers on the model.
+and its predicted damage, trace × error, and each layer's measured damage
+(the loss with its sites alone quantized,
+:mod:`~mmdet_hawq.sensitivity.measured_damage`), combined by
+:func:`corrected_damage` → the int8 sites: every site not kept float by
+``float_sites``, or under an ``int8_macs`` budget the exact 0/1 program's
+choice (:func:`~mmdet_hawq.allocation.sites.choose_int8_sites`) → their
+quantizers on the model.
 """
 import fnmatch
 import logging
+import math
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -27,13 +31,15 @@ from ..quant.activations import (OUTPUT, ActivationRange, activation_modules,
                                  attach_activation_quantizers,
                                  calibrate_range, captured_sites,
                                  conv_output_modules, observe_sites,
-                                 site_errors, site_macs)
+                                 quantized_activations, site_errors,
+                                 site_macs, sqnr_db)
 from ..quant.gptq_inputs import eval_mode
 from ..sensitivity import DistillationObjective, TraceResult, hessian_mode
 from ..sensitivity.activation_traces import activation_traces
+from ..sensitivity.measured_damage import measured_damage
 from .dist import process_shard
 
-__all__ = ['quantize_activations']
+__all__ = ['corrected_damage', 'quantize_activations']
 
 
 def quantize_activations(model: nn.Module, names: Sequence[str],
@@ -75,29 +81,49 @@ def quantize_activations(model: nn.Module, names: Sequence[str],
     inputs = [n for n in ranges if not n.endswith(OUTPUT)]
     keep_float = _float_sites(settings['float_sites'], ranges, layer_of)
     damage: Dict[str, float] = {}
+    missed: Dict[str, float] = {}
     columns: Dict[str, Dict[str, float]] = {n: {} for n in ranges}
+    with eval_mode(model):
+        errors = site_errors(every, ranges, lambda: [
+            decoder_outputs(model, b) for b in batches])
+    for n, (error, energy, clipped) in errors.items():
+        db = sqnr_db(error, energy)
+        columns[n].update(sqnr_db=None if math.isinf(db) else round(db, 2),
+                          clipped_share=clipped / energy if energy else 0.0)
     if settings['sensitivity']:
-        with eval_mode(model):
-            errors = site_errors(every, ranges, lambda: [
-                decoder_outputs(model, b) for b in batches])
-        traces = _activation_traces(model, teacher, every, list(ranges),
-                                    batches, distillation, logger)
+        objective = DistillationObjective(
+            model, teacher, batches, {}, distillation[0], distillation[1],
+            activation=class_activation(model))
+        traces = _activation_traces(model, objective, every, list(ranges),
+                                    len(batches), logger)
+        predicted: Dict[str, float] = {}
         for n, mean, se in zip(traces.names, traces.mean(), traces.stderr()):
-            error = errors[n] / len(batches)
-            columns[n] = dict(squared_error=error, trace=float(mean),
+            error = errors[n][0] / len(batches)
+            columns[n].update(squared_error=error, trace=float(mean),
                               trace_se=float(se),
                               predicted_damage=float(mean) * error)
             # an output site's damage is its layer's
-            damage[layer_of[n]] = damage.get(layer_of[n], 0.0) + \
+            predicted[layer_of[n]] = predicted.get(layer_of[n], 0.0) + \
                 columns[n]['predicted_damage']
-    int8 = choose_int8_sites({n: damage.get(n, 0.0) for n in inputs}, macs,
-                             settings['int8_macs'], keep_float)
+        measured = _measured_damage(model, objective, every, ranges,
+                                    layer_of, len(batches), logger)
+        damage, missed = corrected_damage(
+            {n: p * len(batches) for n, p in predicted.items()}, measured)
+        for n in ranges:  # the layer's values, which the choice reads
+            columns[n].update(layer_measured_damage=measured[layer_of[n]],
+                              layer_damage=damage[layer_of[n]])
+    if settings['int8_macs'] is None:
+        int8 = set(inputs) - set(keep_float)
+    else:
+        int8 = choose_int8_sites({n: damage.get(n, 0.0) for n in inputs},
+                                 macs, settings['int8_macs'], keep_float)
     chosen = {n: r for n, r in ranges.items() if layer_of[n] in int8}
     attach_activation_quantizers(every, chosen)
     rows = [dict(site=n, layer=layer_of[n],
                  precision='int8' if n in chosen else 'float', lo=r.lo,
                  hi=r.hi, macs=macs.get(n, 0), **columns[n])
             for n, r in ranges.items()]
+    _warn_low_sqnr(rows, missed, logger)
     share = sum(macs.get(n, 0) for n in int8) / max(1, sum(macs.values()))
     logger.info(
         f"activations: {len(chosen)} of {len(ranges)} sites int8 "
@@ -128,23 +154,19 @@ def _float_sites(patterns: Sequence[str], ranges: Mapping[str, Any],
     return out
 
 
-def _activation_traces(model: nn.Module, teacher: nn.Module,
+def _activation_traces(model: nn.Module, objective: DistillationObjective,
                        sites: Mapping[str, nn.Module], names: List[str],
-                       batches: Sequence[Any],
-                       distillation: Tuple[float, float],
+                       num_batches: int,
                        logger: logging.Logger) -> TraceResult:
     """Per-site Gauss–Newton traces of the distillation loss against the
-    float ``teacher``, at the model's quantized weights and float
-    activations (:func:`~mmdet_hawq.sensitivity.activation_traces`)."""
+    float teacher, at the model's quantized weights and float activations
+    (:func:`~mmdet_hawq.sensitivity.activation_traces`)."""
     start = time.time()
-    objective = DistillationObjective(
-        model, teacher, batches, {}, distillation[0], distillation[1],
-        activation=class_activation(model))
     device = next(model.parameters()).device
     with hessian_mode(model, {}):
         result = activation_traces(
             lambda: captured_sites(sites, names), names,
-            objective.gauss_newton_sample, len(batches), device,
+            objective.gauss_newton_sample, num_batches, device,
             shard=process_shard())
     rel = result.rel_stderr()
     logger.info(
@@ -152,3 +174,98 @@ def _activation_traces(model: nn.Module, teacher: nn.Module,
         f'samples, median rel. SE {float(np.median(rel)):.3f}, in '
         f'{time.time() - start:.1f} s')
     return result
+
+
+def _measured_damage(model: nn.Module, objective: DistillationObjective,
+                     sites: Mapping[str, nn.Module],
+                     ranges: Mapping[str, ActivationRange],
+                     layer_of: Mapping[str, str], num_batches: int,
+                     logger: logging.Logger) -> Dict[str, float]:
+    """Layer → increase of the distillation loss, summed over the
+    calibration batches, with that layer's sites alone quantized
+    (:func:`~mmdet_hawq.sensitivity.measured_damage`)."""
+    start = time.time()
+    groups: Dict[str, Dict[str, ActivationRange]] = {}
+    for n, r in ranges.items():
+        groups.setdefault(layer_of[n], {})[n] = r
+    device = next(model.parameters()).device
+    with hessian_mode(model, {}):  # the teacher's attention kernel
+        measured, _ = measured_damage(
+            objective.loss, groups,
+            lambda group: quantized_activations(sites, group), num_batches,
+            device, process_shard())
+    logger.info(f'activation damage measured: {len(groups)} layers, '
+                f'{num_batches} batches each, in {time.time() - start:.1f} s')
+    return measured
+
+
+#: A layer whose measured damage is this many times its prediction (and at
+#: least :data:`UNDERPREDICTED_SHARE` of all measured damage) is reported.
+UNDERPREDICTED_RATIO = 10.0
+UNDERPREDICTED_SHARE = 0.05
+#: A quantized site whose signal-to-quantization-noise ratio on the
+#: calibration images is below this (dB) is warned of. Correct 8-bit ranges
+#: of the small models are at 22 dB or more (6-bit: 21 dB), ranges
+#: clipped by the old observer at 1-2 dB, 4-bit activations at 13-15 dB
+#: (docs/results.md).
+LOW_SQNR_DB = 20.0
+
+
+def corrected_damage(predicted: Mapping[str, float],
+                     measured: Mapping[str, float]
+                     ) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Each layer's damage for the site choice: the larger of its predicted
+    and its measured damage (both summed over the calibration set).
+
+    The quadratic model (trace × squared error) cannot see what its
+    expansion drops: the distillation loss's L1 box term, which is first
+    order in the error and has no curvature for the Gauss–Newton draws,
+    and clipping errors beyond the quadratic region. The measurement sees
+    both; where the quadratic model predicts more (a small error along a
+    curved direction), its prediction stands.
+
+    Args:
+        predicted (Mapping[str, float]): Layer → predicted damage.
+        measured (Mapping[str, float]): Layer → measured damage
+            (:func:`~mmdet_hawq.sensitivity.measured_damage`).
+
+    Returns:
+        tuple: Layer → damage (≥ 0); and layer → measured / predicted for
+        the layers the quadratic model missed: measured ≥
+        :data:`UNDERPREDICTED_RATIO` × predicted and ≥
+        :data:`UNDERPREDICTED_SHARE` of all measured damage.
+    """
+    damage = {n: max(p, measured.get(n, 0.0), 0.0)
+              for n, p in predicted.items()}
+    total = sum(max(0.0, m) for m in measured.values())
+    missed = {n: measured[n] / max(p, 1e-30) for n, p in predicted.items()
+              if measured.get(n, 0.0) > max(UNDERPREDICTED_SHARE * total,
+                                            UNDERPREDICTED_RATIO * p)}
+    return damage, missed
+
+
+def _warn_low_sqnr(rows: Sequence[Mapping[str, Any]],
+                   missed: Mapping[str, float],
+                   logger: logging.Logger) -> None:
+    """A warning for the quantized sites below :data:`LOW_SQNR_DB` (a range
+    that clips, too few bits), and a line for the layers the quadratic
+    model missed (:func:`corrected_damage`)."""
+    if missed:
+        worst = max(missed, key=missed.get)
+        logger.info(
+            f'activations: the measured damage of {len(missed)} layer(s) '
+            f'is over {UNDERPREDICTED_RATIO:g}x the quadratic model\'s '
+            f'(worst {worst}: {missed[worst]:.3g}x); the site choice used '
+            'the measured damage')
+    low = sorted((r['sqnr_db'], r['site'], r['clipped_share']) for r in rows
+                 if r['precision'] == 'int8' and r['sqnr_db'] is not None
+                 and r['sqnr_db'] < LOW_SQNR_DB)
+    if low:
+        db, site, clipped = low[0]
+        logger.warning(
+            f'activations: {len(low)} quantized site(s) have an SQNR below '
+            f'{LOW_SQNR_DB:g} dB on the calibration images (worst {site}: '
+            f'{db:.1f} dB, {clipped:.1%} of its signal clipped by its '
+            'range): expect a large accuracy loss; check their ranges in '
+            'activation_sites.json, use more bits, or keep them float '
+            '(float_sites)')

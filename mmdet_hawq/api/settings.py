@@ -65,9 +65,9 @@ ACTIVATION_DEFAULTS = dict(
     bits=8,  # unsigned codes per tensor (ONNX Runtime's QDQ activations)
     method='mse',  # range: 'minmax', 'percentile' or 'mse'
     sensitivity=False,  # per-site GN trace x error (activation_sites.json)
-    int8_macs=1.0,  # share of the quantized layers' MACs with int8 inputs;
-    #                 below 1 the least damaging sites are chosen (needs
-    #                 sensitivity)
+    int8_macs=None,  # share of the quantized layers' MACs with int8
+    #                  inputs: the least damaging sites are chosen (needs
+    #                  sensitivity); None: every site not in float_sites
     float_sites=(),  # site name patterns (fnmatch) kept float
 )
 
@@ -295,12 +295,14 @@ def resolve_activations(settings: Any) -> Optional[dict]:
             f"activations method {s['method']!r} is unknown: use one of "
             f'{", ".join(RANGE_METHODS)}')
     share = s['int8_macs']
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or \
-            not 0.0 <= share <= 1.0:
+    if share is not None and (
+            isinstance(share, bool) or not isinstance(share, (int, float))
+            or not 0.0 <= share <= 1.0):
         raise HawqUserError(
             f'activations int8_macs={share!r} is not a share of the MACs: '
-            'give a number from 0 to 1 (1: every site int8)')
-    if share < 1.0 and not s['sensitivity']:
+            'give a number from 0 to 1, or leave it out to quantize every '
+            'site not in float_sites')
+    if share is not None and share < 1.0 and not s['sensitivity']:
         raise HawqUserError(
             f'activations int8_macs={share} chooses sites by their '
             'predicted damage: pass sensitivity=True too')
@@ -311,7 +313,7 @@ def resolve_activations(settings: Any) -> Optional[dict]:
             "site name patterns: give e.g. ['*sampling_offsets*']")
     s['float_sites'] = list(s['float_sites'])
     s['sensitivity'] = bool(s['sensitivity'])
-    s['int8_macs'] = float(share)
+    s['int8_macs'] = None if share is None else float(share)
     return s
 
 

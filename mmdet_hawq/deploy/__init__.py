@@ -7,7 +7,8 @@ Sits below :mod:`mmdet_hawq.engine` and above :mod:`mmdet_hawq.quant` and
 """
 from .onnx_export import (DequantizeLinearFunction, DetectorOnnxWrapper,
                           OnnxQuantizedWeight, attach_onnx_quantized_weights,
-                          check_opset, export_onnx, operator_layers)
+                          check_opset, export_onnx, operator_layers,
+                          stores_int4)
 from .onnx_lowering import (ONNX_OPSET, lower_quantized_weights,
                             onnx_weight_summary, pack_int4)
 from .packed_weights import (PackedWeight, attach_packed_weights,
@@ -20,5 +21,5 @@ __all__ = [
     'export_onnx', 'lower_quantized_weights', 'onnx_weight_summary',
     'operator_layers', 'pack_int4', 'PackedWeight',
     'attach_packed_weights', 'load_packed', 'module_weight_bytes',
-    'packed_entry_codes'
+    'packed_entry_codes', 'stores_int4'
 ]

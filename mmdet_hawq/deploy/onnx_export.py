@@ -54,6 +54,7 @@ __all__ = [
     'EXPORT_OPSET', 'FLOAT_MIN_OPSET', 'OnnxQuantizedWeight',
     'DequantizeLinearFunction',
     'DetectorOnnxWrapper', 'attach_onnx_quantized_weights', 'check_opset',
+    'stores_int4',
     'export_onnx', 'operator_layers'
 ]
 
@@ -305,7 +306,7 @@ def export_onnx(detector: nn.Module,
         HawqUserError: The opset cannot hold the model, or an operator of
             the model has no ONNX form (named with the layers that use it).
     """
-    check_opset(opset, bool(packed))
+    check_opset(opset, stores_int4(packed, activations))
     model = copy.deepcopy(detector).cpu().eval()
     model.requires_grad_(False)
     bits = attach_onnx_quantized_weights(model, packed) if packed else {}
@@ -342,36 +343,46 @@ def export_onnx(detector: nn.Module,
                 **summary)
 
 
-def check_opset(opset: int, quantized: bool) -> None:
+def check_opset(opset: int, int4: bool) -> None:
     """Stop unless a model can be written at ``opset``.
 
-    Integer weights need opset 21 (``DequantizeLinear`` over INT4); a float
-    model needs :data:`FLOAT_MIN_OPSET` (``GridSample``); no model goes
-    above :data:`ONNX_OPSET`, the newest ONNX Runtime 1.20 runs.
+    Weights stored as ``INT4`` (weights of at most 4 bits without integer
+    activations, :func:`stores_int4`) need opset 21 (``DequantizeLinear``
+    over INT4); any other model, float or with ``INT8`` codes, needs
+    :data:`FLOAT_MIN_OPSET` (``GridSample``); no model goes above
+    :data:`ONNX_OPSET`, the newest ONNX Runtime 1.20 runs.
 
     Args:
         opset (int): The requested opset.
-        quantized (bool): Whether the model has integer weights.
+        int4 (bool): Whether the model stores ``INT4`` weights.
 
     Raises:
         HawqUserError: One line naming the opset needed.
     """
-    low = ONNX_OPSET if quantized else FLOAT_MIN_OPSET
     if opset > ONNX_OPSET:
         raise HawqUserError(
             f'opset {opset} is newer than ONNX Runtime 1.20 runs: pass '
             f'--opset {ONNX_OPSET} or lower')
-    if opset < low and quantized:
+    if opset < ONNX_OPSET and int4:
         raise HawqUserError(
-            f'opset {opset} is too old for the integer weights: '
+            f'opset {opset} is too old for the INT4 weights: '
             f'DequantizeLinear takes INT4 weights from opset {ONNX_OPSET} '
             f'on; pass --opset {ONNX_OPSET}, or --float-weights for an fp32 '
             'model at an older opset')
-    if opset < low:
+    if opset < FLOAT_MIN_OPSET:
         raise HawqUserError(
             f'opset {opset} is too old for this exporter: GridSample '
             f'(deformable attention) needs opset {FLOAT_MIN_OPSET}; pass '
             f'--opset {FLOAT_MIN_OPSET} to {ONNX_OPSET}')
+
+
+def stores_int4(packed: Optional[Mapping[str, Mapping]],
+                activations: Optional[Mapping[str, Any]]) -> bool:
+    """Whether :func:`export_onnx` stores some weight as ``INT4``: one of
+    at most 4 bits, unless the activations are quantized (the integer
+    kernels take ``INT8`` codes of every weight)."""
+    return not activations and any(
+        int(e['bits']) <= 4 for e in (packed or {}).values())
 
 
 def operator_layers(wrapper: nn.Module, image: torch.Tensor,

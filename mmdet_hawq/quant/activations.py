@@ -27,7 +27,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
-                    Sequence)
+                    Sequence, Tuple)
 
 import torch
 import torch.nn as nn
@@ -179,13 +179,18 @@ class _Observer:
         self.elements = 0  # seen in all, over every forward
 
     def add(self, x: torch.Tensor) -> None:
+        """Record ``x``, a live activation: the forward goes on after the
+        hook and may rewrite it in place (``ReLU(inplace=True)``, a
+        residual ``+=``), so what is kept is a copy. On the CPU
+        ``.detach()``, ``.reshape()``, ``.float()``, a strided slice and
+        ``.cpu()`` all return the same storage."""
         flat = x.detach().reshape(-1).float()
         self.elements += flat.numel()
         self.lo = min(self.lo, float(flat.min()))
         self.hi = max(self.hi, float(flat.max()))
         if self.kept < SAMPLE_PER_SITE:
             step = max(1, math.ceil(flat.numel() / SAMPLE_PER_BATCH))
-            part = flat[::step].cpu()
+            part = flat[::step].to('cpu', copy=True)
             self.samples.append(part)
             self.kept += part.numel()
 
@@ -358,20 +363,34 @@ def captured_sites(sites: Mapping[str, nn.Module], names: Sequence[str]
 
 def site_errors(sites: Mapping[str, nn.Module],
                 ranges: Mapping[str, ActivationRange],
-                run: Callable[[], Any]) -> Dict[str, float]:
-    """``Σ ||Q(a) − a||²`` of every site over the forward passes of
-    ``run()``, each site's error measured with every activation float.
+                run: Callable[[], Any]
+                ) -> Dict[str, Tuple[float, float, float]]:
+    """``(Σ ||Q(a) − a||², Σ ||a||², Σ ||clamp(a, lo, hi) − a||²)`` of every
+    site over the forward passes of ``run()``: its quantization error, its
+    signal and the part of its error that the range clips. Each is measured
+    with every activation float, on the live tensor as the forward hands it
+    to the site (so a range calibrated from wrong values shows here).
     """
-    errors = {n: 0.0 for n in ranges}
+    sums = {n: [0.0, 0.0, 0.0] for n in ranges}
 
     def measure(site: str, x: torch.Tensor) -> torch.Tensor:
-        d = ranges[site].fake_quantize(x.detach()) - x.detach()
-        errors[site] += float((d.double()**2).sum())
+        a, rng = x.detach(), ranges[site]
+        for k, t in enumerate((rng.fake_quantize(a) - a, a,
+                               a.clamp(rng.lo, rng.hi) - a)):
+            sums[site][k] += float((t.double()**2).sum())
         return x
 
     _run_hooked(attach_activation_quantizers(
         sites, {n: n for n in ranges}, measure), run)
-    return errors
+    return {n: tuple(v) for n, v in sums.items()}
+
+
+def sqnr_db(error: float, energy: float) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(Σ||a||² / Σ||Q(a) −
+    a||²)`` in dB (inf for an exact site)."""
+    if error <= 0:
+        return math.inf
+    return 10.0 * math.log10(max(energy, 1e-300) / error)
 
 
 def site_macs(sites: Mapping[str, nn.Module],

@@ -85,11 +85,15 @@ def test_activations_are_calibrated_and_quantized(build_tiny_model,
     sites = activation_modules(model, list(result.quantized))
     assert sites and len(result.activations) >= len(sites)
     assert result.summary['activations'] == dict(
-        bits=8, method='minmax', sensitivity=False, int8_macs=1.0,
+        bits=8, method='minmax', sensitivity=False, int8_macs=None,
         float_sites=[], sites=len(result.activation_sites),
         int8_sites=len(result.activations))
     assert all(r['precision'] == 'int8' for r in result.activation_sites)
     assert any(r['site'].endswith(':output') for r in result.activation_sites)
+    # minmax ranges clip nothing; every site has its SQNR
+    assert all(r['clipped_share'] == 0.0 and (
+        r['sqnr_db'] is None or r['sqnr_db'] > 20)  # None: exact
+        for r in result.activation_sites)
     batch = calibration.batches[0]
     with torch.no_grad():
         a = decoder_outputs(model, batch)[1]
@@ -109,9 +113,10 @@ def test_activations_are_calibrated_and_quantized(build_tiny_model,
 def test_int8_sites_by_predicted_damage_under_a_mac_budget(build_tiny_model,
                                                            calibration):
     """With ``sensitivity`` every site gets a Gauss–Newton trace and a
-    predicted damage (trace × squared error); under ``int8_macs`` the int8
-    sites are the exact optimum of the site program on those numbers, the
-    ``float_sites`` stay float, and only the int8 sites are quantized."""
+    predicted damage (trace × squared error), every layer a measured and a
+    corrected damage; under ``int8_macs`` the int8 sites are the exact
+    optimum of the site program on those numbers, the ``float_sites`` stay
+    float, and only the int8 sites are quantized."""
     from mmdet_hawq.allocation.sites import choose_int8_sites
     model = build_tiny_model()
     result = quantize(model, calibration, QuantSettings(
@@ -122,9 +127,9 @@ def test_int8_sites_by_predicted_damage_under_a_mac_budget(build_tiny_model,
     assert all(r['trace'] >= 0 and r['predicted_damage'] >= 0 for r in rows)
     assert any(r['predicted_damage'] > 0 for r in rows)
     layers = [r for r in rows if r['site'] == r['layer']]
-    damage = {r['layer']: 0.0 for r in layers}
-    for r in rows:
-        damage[r['layer']] += r['predicted_damage']
+    # the choice reads each layer's damage: the larger of the predicted
+    # (summed over its sites and batches) and the measured one
+    damage = {r['layer']: r['layer_damage'] for r in layers}
     macs = {r['layer']: r['macs'] for r in layers}
     forced = [r['layer'] for r in layers
               if r['layer'].startswith('decoder.layers.1.')]
@@ -163,3 +168,60 @@ def test_site_pattern_matching_nothing_and_impossible_budget_are_one_line(
             quantize(build_tiny_model(), calibration, QuantSettings(
                 metric='uniform', bits=8, activations=activations))
         assert '\n' not in str(err.value)
+
+
+def test_float_sites_alone_keep_those_float_and_the_rest_int8(
+        build_tiny_model, calibration):
+    """``float_sites`` without ``int8_macs`` or ``sensitivity``: the sites
+    it matches (and their layers' other sites) stay float, every other
+    site is quantized, with no sensitivity step."""
+    result = quantize(build_tiny_model(), calibration, QuantSettings(
+        metric='uniform', bits=8,
+        activations=dict(float_sites=['decoder.layers.1.*'])))
+    rows = result.activation_sites
+    float_layers = {r['layer'] for r in rows
+                    if r['layer'].startswith('decoder.layers.1.')}
+    assert float_layers
+    for r in rows:
+        assert r['precision'] == ('float' if r['layer'] in float_layers
+                                  else 'int8'), r['site']
+        assert 'trace' not in r
+    assert result.summary['activations']['int8_macs'] is None
+
+
+def test_clipping_ranges_are_warned_of_and_measured(
+        build_tiny_model, calibration, monkeypatch, caplog):
+    """Ranges shrunk on purpose: every site's SQNR and clipped share come
+    from the live tensors, the run's log warns of them in one line; with
+    ``sensitivity`` each layer's measured damage is the loss increase with
+    its sites alone quantized, and the choice reads the larger of the
+    measured and the predicted damage."""
+    import logging
+
+    import mmdet_hawq.api.activations as api_activations
+    from mmdet_hawq.quant.activations import ActivationRange
+    original = api_activations.calibrate_range
+
+    def shrunk(observer, method, bits=8):
+        r = original(observer, method, bits)
+        return ActivationRange(r.lo * 0.05, r.hi * 0.05, bits)
+
+    monkeypatch.setattr(api_activations, 'calibrate_range', shrunk)
+    logger = logging.getLogger('test_clipping')
+    with caplog.at_level(logging.INFO, logger='test_clipping'):
+        result = quantize(build_tiny_model(), calibration, QuantSettings(
+            metric='uniform', bits=8, activations=dict(
+                method='minmax', sensitivity=True)), logger=logger)
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and 'SQNR below 20 dB' in warned[0] and \
+        '\n' not in warned[0]
+    rows = result.activation_sites
+    assert all(r['clipped_share'] > 0.05 for r in rows
+               if r['sqnr_db'] is not None)
+    for r in rows:
+        assert r['layer_damage'] == max(
+            r['layer_measured_damage'], sum(
+                x['predicted_damage'] for x in rows
+                if x['layer'] == r['layer']) * len(calibration.batches), 0.0)
+    assert any(r['layer_measured_damage'] > 0 for r in rows)

@@ -3,12 +3,13 @@ tiny DETR: the side-by-side table has every model with its speedup and
 integer kernels; the activation validation compares the run's predicted
 damage with measured damage; bad input is one line."""
 import json
+import math
 
 import pytest
 
 from mmdet_hawq.errors import HawqUserError
 
-from .test_deploy_tools import run_main
+from .test_deploy_tools import run_main, tool
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +70,12 @@ def test_activation_validation_and_bad_inputs(cfg_file, tiny_cfg, tmp_path,
     assert any(x['measured'] != 0 for x in layers)
     corr = record['runs'][0]['correlations']['predicted']
     assert -1 <= corr['rho'] <= 1
+    # the run's measured and corrected layer damage are compared too, once
+    # per layer (not summed over its sites)
+    for s in sites:
+        assert by_layer[s['layer']]['corrected'] == s['layer_damage']
+    assert {'measured_calib', 'corrected'} <= set(
+        record['runs'][0]['correlations'])
     weights_only = tmp_path / 'weights_only'
     write_run(str(weights_only), model, quantize(
         build_from(tiny_cfg), None, QuantSettings(metric='uniform', bits=8)))
@@ -89,3 +96,11 @@ def test_activation_validation_and_bad_inputs(cfg_file, tiny_cfg, tmp_path,
     with pytest.raises(HawqUserError, match='is not NAME=WORK_DIR'):
         run_main('benchmark_int8', monkeypatch, cfg_file, '--random-weights',
                  '--run', 'w8a8')
+
+
+def test_top_share_is_the_damage_of_the_layers_ranked_first():
+    top_share = tool('validate_sensitivity').top_share
+    meas = [10.0, 5.0, 1.0, 0.1, -0.2]  # 90%: the first two layers
+    assert top_share([3, 2, 1, 0, 0], meas) == 1.0
+    assert top_share([0, 2, 3, 1, 0], meas) == pytest.approx(6 / 15)
+    assert math.isnan(top_share([1, 2], [0.0, -1.0]))

@@ -126,11 +126,13 @@ def test_bad_inputs(deployed, monkeypatch, tiny_cfg):
 def test_float_checkpoint_and_opsets(deployed, monkeypatch, tiny_cfg,
                                      capsys):
     """A float checkpoint is said to be one and exported fp32; an opset too
-    old for INT4 weights names the one needed; a float model may go older.
+    old for INT4 weights names the one needed; a float model may go older
+    (and so may all-8-bit weights with activations,
+    test_onnx_export.py::test_w8a8_runs_on_integer_kernels_in_every_family).
     """
     d = deployed
     with pytest.raises(HawqUserError, match='opset 20 is too old for the '
-                       'integer weights.*--opset 21'):
+                       'INT4 weights.*--opset 21'):
         run_main('export_onnx', monkeypatch, d['cfg'], d['packed'],
                  d['folder'] / 'old.onnx', '--opset', '20')
     with pytest.raises(HawqUserError, match='--opset 21 or lower'):

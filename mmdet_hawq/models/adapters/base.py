@@ -139,7 +139,7 @@ class DetrAdapter:
         def catch(key: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any,
                      output: torch.Tensor) -> None:
-                caught[key] = output
+                caught[key] = output.clone()  # a live tensor: a copy
             return hook
 
         handles = [m.register_forward_hook(catch(k))
