@@ -2,8 +2,8 @@
 
 An experiment of issue 28: the small model's activation ranges are broken
 on purpose, two ways, and the run's mAP is measured with every site int8,
-with the site choice at an ``int8_macs`` budget as it now is (the quadratic
-model corrected by each layer's measured damage,
+with the site choice at an ``int8_macs`` budget as it now is (by each
+layer's measured damage,
 :func:`mmdet_hawq.api.activations.corrected_damage`), and with the choice
 as it was (the quadratic model's predictions alone):
 
@@ -15,8 +15,8 @@ as it was (the quadratic model's predictions alone):
 
 Each row is a run of the config's hook in mmdet's test loop (the Runner,
 ``CocoMetric``); the rows resume from ``<out>/<case>/<row>/row.json``. The
-run folders keep ``hawq/activation_sites.json`` (every site's predicted,
-measured and corrected damage), which ``tools/validate_sensitivity.py
+run folders keep ``hawq/activation_sites.json`` (every site's predicted
+and its layer's measured damage), which ``tools/validate_sensitivity.py
 --activations`` reads to compare them with the damage measured on held-out
 images.
 
@@ -44,9 +44,9 @@ from mmdet_hawq.errors import HawqUserError, run_cli
 
 CASES = ('old-observer', 'shrunk')
 ROWS = {  # row → (activations settings over the case's method, choice)
-    'all_int8': (dict(), 'corrected'),
-    'budget_corrected': (dict(sensitivity=True), 'corrected'),
-    'budget_predicted_only': (dict(sensitivity=True), 'predicted'),
+    'all_int8': (dict(), 'measured'),
+    'budget_measured': (dict(sensitivity=True), 'measured'),
+    'budget_predicted': (dict(sensitivity=True), 'predicted'),
 }
 
 
@@ -91,7 +91,7 @@ def run_row(cfg, row: str, case: str, out: str, args) -> dict:
     cfg = copy.deepcopy(cfg)
     hook = cfg.custom_hooks[0]
     method = 'percentile' if case == 'old-observer' else 'mse'
-    settings, choice = ROWS.get(row, (dict(), 'corrected'))
+    settings, choice = ROWS.get(row, (dict(), 'measured'))
     if settings.get('sensitivity'):
         settings = dict(settings, int8_macs=args.int8_macs)
     hook['activations'] = dict(bits=8, method=method, **settings)
@@ -106,6 +106,7 @@ def run_row(cfg, row: str, case: str, out: str, args) -> dict:
                 _shrink_ranges(args.shrink, args.factor)
         if choice == 'predicted':
             api_activations.corrected_damage = _predicted_only
+
         metrics = Runner.from_cfg(cfg).test()
     with open(osp.join(folder, 'hawq', 'summary.json')) as f:
         summary = json.load(f)

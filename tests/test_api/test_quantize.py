@@ -113,8 +113,8 @@ def test_activations_are_calibrated_and_quantized(build_tiny_model,
 def test_int8_sites_by_predicted_damage_under_a_mac_budget(build_tiny_model,
                                                            calibration):
     """With ``sensitivity`` every site gets a Gauss–Newton trace and a
-    predicted damage (trace × squared error), every layer a measured and a
-    corrected damage; under ``int8_macs`` the int8 sites are the exact
+    predicted damage (trace × squared error), every layer a measured
+    damage; under ``int8_macs`` the int8 sites are the exact
     optimum of the site program on those numbers, the ``float_sites`` stay
     float, and only the int8 sites are quantized."""
     from mmdet_hawq.allocation.sites import choose_int8_sites
@@ -127,8 +127,7 @@ def test_int8_sites_by_predicted_damage_under_a_mac_budget(build_tiny_model,
     assert all(r['trace'] >= 0 and r['predicted_damage'] >= 0 for r in rows)
     assert any(r['predicted_damage'] > 0 for r in rows)
     layers = [r for r in rows if r['site'] == r['layer']]
-    # the choice reads each layer's damage: the larger of the predicted
-    # (summed over its sites and batches) and the measured one
+    # the choice reads each layer's measured damage
     damage = {r['layer']: r['layer_damage'] for r in layers}
     macs = {r['layer']: r['macs'] for r in layers}
     forced = [r['layer'] for r in layers
@@ -194,8 +193,7 @@ def test_clipping_ranges_are_warned_of_and_measured(
     """Ranges shrunk on purpose: every site's SQNR and clipped share come
     from the live tensors, the run's log warns of them in one line; with
     ``sensitivity`` each layer's measured damage is the loss increase with
-    its sites alone quantized, and the choice reads the larger of the
-    measured and the predicted damage."""
+    its sites alone quantized, which the choice reads."""
     import logging
 
     import mmdet_hawq.api.activations as api_activations
@@ -220,8 +218,5 @@ def test_clipping_ranges_are_warned_of_and_measured(
     assert all(r['clipped_share'] > 0.05 for r in rows
                if r['sqnr_db'] is not None)
     for r in rows:
-        assert r['layer_damage'] == max(
-            r['layer_measured_damage'], sum(
-                x['predicted_damage'] for x in rows
-                if x['layer'] == r['layer']) * len(calibration.batches), 0.0)
+        assert r['layer_damage'] == max(r['layer_measured_damage'], 0.0)
     assert any(r['layer_measured_damage'] > 0 for r in rows)
