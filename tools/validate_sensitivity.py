@@ -218,10 +218,9 @@ def rank_correlation(pred: List[float], meas: List[float]) -> float:
 PREDICTORS = dict(predicted='predicted_damage', error_only='squared_error',
                   trace_only='trace')
 #: Layer values of runs since the measured correction (every site of a
-#: layer carries them): the damage measured on the calibration images and
-#: the larger of it and the prediction, which the site choice reads.
-LAYER_PREDICTORS = dict(measured_calib='layer_measured_damage',
-                        corrected='layer_damage')
+#: layer carries them): the damage the site choice reads, measured on the
+#: calibration images.
+LAYER_PREDICTORS = dict(choice='layer_damage')
 #: The measured damage the top layers must hold for :func:`top_share`.
 TOP_SHARE = 0.9
 
