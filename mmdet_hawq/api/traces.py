@@ -170,7 +170,8 @@ def compute_traces(model: nn.Module, weights: Dict[str, nn.Parameter],
         logger.info(f'sensitivity: {previous.num_samples} cached samples '
                     f'from {path}')
     elif path:
-        older = run_on_main(older_caches, cache_dir, metric, estimator, key)
+        older = run_on_main(older_caches, cache_dir, metric, estimator, key,
+                            (*OMITTED_AT_DEFAULT, 'per_channel'))
         if older:
             logger.warning(
                 f'sensitivity: {len(older)} cache file(s) of this run written '

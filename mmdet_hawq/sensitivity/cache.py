@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import os.path as osp
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .traces import TraceResult
 
@@ -88,17 +88,25 @@ def saved_samples_note(cache_dir: str) -> str:
 
 
 def older_caches(cache_dir: str, objective: str, estimator: str,
-                 key: Dict[str, Any]) -> List[str]:
+                 key: Dict[str, Any], optional: Sequence[str] = ()
+                 ) -> List[str]:
     """Cache files of the same run written by an earlier release: the same
     objective, estimator, model, checkpoint and calibration set, but a key
     of another form (fewer or other settings, another version of the
     draws). Their samples are never read (the key differs); the caller says
     so, once, and that they can be deleted.
 
+    Args:
+        optional (Sequence[str]): Settings this release writes into a key
+            only away from their defaults: a file that differs from ``key``
+            only in those is another run's (e.g. with critical classes, in
+            the same cache folder), not an earlier release's.
+
     Returns:
         list[str]: Their paths, sorted.
     """
     same = ('model', 'checkpoint', 'calibration')
+    form = set(key['settings']) - set(optional)
     found = []
     pattern = osp.join(cache_dir, f'traces_{objective}_{estimator}_*.json')
     for path in sorted(glob.glob(pattern)):
@@ -108,7 +116,7 @@ def older_caches(cache_dir: str, objective: str, estimator: str,
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if old != key and all(old.get(k) == key.get(k) for k in same) and (
-                set(old.get('settings', {})) != set(key['settings'])
+                set(old.get('settings', {})) - set(optional) != form
                 or old.get('draws') != key.get('draws')):
             found.append(path)
     return found

@@ -55,7 +55,14 @@ def test_caches_of_an_earlier_release_are_found_not_read(tmp_path):
     for k in (older, other):
         save_cached(cache_path(str(tmp_path), 'outquant', 'gauss_newton', k),
                     k, result)
-    found = older_caches(str(tmp_path), 'outquant', 'gauss_newton', key)
+    # another run's file in the same folder (critical classes, per-channel
+    # scales: settings written only away from their defaults) is not one
+    for extra in (dict(critical_classes=['cross']), dict(per_channel=True)):
+        k = dict(key, settings=dict(key['settings'], **extra))
+        save_cached(cache_path(str(tmp_path), 'outquant', 'gauss_newton', k),
+                    k, result)
+    found = older_caches(str(tmp_path), 'outquant', 'gauss_newton', key,
+                         ('critical_classes', 'per_channel'))
     assert found == [cache_path(str(tmp_path), 'outquant', 'gauss_newton',
                                 older)]
     assert load_cached(cache_path(str(tmp_path), 'outquant', 'gauss_newton',
