@@ -136,7 +136,7 @@ def _restore():
 
 def _predicted_only(predicted, measured):
     """The choice as it was: the quadratic model's predictions alone."""
-    return dict(predicted), {}
+    return dict(predicted)
 
 
 def _shrink_ranges(pattern: str, factor: float) -> None:

@@ -8,8 +8,8 @@ the calibration images → each site's squared quantization error → with
 against the float teacher (:mod:`~mmdet_hawq.sensitivity.activation_traces`)
 and its predicted damage, trace × error, and each layer's measured damage
 (the loss with its sites alone quantized,
-:mod:`~mmdet_hawq.sensitivity.measured_damage`), combined by
-:func:`corrected_damage` → the int8 sites: every site not kept float by
+:mod:`~mmdet_hawq.sensitivity.measured_damage`), which the choice reads
+(:func:`corrected_damage`) → the int8 sites: every site not kept float by
 ``float_sites``, or under an ``int8_macs`` budget the exact 0/1 program's
 choice (:func:`~mmdet_hawq.allocation.sites.choose_int8_sites`) → their
 quantizers on the model.
@@ -81,7 +81,6 @@ def quantize_activations(model: nn.Module, names: Sequence[str],
     inputs = [n for n in ranges if not n.endswith(OUTPUT)]
     keep_float = _float_sites(settings['float_sites'], ranges, layer_of)
     damage: Dict[str, float] = {}
-    missed: Dict[str, float] = {}
     columns: Dict[str, Dict[str, float]] = {n: {} for n in ranges}
     with eval_mode(model):
         errors = site_errors(every, ranges, lambda: [
@@ -107,7 +106,7 @@ def quantize_activations(model: nn.Module, names: Sequence[str],
                 columns[n]['predicted_damage']
         measured = _measured_damage(model, objective, every, ranges,
                                     layer_of, len(batches), logger)
-        damage, missed = corrected_damage(
+        damage = corrected_damage(
             {n: p * len(batches) for n, p in predicted.items()}, measured)
         for n in ranges:  # the layer's values, which the choice reads
             columns[n].update(layer_measured_damage=measured[layer_of[n]],
@@ -123,7 +122,7 @@ def quantize_activations(model: nn.Module, names: Sequence[str],
                  precision='int8' if n in chosen else 'float', lo=r.lo,
                  hi=r.hi, macs=macs.get(n, 0), **columns[n])
             for n, r in ranges.items()]
-    _warn_low_sqnr(rows, missed, logger)
+    _warn_low_sqnr(rows, logger)
     share = sum(macs.get(n, 0) for n in int8) / max(1, sum(macs.values()))
     logger.info(
         f"activations: {len(chosen)} of {len(ranges)} sites int8 "
@@ -199,10 +198,6 @@ def _measured_damage(model: nn.Module, objective: DistillationObjective,
     return measured
 
 
-#: A layer whose measured damage is this many times its prediction (and at
-#: least :data:`UNDERPREDICTED_SHARE` of all measured damage) is reported.
-UNDERPREDICTED_RATIO = 10.0
-UNDERPREDICTED_SHARE = 0.05
 #: A quantized site whose signal-to-quantization-noise ratio on the
 #: calibration images is below this (dB) is warned of. Correct 8-bit ranges
 #: of the small models are at 22 dB or more (6-bit: 21 dB), ranges
@@ -212,8 +207,7 @@ LOW_SQNR_DB = 20.0
 
 
 def corrected_damage(predicted: Mapping[str, float],
-                     measured: Mapping[str, float]
-                     ) -> Tuple[Dict[str, float], Dict[str, float]]:
+                     measured: Mapping[str, float]) -> Dict[str, float]:
     """Each layer's damage for the site choice: its measured damage (≥ 0),
     its predicted damage where it has no measurement.
 
@@ -224,9 +218,9 @@ def corrected_damage(predicted: Mapping[str, float],
     assumes the error is spread like the curvature: a range that clips the
     negative side of a tensor a ReLU then zeroes makes a large error where
     the gradient is zero, which it counts as damage. With ranges broken on
-    purpose on the small DETR, choosing by the prediction kept such
-    harmless layers float and lost 14 mAP; choosing by the measurement
-    recovered to within 0.1 (docs/results.md).
+    purpose on the small DETR at ``int8_macs=0.65``, choosing by the
+    prediction kept such harmless layers float and lost 14 mAP; choosing by
+    the measurement recovered to within 0.1 (docs/results.md).
 
     Args:
         predicted (Mapping[str, float]): Layer → predicted damage.
@@ -234,32 +228,15 @@ def corrected_damage(predicted: Mapping[str, float],
             (:func:`~mmdet_hawq.sensitivity.measured_damage`).
 
     Returns:
-        tuple: Layer → damage (≥ 0); and layer → measured / predicted for
-        the layers the quadratic model missed: measured ≥
-        :data:`UNDERPREDICTED_RATIO` × predicted and ≥
-        :data:`UNDERPREDICTED_SHARE` of all measured damage.
+        dict[str, float]: Layer → damage (≥ 0).
     """
-    damage = {n: max(measured.get(n, p), 0.0) for n, p in predicted.items()}
-    total = sum(max(0.0, m) for m in measured.values())
-    missed = {n: measured[n] / max(p, 1e-30) for n, p in predicted.items()
-              if measured.get(n, 0.0) > max(UNDERPREDICTED_SHARE * total,
-                                            UNDERPREDICTED_RATIO * p)}
-    return damage, missed
+    return {n: max(measured.get(n, p), 0.0) for n, p in predicted.items()}
 
 
 def _warn_low_sqnr(rows: Sequence[Mapping[str, Any]],
-                   missed: Mapping[str, float],
                    logger: logging.Logger) -> None:
     """A warning for the quantized sites below :data:`LOW_SQNR_DB` (a range
-    that clips, too few bits), and a line for the layers the quadratic
-    model missed (:func:`corrected_damage`)."""
-    if missed:
-        worst = max(missed, key=missed.get)
-        logger.info(
-            f'activations: the measured damage of {len(missed)} layer(s) '
-            f'is over {UNDERPREDICTED_RATIO:g}x the quadratic model\'s '
-            f'(worst {worst}: {missed[worst]:.3g}x); the site choice used '
-            'the measured damage')
+    that clips, too few bits)."""
     low = sorted((r['sqnr_db'], r['site'], r['clipped_share']) for r in rows
                  if r['precision'] == 'int8' and r['sqnr_db'] is not None
                  and r['sqnr_db'] < LOW_SQNR_DB)
