@@ -200,9 +200,9 @@ def _measured_damage(model: nn.Module, objective: DistillationObjective,
 
 #: A quantized site whose signal-to-quantization-noise ratio on the
 #: calibration images is below this (dB) is warned of. Correct 8-bit ranges
-#: of the small models are at 22 dB or more (6-bit: 21 dB), ranges
+#: of the small models are at 22 dB or more (6-bit: 19.5 dB and up), ranges
 #: clipped by the old observer at 1-2 dB, 4-bit activations at 13-15 dB
-#: (docs/results.md).
+#: (docs/usage.md).
 LOW_SQNR_DB = 20.0
 
 
