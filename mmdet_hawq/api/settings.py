@@ -305,7 +305,7 @@ def resolve_activations(settings: Any) -> Optional[dict]:
     if share is not None and share < 1.0 and not s['sensitivity']:
         raise HawqUserError(
             f'activations int8_macs={share} chooses sites by their '
-            'predicted damage: pass sensitivity=True too')
+            'measured damage: pass sensitivity=True too')
     if isinstance(s['float_sites'], str) or not all(
             isinstance(p, str) for p in s['float_sites']):
         raise HawqUserError(

@@ -143,7 +143,7 @@ def test_int8_sites_by_predicted_damage_under_a_mac_budget(build_tiny_model,
 
 
 @pytest.mark.parametrize('activations,message', [
-    (dict(int8_macs=0.5), 'int8_macs=0.5 chooses sites by their predicted '
+    (dict(int8_macs=0.5), 'int8_macs=0.5 chooses sites by their measured '
      'damage: pass sensitivity=True'),
     (dict(int8_macs=1.5), 'int8_macs=1.5 is not a share of the MACs'),
     (dict(float_sites='fc'), "float_sites 'fc' is not a list of site name "
