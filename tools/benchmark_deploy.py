@@ -266,7 +266,8 @@ def main() -> int:
     check_work_dir(args.work_dir)
 
     from mmdet_hawq.deploy import export_onnx
-    from mmdet_hawq.deploy.onnx_runtime import dequantize_behaviour
+    from mmdet_hawq.deploy.runtimes.onnxruntime_session import \
+        dequantize_behaviour
     from mmdet_hawq.engine.deploy import load_for_export
     model, packed = load_for_export(cfg, args.checkpoint)
     if packed is None:

@@ -281,7 +281,7 @@ def main() -> int:
 
     from mmdet_hawq.deploy import export_onnx
     from mmdet_hawq.deploy.onnx_integer import integer_kernels
-    from mmdet_hawq.deploy.onnx_runtime import make_session
+    from mmdet_hawq.deploy.runtimes.onnxruntime_session import ort_session
     from mmdet_hawq.engine.deploy import (default_input_shape,
                                           load_for_export, test_images,
                                           test_loader)
@@ -383,7 +383,7 @@ def main() -> int:
         step(f'{key}: optimised graph' + (', mAP' if args.eval else '') +
              ('' if args.no_memory else ', peak memory'))
         optimized = osp.join(args.work_dir, f'{key}.optimized.onnx')
-        make_session(path, args.threads, optimized_file=optimized)
+        ort_session(path, args.threads, optimized_file=optimized)
         rows[key]['integer_kernels'] = integer_kernels(onnx.load(optimized))
         rows[key]['bytes'] = osp.getsize(path)
         if args.eval:

@@ -217,9 +217,9 @@ def optimized_ops(path: str, threads: int, work_dir: str) -> Dict[str, int]:
     (level all, as the sessions here run it)."""
     import onnx
 
-    from mmdet_hawq.deploy.onnx_runtime import make_session
+    from mmdet_hawq.deploy.runtimes.onnxruntime_session import ort_session
     out = osp.join(work_dir, osp.basename(path)[:-5] + '.optimized.onnx')
-    make_session(path, threads, optimized_file=out)
+    ort_session(path, threads, optimized_file=out)
     ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
     return {k: v for k, v in sorted(ops.items())
             if 'Integer' in k or k.startswith(('QLinear', 'QGemm'))

@@ -44,7 +44,8 @@ from torch.nn.utils import parametrize
 from ..errors import HawqUserError, short_list
 from ..quant.activations import (ActivationRange,
                                  attach_activation_quantizers, sites_of)
-from .onnx_integer import integer_layout, matmul_nbits
+from .onnx_integer import (fold_constant_branches, integer_layout,
+                           matmul_nbits)
 from .onnx_lowering import (ONNX_OPSET, lower_quantized_weights,
                             onnx_weight_summary, opset_of)
 from ..models.family import onnx_outputs
@@ -330,7 +331,9 @@ def export_onnx(detector: nn.Module,
         proto = onnx.load(traced)
     proto = lower_quantized_weights(proto, _codes_names(packed or {}), bits,
                                     opset, int8_codes=bool(activations))
-    layout = integer_layout(proto) if activations else {}
+    layout = dict(constant_branches=fold_constant_branches(proto))
+    if activations:
+        layout.update(integer_layout(proto))
     onnx.checker.check_model(proto, full_check=True)
     if int4_matmul:  # a com.microsoft op: after the ONNX checker
         layout['matmul_nbits'] = matmul_nbits(proto)

@@ -33,8 +33,9 @@ from onnx import helper, numpy_helper
 
 from .onnx_lowering import _Constants, _int_tensor
 
-__all__ = ['INTEGER_KERNELS', 'fold_batch_norms', 'integer_kernels',
-           'integer_layout', 'matmul_nbits', 'quantize_conv_biases']
+__all__ = ['INTEGER_KERNELS', 'fold_batch_norms', 'fold_constant_branches',
+           'integer_kernels', 'integer_layout', 'matmul_nbits',
+           'quantize_conv_biases']
 
 #: ONNX Runtime's integer (or integer-input) CPU kernels of a QDQ graph.
 INTEGER_KERNELS = ('QLinearConv', 'MatMulIntegerToFloat', 'QLinearMatMul',
@@ -210,6 +211,85 @@ def quantize_conv_biases(proto: onnx.ModelProto) -> int:
     return count
 
 
+#: Nodes that store or lay out a constant: a branch of only these is kept
+#: (an integer weight behind its ``DequantizeLinear``, maybe transposed).
+STORAGE_OPS = ('Constant', 'DequantizeLinear', 'Transpose', 'Reshape',
+               'Identity', 'Unsqueeze', 'Squeeze', 'Flatten')
+
+
+def fold_constant_branches(proto: onnx.ModelProto) -> int:
+    """Compute once, at export, every branch of the graph that does not
+    depend on the image, and store its result as a float initializer; in
+    place.
+
+    Such branches are DETR's first decoder queries (zeros plus a learned
+    embedding, through the first self-attention with its quantized weights)
+    and the positional encodings of a fixed-size input. torch's exporter
+    folds them in a float model, but not through the ``DequantizeLinear``
+    of an integer weight, so a quantized export computed them at every
+    inference. A branch that only stores or lays out a weight
+    (:data:`STORAGE_OPS`) is kept, so integer weights stay integers. The
+    values are those of the graph's own nodes (ONNX's reference
+    evaluator). OpenVINO needs this: with such a branch left in the graph,
+    its CPU plugin either fails to compile the model
+    (``m_element_type.is_static()``, when a quantize pair sits on the
+    branch) or computes wrong outputs for all but the first image
+    (OpenVINO 2026.4; ``tests/test_deploy/test_runtimes.py``).
+
+    Returns:
+        int: How many tensors became initializers.
+    """
+    from onnx.reference import ReferenceEvaluator
+    graph = proto.graph
+    varying = {i.name for i in graph.input}
+    for node in graph.node:  # topological order
+        if any(i in varying for i in node.input if i):
+            varying.update(node.output)
+    g = _Graph(graph)
+    frontier = []
+    for node in graph.node:
+        if not any(o in varying for o in node.output):
+            continue
+        for name in node.input:
+            if name and name not in varying and name in g.producer and \
+                    name not in frontier and \
+                    not _stores_only(g, name):
+                frontier.append(name)
+    if not frontier:
+        return 0
+    needed, branch = set(frontier), []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            branch.append(node)
+            needed.update(i for i in node.input if i)
+    sub = helper.make_graph(
+        list(reversed(branch)), 'constant_branches', [],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED,
+                                       None) for name in frontier],
+        [t for t in graph.initializer if t.name in needed])
+    values = ReferenceEvaluator(helper.make_model(
+        sub, opset_imports=proto.opset_import)).run(None, {})
+    for name, value in zip(frontier, values):
+        graph.node.remove(g.producer[name])
+        g.add(numpy_helper.from_array(np.asarray(value), name))
+    _drop_dead(graph)
+    return len(frontier)
+
+
+def _stores_only(g: _Graph, name: str) -> bool:
+    """Whether the constant ``name`` comes from initializers through
+    :data:`STORAGE_OPS` alone."""
+    todo = [name]
+    while todo:
+        node = g.producer.get(todo.pop())
+        if node is None:
+            continue
+        if node.op_type not in STORAGE_OPS:
+            return False
+        todo.extend(i for i in node.input if i)
+    return True
+
+
 def integer_layout(proto: onnx.ModelProto) -> Dict[str, int]:
     """:func:`fold_batch_norms` then :func:`quantize_conv_biases`.
 
@@ -295,6 +375,21 @@ def integer_kernels(proto: onnx.ModelProto) -> Dict[str, int]:
                                                      'MatMul', 'Gemm',
                                                      'FusedMatMul')
             if ops[op]}
+
+
+def _drop_dead(graph: onnx.GraphProto) -> None:
+    """Remove the nodes whose outputs nothing reads, then the initializers
+    no node reads."""
+    used = {o.name for o in graph.output}
+    dead = []
+    for node in reversed(graph.node):
+        if any(o in used for o in node.output):
+            used.update(node.input)
+        else:
+            dead.append(node)
+    for node in dead:
+        graph.node.remove(node)
+    _drop_unused(graph)
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:

@@ -1,5 +1,6 @@
 """What the deployment tools share: a detector and its packed weights from a
-config and a checkpoint, the exported input size, the test images.
+config and a checkpoint, the exported input size, the test images, and the
+COCO metrics of an exported model on a runtime (:func:`evaluate_exported`).
 
 The tools (``export_onnx.py``, ``evaluate_onnx.py``, ``benchmark_deploy.py``)
 go through these, so a checkpoint is checked as strictly as for
@@ -7,8 +8,12 @@ go through these, so a checkpoint is checked as strictly as for
 """
 import copy
 import os.path as osp
-from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
+import time
+from typing import (Any, Callable, Dict, Iterable, Iterator, Mapping,
+                    Optional, Sequence, Tuple)
 
+import numpy as np
+import torch
 import torch.nn as nn
 
 from ..errors import HawqUserError
@@ -16,9 +21,13 @@ from ..quant.packing import is_packed
 from .checkpoint import is_local_path, load_checkpoint_file
 
 __all__ = [
-    'build_packed_detector', 'default_input_shape', 'load_for_export',
-    'test_images', 'test_loader'
+    'build_packed_detector', 'coco_metrics', 'default_input_shape',
+    'evaluate_exported', 'load_for_export', 'test_images', 'test_loader'
 ]
+
+#: What runs one image: (1, 3, H, W) float32 → scores (L, 1, Q, C) and
+#: normalised boxes (L, 1, Q, 4).
+Outputs = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]
 
 
 def _check_file(checkpoint: str) -> None:
@@ -161,3 +170,142 @@ def test_images(loader: Any,
                 return
             yield image, sample
             count += 1
+
+
+def _evaluator(cfg: Any, dataset: Any) -> Any:
+    from mmengine.evaluator import Evaluator
+    evaluator = Evaluator(copy.deepcopy(cfg.test_evaluator))
+    evaluator.dataset_meta = dataset.metainfo
+    return evaluator
+
+
+def coco_metrics(cfg: Any, head: nn.Module, outputs: Outputs,
+                 items: Iterable[Tuple[Any, Any]], count: int,
+                 dataset: Any) -> Dict[str, float]:
+    """The config's test evaluator (mmdet's ``CocoMetric``) over the
+    detections of ``outputs`` on ``items``.
+
+    Args:
+        cfg (mmengine.Config): The detector's config.
+        head (nn.Module): A detector of the config: its head's
+            post-processing (``predict_by_feat``) turns the outputs into
+            detections; its weights are not used.
+        outputs (Callable): Runs one image (an exported model on a runtime).
+        items (Iterable): ``(uint8 image (3, H, W), DetDataSample)`` pairs,
+            e.g. :func:`test_images`; the samples are not modified.
+        count (int): How many items there are.
+        dataset: The dataset they come from (its ``metainfo``).
+
+    Returns:
+        dict[str, float]: The metrics, e.g. ``coco/bbox_mAP``.
+    """
+    from ..deploy.onnx_runtime import detections_from_outputs
+    evaluator = _evaluator(cfg, dataset)
+    for image, sample in items:
+        scores, boxes = outputs(image.cpu().numpy()[None].astype(np.float32))
+        evaluator.process(detections_from_outputs(
+            head, scores, boxes, [copy.deepcopy(sample)]))
+    return evaluator.evaluate(count)
+
+
+def evaluate_exported(cfg: Any, model_file: str,
+                      runtime: str = 'onnxruntime',
+                      threads: int = 1,
+                      max_images: Optional[int] = None,
+                      compare: Optional[str] = None,
+                      **options: Any) -> Dict[str, Any]:
+    """COCO metrics of an exported detector on a runtime, image by image
+    (batch 1) over the config's test split, through the head's own
+    post-processing and the config's test evaluator.
+
+    Args:
+        cfg (mmengine.Config): The detector's config.
+        model_file (str): From ``tools/export_onnx.py`` (or an OpenVINO
+            ``.xml`` of one, on OpenVINO).
+        runtime (str): ``'onnxruntime'`` or ``'openvino'``. Defaults to
+            ``'onnxruntime'``.
+        threads (int): Threads of one inference. Defaults to 1.
+        max_images (int, optional): Only the first N test images. Defaults
+            to None (all).
+        compare (str, optional): A checkpoint (a packed file: the
+            fake-quantized model) whose PyTorch model runs on the same
+            images: its metrics and the largest differences of the raw
+            outputs and of the detections are added. Defaults to None.
+        **options: The runtime's settings
+            (:func:`~mmdet_hawq.deploy.runtimes.make_session`).
+
+    Returns:
+        dict: The metrics, ``images``, ``s_per_image`` (the runtime's time),
+        ``runtime``, ``kernel_precisions`` and, with ``compare``,
+        ``torch_metrics``, ``max_abs_diff`` and ``detections_max_abs_diff``.
+
+    Raises:
+        HawqUserError: A file is missing, or the model is not an exported
+            detector of this input size.
+    """
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from ..deploy.onnx_runtime import OnnxDetector, detections_from_outputs
+    from ..models import onnx_outputs
+    register_all_modules()
+    model = OnnxDetector(model_file, threads, runtime, **options)
+    if compare:
+        torch_model = load_for_export(cfg, compare)[0]
+    else:  # the head's post-processing only: no weights needed
+        torch_model = MODELS.build(copy.deepcopy(cfg.model)).eval()
+    loader = test_loader(cfg)
+    size = len(loader.dataset)
+    if max_images:
+        size = min(size, max_images)
+    evaluator = _evaluator(cfg, loader.dataset)
+    torch_eval = _evaluator(cfg, loader.dataset) if compare else None
+    diff = dict(scores=0.0, boxes=0.0)
+    det = dict(scores=0.0, bboxes_px=0.0, images_other_labels=0)
+    seconds = 0.0
+    for image, sample in test_images(loader, size):
+        ref_sample = copy.deepcopy(sample)
+        start = time.perf_counter()
+        scores, boxes = model(image.cpu().numpy()[None].astype(np.float32))
+        seconds += time.perf_counter() - start
+        ours = detections_from_outputs(torch_model, scores, boxes, [sample])
+        evaluator.process(ours)
+        if torch_eval is None:
+            continue
+        with torch.no_grad():
+            data = torch_model.data_preprocessor(
+                dict(inputs=[image], data_samples=[ref_sample]), False)
+            t_scores, t_boxes = onnx_outputs(torch_model, data)
+        for key, got, ref in (('scores', scores, t_scores),
+                              ('boxes', boxes, t_boxes)):
+            ref = ref.cpu().numpy()[-len(got):]
+            # equal infinities (DDQ-DETR's suppressed queries) differ by 0
+            diff[key] = max(diff[key], float(
+                np.abs(np.where(got == ref, 0, got - ref)).max()))
+        ref_dets = detections_from_outputs(torch_model, t_scores, t_boxes,
+                                           data['data_samples'])
+        _compare_detections(ours[0].pred_instances,
+                            ref_dets[0].pred_instances, det)
+        torch_eval.process(ref_dets)
+    record: Dict[str, Any] = dict(
+        evaluator.evaluate(size), images=size, runtime=runtime,
+        threads=threads, s_per_image=seconds / max(size, 1),
+        kernel_precisions=model.session.kernel_precisions())
+    if torch_eval is not None:
+        record.update(compare=compare, torch_metrics=torch_eval.evaluate(size),
+                      max_abs_diff=diff, detections_max_abs_diff=det)
+    return record
+
+
+def _compare_detections(ours: Any, ref: Any, diff: Dict[str, Any]) -> None:
+    """Update ``diff`` with the largest score and box differences of two
+    images' detections (same labels in the same order), else count the
+    image."""
+    if not torch.equal(ours.labels, ref.labels):
+        diff['images_other_labels'] += 1
+        return
+    if len(ref.labels):
+        diff['scores'] = max(diff['scores'], float(
+            (ours.scores - ref.scores).abs().max()))
+        diff['bboxes_px'] = max(diff['bboxes_px'], float(
+            (ours.bboxes - ref.bboxes).abs().max()))

@@ -17,8 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mmdet_hawq.deploy import DetectorOnnxWrapper, export_onnx, pack_int4
 from mmdet_hawq.deploy.onnx_runtime import (OnnxDetector,
-                                            dequantize_behaviour,
                                             detections_from_outputs)
+from mmdet_hawq.deploy.runtimes.onnxruntime_session import \
+    dequantize_behaviour
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.quant import plan_bits, quantizable_weights, uniform_plan
 

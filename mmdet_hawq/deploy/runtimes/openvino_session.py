@@ -1,0 +1,79 @@
+"""OpenVINO (CPU) sessions.
+
+OpenVINO reads the ONNX export directly. Its low-precision transformations
+turn each ``QuantizeLinear`` → ``DequantizeLinear`` pair on an activation,
+with an integer weight behind a ``DequantizeLinear``, into an integer
+convolution or fully-connected kernel; :meth:`OpenVinoSession.
+kernel_precisions` reads which precision each one executes in from the
+compiled model's runtime model (``layerType``, ``runtimePrecision``).
+"""
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .base import Session, check_model_file, count_kernels, load_error
+
+__all__ = ['OV_KINDS', 'OV_PRECISIONS', 'OpenVinoSession']
+
+#: OpenVINO CPU layer types → kernel kind.
+OV_KINDS = {'Convolution': 'Convolution', 'FullyConnected': 'MatMul',
+            'MatMul': 'MatMul', 'Gemm': 'MatMul',
+            'FullyConnectedCompressed': 'MatMul'}
+
+#: OpenVINO runtime precisions → ours.
+OV_PRECISIONS = {'u8': 'int8', 'i8': 'int8', 'u4': 'int4', 'i4': 'int4',
+                 'f32': 'f32', 'bf16': 'bf16', 'f16': 'f16'}
+
+
+class OpenVinoSession(Session):
+    """A model compiled by OpenVINO for the CPU, for latency (one stream).
+
+    Args:
+        model_file (str): A ``.onnx`` file or an OpenVINO IR ``.xml``.
+        threads (int): ``INFERENCE_NUM_THREADS``. Defaults to 1.
+        precision (str, optional): ``INFERENCE_PRECISION_HINT`` of the float
+            layers: ``'f32'`` (the default here, so a float layer computes
+            what ONNX Runtime and PyTorch compute), ``'bf16'``, or None for
+            OpenVINO's own default (bf16 on CPUs with AVX-512 BF16 or AMX).
+    """
+
+    runtime = 'openvino'
+
+    def __init__(self, model_file: str, threads: int = 1,
+                 precision: Optional[str] = 'f32') -> None:
+        import openvino as ov
+        super().__init__(model_file, threads)
+        check_model_file(model_file)
+        config = {'INFERENCE_NUM_THREADS': threads, 'NUM_STREAMS': 1,
+                  'PERFORMANCE_HINT': 'LATENCY'}
+        if precision:
+            config['INFERENCE_PRECISION_HINT'] = precision
+        self.precision = precision
+        try:
+            core = ov.Core()
+            self.compiled = core.compile_model(core.read_model(model_file),
+                                               'CPU', config)
+        except Exception as err:  # noqa: BLE001 - one clear line
+            raise load_error('OpenVINO', model_file, err) from None
+        self.request = self.compiled.create_infer_request()
+        inputs = self.compiled.inputs
+        self.input_count = len(inputs)
+        self.input_name = inputs[0].get_any_name() if inputs else ''
+        shape = inputs[0].get_partial_shape() if inputs else None
+        self.input_shape = tuple(d.get_length() if d.is_static else -1
+                                 for d in shape) if shape else ()
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+
+    def run(self, image: np.ndarray) -> List[np.ndarray]:
+        result = self.request.infer({0: image})
+        return [np.asarray(result[o]) for o in self.compiled.outputs]
+
+    def kernel_precisions(self) -> Dict[str, int]:
+        pairs = []
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            kind = OV_KINDS.get(info['layerType'].astype(str))
+            if kind:
+                precision = info['runtimePrecision'].astype(str)
+                pairs.append((kind, OV_PRECISIONS.get(precision, precision)))
+        return count_kernels(pairs)
