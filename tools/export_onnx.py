@@ -157,6 +157,10 @@ def main() -> int:
         print(f'not in the inference graph (training only): '
               f'{", ".join(report["unused_weights"])}')
         record['unused_weights'] = report['unused_weights']
+    if report['folded_weights']:
+        print(f'computed at export (they do not depend on the image): '
+              f'{", ".join(report["folded_weights"])}')
+        record['folded_weights'] = report['folded_weights']
     if not args.no_verify:
         with quantized_activations(sites_of(model, ranges or {}),
                                    ranges or {}):

@@ -44,10 +44,10 @@ from torch.nn.utils import parametrize
 from ..errors import HawqUserError, short_list
 from ..quant.activations import (ActivationRange,
                                  attach_activation_quantizers, sites_of)
-from .onnx_integer import (fold_constant_branches, integer_layout,
-                           matmul_nbits)
+from .onnx_integer import (concat_before_transpose, fold_constant_branches,
+                           fold_static_shapes, integer_layout, matmul_nbits)
 from .onnx_lowering import (ONNX_OPSET, lower_quantized_weights,
-                            onnx_weight_summary, opset_of)
+                            onnx_weight_summary, opset_of, set_weight_bits)
 from ..models.family import onnx_outputs
 from .packed_weights import packed_entry_codes, split_weight_name
 
@@ -300,8 +300,12 @@ def export_onnx(detector: nn.Module,
     Returns:
         dict: ``file``, ``bytes``, ``opset``, ``unused_weights`` (packed
         weights inference does not read, e.g. DINO's denoising label
-        embedding), :func:`~.onnx_integer.integer_layout`'s counts (with
-        activations) and :func:`onnx_weight_summary`'s counts.
+        embedding), ``folded_weights`` (read only by a branch that does not
+        depend on the image, computed at export: :func:`~.onnx_integer.
+        fold_constant_branches`), the counts of the graph rewrites
+        (``static_shapes``, ``constant_branches``; with activations
+        ``concats_before_transpose`` and :func:`~.onnx_integer.
+        integer_layout`'s) and :func:`onnx_weight_summary`'s counts.
 
     Raises:
         HawqUserError: The opset cannot hold the model, or an operator of
@@ -331,19 +335,24 @@ def export_onnx(detector: nn.Module,
         proto = onnx.load(traced)
     proto = lower_quantized_weights(proto, _codes_names(packed or {}), bits,
                                     opset, int8_codes=bool(activations))
-    layout = dict(constant_branches=fold_constant_branches(proto))
+    read = onnx_weight_summary(proto)['weight_bits']
+    layout = dict(static_shapes=fold_static_shapes(proto),
+                  constant_branches=fold_constant_branches(proto))
+    stored = {t.name.rsplit('.codes', 1)[0] for t in proto.graph.initializer}
+    set_weight_bits(proto, {n: b for n, b in read.items() if n in stored})
     if activations:
-        layout.update(integer_layout(proto))
+        layout.update(integer_layout(proto),
+                      concats_before_transpose=concat_before_transpose(proto))
     onnx.checker.check_model(proto, full_check=True)
     if int4_matmul:  # a com.microsoft op: after the ONNX checker
         layout['matmul_nbits'] = matmul_nbits(proto)
     os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
     onnx.save(proto, out_file)
     summary = onnx_weight_summary(proto)
-    unused = sorted(set(bits) - set(summary['weight_bits']))
     return dict(file=out_file, bytes=osp.getsize(out_file),
-                opset=opset_of(proto), unused_weights=unused, **layout,
-                **summary)
+                opset=opset_of(proto), unused_weights=sorted(set(bits) - set(read)),
+                folded_weights=sorted(set(read) - set(summary['weight_bits'])),
+                **layout, **summary)
 
 
 def check_opset(opset: int, int4: bool) -> None:

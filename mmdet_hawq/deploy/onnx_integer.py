@@ -33,7 +33,8 @@ from onnx import helper, numpy_helper
 
 from .onnx_lowering import _Constants, _int_tensor
 
-__all__ = ['INTEGER_KERNELS', 'fold_batch_norms', 'fold_constant_branches',
+__all__ = ['INTEGER_KERNELS', 'concat_before_transpose', 'fold_batch_norms',
+           'fold_constant_branches', 'fold_static_shapes',
            'integer_kernels', 'integer_layout', 'matmul_nbits',
            'quantize_conv_biases']
 
@@ -217,6 +218,44 @@ STORAGE_OPS = ('Constant', 'DequantizeLinear', 'Transpose', 'Reshape',
                'Identity', 'Unsqueeze', 'Squeeze', 'Flatten')
 
 
+def fold_static_shapes(proto: onnx.ModelProto) -> int:
+    """Replace each ``Shape`` node whose input's shape is fully known
+    (ONNX's shape inference; the export has a fixed input size) by its
+    value, an INT64 initializer; in place. The shape arithmetic behind it
+    then no longer depends on the image, and
+    :func:`fold_constant_branches` computes it at export.
+
+    torch's exporter writes the sizes ``nn.MultiheadAttention`` reshapes
+    by as ``Shape`` of its (dequantized) inputs. OpenVINO's low-precision
+    transformations fail on a ``Shape`` of a dequantized activation
+    (OpenVINO 2026.4: ``m_element_type.is_static()``).
+
+    Returns:
+        int: How many ``Shape`` nodes were replaced.
+    """
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    dims = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+        shape = v.type.tensor_type.shape
+        if v.type.tensor_type.HasField('shape') and all(
+                d.HasField('dim_value') for d in shape.dim):
+            dims[v.name] = [d.dim_value for d in shape.dim]
+    g = _Graph(proto.graph)
+    count = 0
+    for node in list(proto.graph.node):
+        if node.op_type != 'Shape' or node.input[0] not in dims:
+            continue
+        full = dims[node.input[0]]
+        start = int(_attr(node, 'start', 0))
+        end = int(_attr(node, 'end', len(full)))
+        proto.graph.node.remove(node)
+        g.add(numpy_helper.from_array(
+            np.array(full[start:end], np.int64), node.output[0]))
+        count += 1
+    _drop_dead(proto.graph)
+    return count
+
+
 def fold_constant_branches(proto: onnx.ModelProto) -> int:
     """Compute once, at export, every branch of the graph that does not
     depend on the image, and store its result as a float initializer; in
@@ -229,8 +268,8 @@ def fold_constant_branches(proto: onnx.ModelProto) -> int:
     of an integer weight, so a quantized export computed them at every
     inference. A branch that only stores or lays out a weight
     (:data:`STORAGE_OPS`) is kept, so integer weights stay integers. The
-    values are those of the graph's own nodes (ONNX's reference
-    evaluator). OpenVINO needs this: with such a branch left in the graph,
+    values are those of the graph's own nodes (ONNX Runtime with its graph
+    optimisations off). OpenVINO needs this: with such a branch left in the graph,
     its CPU plugin either fails to compile the model
     (``m_element_type.is_static()``, when a quantize pair sits on the
     branch) or computes wrong outputs for all but the first image
@@ -239,7 +278,7 @@ def fold_constant_branches(proto: onnx.ModelProto) -> int:
     Returns:
         int: How many tensors became initializers.
     """
-    from onnx.reference import ReferenceEvaluator
+    import onnxruntime as ort
     graph = proto.graph
     varying = {i.name for i in graph.input}
     for node in graph.node:  # topological order
@@ -262,18 +301,75 @@ def fold_constant_branches(proto: onnx.ModelProto) -> int:
         if any(o in needed for o in node.output):
             branch.append(node)
             needed.update(i for i in node.input if i)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             onnx.shape_inference.infer_shapes(proto).graph.value_info}
     sub = helper.make_graph(
         list(reversed(branch)), 'constant_branches', [],
-        [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED,
-                                       None) for name in frontier],
+        [helper.make_tensor_value_info(
+            name, types.get(name, onnx.TensorProto.FLOAT), None)
+         for name in frontier],
         [t for t in graph.initializer if t.name in needed])
-    values = ReferenceEvaluator(helper.make_model(
-        sub, opset_imports=proto.opset_import)).run(None, {})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = \
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    values = ort.InferenceSession(
+        helper.make_model(sub, opset_imports=proto.opset_import,
+                          ir_version=proto.ir_version).SerializeToString(),
+        options, providers=['CPUExecutionProvider']).run(None, {})
     for name, value in zip(frontier, values):
         graph.node.remove(g.producer[name])
         g.add(numpy_helper.from_array(np.asarray(value), name))
     _drop_dead(graph)
     return len(frontier)
+
+
+def concat_before_transpose(proto: onnx.ModelProto) -> int:
+    """Rewrite each ``Concat`` of ``Transpose`` nodes with one permutation
+    (each read by that ``Concat`` alone) as the ``Transpose`` of the
+    ``Concat`` of their inputs, along the permuted axis; in place. Exact.
+
+    The multi-scale detectors flatten each level's feature map, transpose
+    it to (B, HW, C) and concatenate the levels before the encoder's value
+    projection. OpenVINO's low-precision transformations fail on that
+    pattern when the concatenation is quantized (OpenVINO 2026.4:
+    ``compile_model`` stops at ``m_element_type.is_static()``, or at a
+    broadcast of the dequantization scale); with the ``Transpose`` after
+    the ``Concat`` they do not.
+
+    Returns:
+        int: How many ``Concat`` nodes were rewritten.
+    """
+    g = _Graph(proto.graph)
+    count = 0
+    for concat in list(proto.graph.node):
+        if concat.op_type != 'Concat' or len(concat.input) < 2:
+            continue
+        parts = [g.producer.get(i) for i in concat.input]
+        if any(p is None or p.op_type != 'Transpose' or
+               len(g.consumers[p.output[0]]) != 1 for p in parts):
+            continue
+        perms = {tuple(helper.get_attribute_value(a)) for p in parts
+                 for a in p.attribute if a.name == 'perm'}
+        if len(perms) != 1 or any(len(p.attribute) != 1 for p in parts):
+            continue
+        perm = perms.pop()
+        axis = int(_attr(concat, 'axis', 0)) % len(perm)
+        name = concat.name or concat.output[0]
+        joined = f'{name}.before_transpose'
+        index = list(proto.graph.node).index(concat)
+        proto.graph.node.insert(index + 1, helper.make_node(
+            'Transpose', [joined], [concat.output[0]],
+            name=f'{name}.transpose', perm=list(perm)))
+        concat.output[0] = joined
+        del concat.input[:]
+        concat.input.extend(p.input[0] for p in parts)
+        for a in concat.attribute:
+            if a.name == 'axis':
+                a.i = perm[axis]
+        for p in parts:
+            proto.graph.node.remove(p)
+        count += 1
+    return count
 
 
 def _stores_only(g: _Graph, name: str) -> bool:

@@ -295,8 +295,18 @@ def lower_quantized_weights(proto: onnx.ModelProto,
     if opset_of(proto) != opset:
         proto = onnx.version_converter.convert_version(proto, opset)
     if bits:
-        helper.set_model_props(proto, {BITS_KEY: json.dumps(dict(bits))})
+        set_weight_bits(proto, bits)
     return proto
+
+
+def set_weight_bits(proto: onnx.ModelProto, bits: Mapping[str, int]) -> None:
+    """Record weight → bits in the model's ``metadata_props``
+    (:data:`BITS_KEY`; :func:`onnx_weight_summary` reads it back)."""
+    kept = [p for p in proto.metadata_props if p.key != BITS_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = BITS_KEY, json.dumps(dict(bits))
 
 
 def _int_tensor(name: str, values: np.ndarray,

@@ -7,6 +7,7 @@ kernels (and BN not folded into the integer convolutions), so outputs
 differ in the last bits; we require max abs differences below 1e-4 for
 scores (logits) and boxes (normalised), and measured about 1e-6 here.
 """
+import collections
 from typing import List
 
 import numpy as np
@@ -80,7 +81,12 @@ def test_initializers_are_the_quantizer_codes(tiny_packed, exported):
     inits = {t.name: t for t in proto.graph.initializer}
     dq = [n for n in proto.graph.node if n.op_type == 'DequantizeLinear']
     plan, float_state = tiny_packed['plan'], tiny_packed['float_state']
-    quantized = {n: b for n, b in plan.items() if b is not None}
+    # the output projection of DETR's first decoder self-attention reads
+    # only the learned queries: computed at export, its output a constant
+    folded = ['decoder.layers.0.self_attn.attn.out_proj.weight']
+    assert report['folded_weights'] == folded
+    quantized = {n: b for n, b in plan.items()
+                 if b is not None and n not in folded}
     assert report['weight_bits'] == quantized
     by_weight = {}
     for node in dq:
@@ -89,6 +95,7 @@ def test_initializers_are_the_quantizer_codes(tiny_packed, exported):
         assert node.input[1:] == [f'{weight}.scale', f'{weight}.zero_point']
         by_weight.setdefault(weight, []).append(node.input[0])
     assert sorted(by_weight) == sorted(quantized)
+    stored = 0
     for name, bits in quantized.items():
         w = float_state[name].numpy().astype(np.float32)
         q = 2**(bits - 1) - 1
@@ -103,8 +110,12 @@ def test_initializers_are_the_quantizer_codes(tiny_packed, exported):
         if len(arrays) == 1 and arrays[0].shape == w.shape:
             assert np.array_equal(arrays[0], codes), name
         else:  # q/k/v parts of an attention projection, sliced at export
-            got = np.concatenate([a.ravel() for a in arrays])
-            assert np.array_equal(np.sort(got), np.sort(codes.ravel()))
+            # (the part a constant branch reads is computed at export)
+            got = collections.Counter(
+                np.concatenate([a.ravel() for a in arrays]).tolist())
+            assert not got - collections.Counter(codes.ravel().tolist())
+            assert sum(a.size for a in arrays) * 3 >= 2 * codes.size
+        stored += sum(a.size for a in arrays)
         s = numpy_helper.to_array(inits[f'{name}.scale'])
         assert s.shape == () and s.dtype == np.float32 and s == scale
         zp = inits[f'{name}.zero_point']
@@ -115,10 +126,9 @@ def test_initializers_are_the_quantizer_codes(tiny_packed, exported):
     # BN-folded by torch's exporter) stay FLOAT
     ints = sum(report['initializers'][k]['elements'] for k in ('INT4',
                                                                'INT8'))
-    assert ints - sum(f.endswith('.zero_point') for f in inits) == sum(
-        float_state[n].numel() for n in quantized)
+    assert ints - sum(f.endswith('.zero_point') for f in inits) == stored
     float_numel = sum(float_state[n].numel() for n, b in plan.items()
-                      if b is None) + float_state[
+                      if b is None and n not in folded) + float_state[
                           'bbox_head.fc_cls.weight'].numel()
     assert report['initializers']['FLOAT']['elements'] >= float_numel
     # each DequantizeLinear feeds a compute op, not a Slice/Transpose
@@ -231,7 +241,9 @@ def test_dino_exports_through_grid_sample(family_cfg, tmp_path):
     # DINO's denoising label embedding is read in training only
     assert report['unused_weights'] == [
         'dn_query_generator.label_embedding.weight']
-    assert len(report['weight_bits']) == len(quantizable_weights(model)) - 1
+    # its content queries are a learned embedding: computed at export
+    assert report['folded_weights'] == ['query_embedding.weight']
+    assert len(report['weight_bits']) == len(quantizable_weights(model)) - 2
     scores, boxes = max_diffs(model, out)
     assert scores < ATOL and boxes < ATOL
 
@@ -323,9 +335,49 @@ def test_ddq_detr_query_selection_without_onnx_form_is_one_line(
     assert '\n' not in str(err.value)
 
 
+@pytest.fixture(scope='module')
+def w8a8_export(tiny_cfg, family_cfg, tmp_path_factory):
+    """family → W8A8 of its shrunk member (quantized once per module): the
+    reference model, the activation ranges, the packed weights, the ONNX
+    file, the export's report and the quantized convolutions."""
+    from mmdet_hawq import QuantSettings, quantize
+    from mmdet_hawq.engine.calibration import calibration_set
+    from mmdet_hawq.quant import pack_state_dict
+    done = {}
+
+    def get(family: str) -> dict:
+        if family in done:
+            return done[family]
+        cfg = tiny_cfg if family == 'detr' else family_cfg(family)
+        model = build_from(cfg)
+        settings = QuantSettings(metric='uniform', bits=8,
+                                 sensitivity=dict(num_images=4,
+                                                  batch_size=2),
+                                 activations=dict(method='mse'))
+        result = quantize(model, calibration_set(cfg, model,
+                                                 settings.calibration),
+                          settings)
+        packed = pack_state_dict(model, result.quantized,
+                                 result.plan)['packed']
+        reference = build_from(cfg)
+        reference.load_state_dict(model.state_dict())
+        out = str(tmp_path_factory.mktemp(f'w8a8_{family}') / 'w8a8.onnx')
+        report = export_onnx(reference, out, SHAPE, packed=packed,
+                             activations=result.activations)
+        convs = [n for n, m in reference.named_modules()
+                 if isinstance(m, torch.nn.Conv2d)
+                 and f'{n}.weight' in packed]
+        done[family] = dict(reference=reference, result=result,
+                            packed=packed, out=out, report=report,
+                            convs=convs)
+        return done[family]
+
+    return get
+
+
 @pytest.mark.parametrize('family', sorted(TEST_CONFIGS))
 def test_w8a8_runs_on_integer_kernels_in_every_family(
-        tiny_cfg, family_cfg, tmp_path, family):
+        w8a8_export, tmp_path, family):
     """W8A8 on a shrunk member of every family: every site's tensor gets a
     uint8 QuantizeLinear / DequantizeLinear pair; after ONNX Runtime's
     optimizer every quantized convolution is a QLinearConv (its BatchNorm
@@ -335,26 +387,11 @@ def test_w8a8_runs_on_integer_kernels_in_every_family(
     counted per query)."""
     import onnxruntime as ort
 
-    from mmdet_hawq import QuantSettings, quantize
     from mmdet_hawq.deploy.onnx_integer import integer_kernels
-    from mmdet_hawq.engine.calibration import calibration_set
-    from mmdet_hawq.quant import pack_state_dict
     from mmdet_hawq.quant.activations import quantized_activations, sites_of
-    cfg = tiny_cfg if family == 'detr' else family_cfg(family)
-    model = build_from(cfg)
-    settings = QuantSettings(metric='uniform', bits=8,
-                             sensitivity=dict(num_images=4, batch_size=2),
-                             activations=dict(method='mse'))
-    result = quantize(model, calibration_set(cfg, model,
-                                             settings.calibration), settings)
-    packed = pack_state_dict(model, result.quantized, result.plan)['packed']
-    reference = build_from(cfg)
-    reference.load_state_dict(model.state_dict())
-    out = str(tmp_path / 'w8a8.onnx')
-    report = export_onnx(reference, out, SHAPE, packed=packed,
-                         activations=result.activations)
-    convs = [n for n, m in reference.named_modules()
-             if isinstance(m, torch.nn.Conv2d) and f'{n}.weight' in packed]
+    w = w8a8_export(family)
+    reference, result, packed = w['reference'], w['result'], w['packed']
+    out, report, convs = w['out'], w['report'], w['convs']
     outputs = [n for n in result.activations if n.endswith(':output')]
     assert len(outputs) == len(convs) > 0
     assert report['folded_batch_norms'] > 0
@@ -400,6 +437,33 @@ def test_w8a8_runs_on_integer_kernels_in_every_family(
             kernels
         for a, b in zip(OnnxDetector(old)(image.numpy()), got):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize('family', sorted(TEST_CONFIGS))
+def test_w8a8_runs_on_openvino_integer_kernels(w8a8_export, family):
+    """The same W8A8 export on OpenVINO: its compiled runtime model runs
+    every quantized convolution and at least the four linear layers of
+    ONNX Runtime's integer MatMuls in int8, and its outputs follow ONNX
+    Runtime's on several images in a row (OpenVINO 2026.4 computed all but
+    the first image wrong while an image-independent branch was left in the
+    graph; each quantizer can round a value one step apart, so per query)."""
+    pytest.importorskip('openvino', reason='openvino is the optional extra '
+                        '(pip install -e .[openvino])')
+    w = w8a8_export(family)
+    ov_model = OnnxDetector(w['out'], runtime='openvino')
+    ort_model = OnnxDetector(w['out'])
+    kernels = ov_model.session.kernel_precisions()
+    assert kernels.get('Convolution/int8') == len(w['convs']) > 0
+    assert 'Convolution/f32' not in kernels
+    assert kernels.get('MatMul/int8', 0) >= 4
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        image = rng.uniform(0, 255, (1, 3) + SHAPE).astype(np.float32)
+        got, want = ov_model(image), ort_model(image)
+        close = [(np.abs(g - w_).max(-1) <= tol)
+                 for g, w_, tol in zip(got, want, (0.5, 0.05))]
+        differ = int((~(close[0] & close[1])).any(axis=0).sum())
+        assert differ <= 1, f'{differ} of {got[0].shape[2]} queries differ'
 
 
 def test_activations_without_an_integer_kernel_are_one_line(

@@ -13,16 +13,15 @@ import numpy as np
 
 from .base import Session, check_model_file, count_kernels, load_error
 
-__all__ = ['OV_KINDS', 'OV_PRECISIONS', 'OpenVinoSession']
+__all__ = ['OV_INTEGER_INPUTS', 'OV_KINDS', 'OpenVinoSession']
 
 #: OpenVINO CPU layer types → kernel kind.
 OV_KINDS = {'Convolution': 'Convolution', 'FullyConnected': 'MatMul',
             'MatMul': 'MatMul', 'Gemm': 'MatMul',
             'FullyConnectedCompressed': 'MatMul'}
 
-#: OpenVINO runtime precisions → ours.
-OV_PRECISIONS = {'u8': 'int8', 'i8': 'int8', 'u4': 'int4', 'i4': 'int4',
-                 'f32': 'f32', 'bf16': 'bf16', 'f16': 'f16'}
+#: Integer element types of a kernel's activation input.
+OV_INTEGER_INPUTS = ('u8', 'i8')
 
 
 class OpenVinoSession(Session):
@@ -73,7 +72,14 @@ class OpenVinoSession(Session):
         for op in self.compiled.get_runtime_model().get_ops():
             info = op.get_rt_info()
             kind = OV_KINDS.get(info['layerType'].astype(str))
-            if kind:
-                precision = info['runtimePrecision'].astype(str)
-                pairs.append((kind, OV_PRECISIONS.get(precision, precision)))
+            if not kind:
+                continue
+            first = op.input_value(0).get_element_type().get_type_name()
+            primitive = info['primitiveType'].astype(str).lower()
+            if first in OV_INTEGER_INPUTS:
+                precision = 'int8'
+            else:
+                precision = 'bf16' if 'bf16' in primitive else \
+                    'f16' if 'f16' in primitive else 'f32'
+            pairs.append((kind, precision))
         return count_kernels(pairs)
