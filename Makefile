@@ -28,7 +28,7 @@ $(VENV)/.stamp: requirements.txt setup.py
 	$(VPY) -c "import mmcv.ops" 2>/dev/null || \
 	  MMCV_WITH_OPS=1 MAX_JOBS=2 $(VPY) -m pip install --no-build-isolation mmcv==$(MMCV_VERSION)
 	$(VPY) -m pip install --quiet -r requirements.txt
-	$(VPY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(VPY) -m pip install --quiet --no-build-isolation -e '.[openvino]'
 	$(VPY) -c "import mmcv.ops, mmdet, mmdet_hawq, scipy, matplotlib, pycocotools"
 	touch $@
 

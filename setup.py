@@ -16,4 +16,8 @@ setup(
         'pycocotools', 'scipy>=1.9', 'matplotlib', 'numpy', 'pillow',
         'onnx==1.17.0', 'onnxruntime==1.20.1'
     ],
+    # the second runtime and its quantizer, the peer to beat
+    # (mmdet_hawq.deploy.runtimes, tools/benchmark_runtimes.py): pip install
+    # -e .[openvino]; the tests that need them skip without
+    extras_require={'openvino': ['openvino==2026.4.1', 'nncf==3.4.0']},
 )

@@ -54,38 +54,13 @@ from typing import Any, Dict, List, Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from mmdet_hawq.deploy.timing import MIB, rss_bytes, trim_heap  # noqa: E402
 from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
-MIB = 2**20
 VARIANTS = ('onnx_fp32', 'onnx_int', 'onnx_int_folded', 'torch_fp32',
             'torch_packed', 'onnx_w8a8')
 ONNX_FILES = dict(onnx_fp32='fp32.onnx', onnx_w8a8='w8a8.onnx')
-
-
-def rss_bytes() -> Dict[str, int]:
-    """``VmRSS`` and ``VmHWM`` (peak) of this process, in bytes."""
-    out = {}
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                key, _, value = line.partition(':')
-                if key in ('VmRSS', 'VmHWM'):
-                    out[key] = int(value.split()[0]) * 1024
-    except OSError:  # not Linux: the peak from getrusage only
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out = dict(VmRSS=peak * 1024, VmHWM=peak * 1024)
-    return out
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc only; else nothing)."""
-    try:
-        import ctypes
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def worker(args: argparse.Namespace) -> int:

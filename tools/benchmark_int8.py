@@ -33,7 +33,7 @@ Models:
                          models)
 
 All models run interleaved image by image (the order rotated) in --rounds
-rounds on the same images (tools/ort_quantize_static.py's ``time_models``),
+rounds on the same images (``mmdet_hawq.deploy.timing.time_models``),
 so a slow spell of the shared machine slows them alike; ``speedup_vs_fp32``
 is the fp32 model's median over the model's, and ``speedup_per_round`` the
 same per round (its spread is the run-to-run spread). A baseline that
@@ -67,7 +67,6 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
                         category=UserWarning)
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os.path as osp  # noqa: E402
@@ -77,11 +76,17 @@ from typing import Any, Dict, List, Optional, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
+from mmdet_hawq.deploy.baselines import (  # noqa: E402
+    calibration_stride, ort_pre_process, ort_quantize_static)
+from mmdet_hawq.deploy.timing import measure_memory, time_models  # noqa: E402
+from mmdet_hawq.engine.calibration import calibration_images  # noqa: E402
+from mmdet_hawq.engine.cli import (check_positive, check_work_dir,  # noqa: E402
+                                   read_config)
+from mmdet_hawq.engine.deploy import (evaluate_map,  # noqa: E402
+                                      quantize_w8a8, random_images)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
-TOOLS = osp.dirname(osp.abspath(__file__))
-#: ONNX Runtime baselines: name → (tools/ort_quantize_static.py variant,
+#: ONNX Runtime baselines: name → (``quantize_static`` variant,
 #: per-channel weights, QUInt8 activations).
 ORT_VARIANTS = {
     'ort_quantize_static': ('all', False, False),
@@ -89,15 +94,6 @@ ORT_VARIANTS = {
     'ort_quantize_static_compute_u8_per_channel': ('compute_only', True,
                                                    True),
 }
-
-
-def load_tool(name: str) -> Any:
-    """Another tool of this folder as a module (its functions)."""
-    spec = importlib.util.spec_from_file_location(
-        f'int8_{name}', osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_runs(given: List[str]) -> Dict[str, Tuple[str, str, str]]:
@@ -120,42 +116,6 @@ def parse_runs(given: List[str]) -> Dict[str, Tuple[str, str, str]]:
                 'setting')
         runs[name] = (files[0], files[1], folder)
     return runs
-
-
-def random_images(shape: Tuple[int, int], count: int,
-                  seed: int) -> List[np.ndarray]:
-    """``count`` uniform-noise images as the graph takes them: float32
-    (1, 3, H, W), 0-255 integers."""
-    rng = np.random.default_rng(seed)
-    return [np.floor(rng.uniform(0, 256, (1, 3) + tuple(shape))).astype(
-        np.float32) for _ in range(count)]
-
-
-def quantize_w8a8(model: Any, images: List[np.ndarray]
-                  ) -> Tuple[Any, Dict[str, Any]]:
-    """W8A8 by ``mmdet_hawq.quantize`` on ``images``: the packed weights
-    and the activation ranges."""
-    import torch
-    from mmdet.structures import DetDataSample
-
-    from mmdet_hawq import QuantSettings, quantize
-    from mmdet_hawq.api.quantize import Calibration
-    from mmdet_hawq.quant import pack_state_dict
-    batches = []
-    for image in images:
-        h, w = image.shape[2:]
-        sample = DetDataSample(metainfo=dict(
-            img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0)))
-        with torch.no_grad():
-            batches.append(model.data_preprocessor(dict(
-                inputs=[torch.from_numpy(image[0]).to(torch.uint8)],
-                data_samples=[sample]), False))
-    settings = QuantSettings(metric='uniform', bits=8,
-                             activations=dict(method='mse'))
-    result = quantize(model, Calibration(batches, list(range(len(batches))),
-                                         []), settings)
-    return pack_state_dict(model, result.quantized,
-                           result.plan)['packed'], result.activations
 
 
 def op_time_shares(path: str, image: np.ndarray, threads: int,
@@ -251,8 +211,7 @@ def main() -> int:
     parser.add_argument('--work-dir', default=None)
     parser.add_argument('--out', help='JSON file for the results')
     args = parser.parse_args()
-    ort_tool = load_tool('ort_quantize_static')
-    ort_tool.check_positive(args, ('images', 'rounds', 'threads',
+    check_positive(args, ('images', 'rounds', 'threads',
                                    'calib_images', 'calib_stride'))
     if args.warmup < 0:
         raise HawqUserError(f'--warmup takes a non-negative integer, not '
@@ -298,7 +257,7 @@ def main() -> int:
     else:
         model = load_for_export(cfg, args.checkpoint)[0]
         from mmdet_hawq.api.settings import SENSITIVITY_DEFAULTS
-        calib = ort_tool.calibration_images(
+        calib = calibration_images(
             cfg, args.calib_images or SENSITIVITY_DEFAULTS['num_images'],
             SENSITIVITY_DEFAULTS['seed'], shape)
         timed = [img.cpu().numpy().astype(np.float32)[None] for img, _ in
@@ -353,7 +312,7 @@ def main() -> int:
     pre = osp.join(args.work_dir, 'fp32_pre.onnx')
     if args.ort:
         step('quant_pre_process of the fp32 model')
-        ort_tool.pre_process(files['fp32'], pre)
+        ort_pre_process(files['fp32'], pre)
     from mmdet_hawq.deploy.onnx_runtime import OnnxDetector
     failed = []
     for key in args.ort:
@@ -361,10 +320,9 @@ def main() -> int:
         files[key] = osp.join(args.work_dir, f'{key}.onnx')
         step(f'{key}: quantize_static on {len(calib)} calibration images')
         try:
-            made = ort_tool.quantize(pre, files[key], calib, 'MinMax',
-                                     variant, per_channel,
-                                     ort_tool.calibration_stride(
-                                         len(calib), args.calib_stride), u8)
+            made = ort_quantize_static(
+                pre, files[key], calib, 'MinMax', variant, per_channel,
+                calibration_stride(len(calib), args.calib_stride), u8)
             OnnxDetector(files[key], args.threads)(calib[0])
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
             text = ' '.join(str(err).split())
@@ -387,11 +345,12 @@ def main() -> int:
         rows[key]['integer_kernels'] = integer_kernels(onnx.load(optimized))
         rows[key]['bytes'] = osp.getsize(path)
         if args.eval:
-            rows[key].update(ort_tool.evaluate(args, path, key))
+            rows[key].update(evaluate_map(cfg, path, threads=args.threads,
+                                          max_images=args.max_images))
             print(f'{key}: mAP {rows[key]["mAP"]:.3f} under ONNX Runtime',
                   flush=True)
         if not args.no_memory:
-            rows[key]['memory'] = ort_tool.measure_memory(args, path)
+            rows[key]['memory'] = measure_memory(path, threads=args.threads)
     if args.profile:
         for key, path in files.items():
             step(f'{key}: profile of one image')
@@ -400,8 +359,9 @@ def main() -> int:
                                                   args.work_dir)
     step(f'timing {len(files)} models on {len(timed)} images, '
          f'{args.rounds} rounds')
-    latency = ort_tool.time_models(files, timed, args.threads, args.rounds,
-                                   args.warmup)
+    latency = time_models({k: (v, 'onnxruntime', {})
+                           for k, v in files.items()}, timed, args.threads,
+                          args.rounds, args.warmup)
     base = latency['fp32']
     results = []
     for key in files:

@@ -47,43 +47,27 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import os.path as osp  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
+from mmdet_hawq.deploy.baselines import (  # noqa: E402
+    calibration_stride, graph_summary, ort_pre_process, ort_quantize_static)
+from mmdet_hawq.deploy.timing import measure_memory, time_models  # noqa: E402
+from mmdet_hawq.engine.calibration import calibration_images  # noqa: E402
+from mmdet_hawq.engine.cli import (check_positive, check_work_dir,  # noqa: E402
+                                   read_config)
+from mmdet_hawq.engine.deploy import evaluate_map  # noqa: E402
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
-TOOLS = osp.dirname(osp.abspath(__file__))
-MIB = 2**20
 #: Calibration methods of ``quantize_static`` tried (lower case → name).
 METHODS = {m.lower(): m for m in ('MinMax', 'Entropy', 'Percentile')}
 VARIANTS = ('all', 'float_decoder', 'float_sampling', 'compute_only')
-#: Op types variant ``compute_only`` quantizes.
-COMPUTE_OPS = ['Conv', 'MatMul', 'Gemm']
-#: Graph-name scopes that variant ``float_decoder`` quantizes.
-ENCODER_SIDE = ('/backbone/', '/neck/', '/encoder/')
-#: Graph-name parts of the deformable attention's sampling projections.
-SAMPLING = ('/sampling_offsets/', '/attention_weights/')
-
-
-def load_tool(name: str) -> Any:
-    """Another tool of this folder as a module (its functions, not its
-    main)."""
-    spec = importlib.util.spec_from_file_location(
-        f'ort_baseline_{name}', osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_choices(given: Optional[Sequence[str]], known: Dict[str, str],
@@ -102,116 +86,6 @@ def parse_choices(given: Optional[Sequence[str]], known: Dict[str, str],
     return out
 
 
-def check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
-    """One line for the first of ``names`` (options) given below 1."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise HawqUserError(f'--{name.replace("_", "-")} takes a '
-                                f'positive integer, not {value}')
-
-
-def calibration_images(cfg: Any, num_images: int, seed: int,
-                       shape: Sequence[int]) -> List[np.ndarray]:
-    """The project's calibration images, as the ONNX graph takes them:
-    float32 (1, 3, H, W), 0-255."""
-    from mmdet.utils import register_all_modules
-
-    from mmdet_hawq.api.settings import SENSITIVITY_DEFAULTS
-    from mmdet_hawq.engine.calibration import (build_calibration,
-                                               check_data_files)
-    register_all_modules()
-    settings = dict(SENSITIVITY_DEFAULTS, num_images=num_images, seed=seed,
-                    batch_size=1)
-    check_data_files(cfg, settings)
-    loader, _ = build_calibration(cfg, settings)
-    images = []
-    for batch in loader:
-        for image in batch['inputs']:
-            if tuple(image.shape[1:]) != tuple(shape):
-                raise HawqUserError(
-                    f'a calibration image is {image.shape[1]}x'
-                    f'{image.shape[2]} px, the model takes {shape[0]}x'
-                    f'{shape[1]}: pass --shape H W of the test pipeline\'s '
-                    'output')
-            images.append(image.cpu().numpy().astype(np.float32)[None])
-    return images
-
-
-def make_reader(images: List[np.ndarray], input_name: str) -> Any:
-    """A fresh ``CalibrationDataReader`` over ``images``."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-
-        def __init__(self) -> None:
-            self.feed = iter(images)
-
-        def set_range(self, start_index: int, end_index: int) -> None:
-            self.feed = iter(images[start_index:end_index])
-
-        def get_next(self) -> Optional[Dict[str, np.ndarray]]:
-            image = next(self.feed, None)
-            return None if image is None else {input_name: image}
-
-        def __len__(self) -> int:
-            return len(images)
-
-    return Reader()
-
-
-def pre_process(fp32: str, out: str) -> str:
-    """``quant_pre_process`` of ``fp32`` into ``out``; returns what ran."""
-    import tempfile
-
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    fp32, out = osp.abspath(fp32), osp.abspath(out)
-    here = os.getcwd()
-    try:
-        # where its symbolic shape inference fails, ONNX Runtime saves a
-        # debug model (sym_shape_infer_temp.onnx and its weights) in the
-        # working directory: a scratch one here
-        with tempfile.TemporaryDirectory() as scratch:
-            os.chdir(scratch)
-            try:
-                quant_pre_process(fp32, out)
-            finally:
-                os.chdir(here)
-        return 'quant_pre_process'
-    except Exception as err:  # noqa: BLE001 - retried, and recorded
-        first = (str(err).strip().splitlines() or [''])[0]
-        quant_pre_process(fp32, out, skip_symbolic_shape=True)
-        return ('quant_pre_process(skip_symbolic_shape=True) (symbolic '
-                f'shape inference failed: {type(err).__name__}: {first})')
-
-
-def excluded_nodes(model: Any, variant: str) -> List[str]:
-    """Names of the nodes ``variant`` keeps float (nodes_to_exclude)."""
-    names = [n.name for n in model.graph.node]
-    if variant == 'float_decoder':
-        return [n for n in names if not n.startswith(ENCODER_SIDE)]
-    if variant == 'float_sampling':
-        return [n for n in names if any(s in n for s in SAMPLING)]
-    return []
-
-
-def graph_summary(path: str) -> Dict[str, Any]:
-    """Q/DQ counts, and the MatMul/Conv/Gemm nodes fed by a
-    DequantizeLinear on every input (``int8_compute_nodes``)."""
-    import onnx
-    model = onnx.load(path, load_external_data=False)
-    ops = collections.Counter(n.op_type for n in model.graph.node)
-    producer = {o: n.op_type for n in model.graph.node for o in n.output}
-    compute = [n for n in model.graph.node
-               if n.op_type in ('MatMul', 'Conv', 'Gemm')]
-    int8 = sum(all(producer.get(i) == 'DequantizeLinear'
-                   for i in n.input[:2]) for n in compute)
-    return dict(quantize_linear=ops['QuantizeLinear'],
-                dequantize_linear=ops['DequantizeLinear'],
-                compute_nodes=len(compute), int8_compute_nodes=int8,
-                bytes=osp.getsize(path))
-
-
 def optimized_ops(path: str, threads: int, work_dir: str) -> Dict[str, int]:
     """Integer kernels in the graph ONNX Runtime optimises ``path`` into
     (level all, as the sessions here run it)."""
@@ -224,133 +98,6 @@ def optimized_ops(path: str, threads: int, work_dir: str) -> Dict[str, int]:
     return {k: v for k, v in sorted(ops.items())
             if 'Integer' in k or k.startswith(('QLinear', 'QGemm'))
             or k in ('QuantizeLinear', 'DequantizeLinear')}
-
-
-def calibration_stride(count: int, stride: int) -> Optional[int]:
-    """The largest divisor of ``count`` up to ``stride`` (None for 0):
-    ``quantize_static`` calibrates in chunks of this many images (its
-    ``CalibStridedMinMax``; histograms are merged chunk by chunk), so that
-    the histogram methods do not hold every intermediate output of every
-    image at once."""
-    if not stride or stride >= count:
-        return None
-    return max(d for d in range(1, stride + 1) if count % d == 0)
-
-
-def quantize(pre: str, out: str, images: List[np.ndarray], method: str,
-             variant: str, per_channel: bool, stride: Optional[int],
-             u8_activations: bool = False) -> Dict[str, Any]:
-    """``quantize_static`` of the pre-processed fp32 model into ``out``
-    (``u8_activations``: QUInt8 activations instead of its default QInt8).
-    """
-    import onnx
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-    model = onnx.load(pre)
-    exclude = excluded_nodes(model, variant)
-    input_name = model.graph.input[0].name
-    del model
-    extra = {'CalibStridedMinMax': stride} if stride else {}
-    start = time.perf_counter()
-    quantize_static(pre, out, make_reader(images, input_name),
-                    quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    calibrate_method=getattr(CalibrationMethod, method),
-                    nodes_to_exclude=exclude, extra_options=extra,
-                    activation_type=QuantType.QUInt8 if u8_activations
-                    else QuantType.QInt8,
-                    op_types_to_quantize=COMPUTE_OPS
-                    if variant == 'compute_only' else None)
-    return dict(quantize_s=time.perf_counter() - start,
-                excluded_nodes=len(exclude), **graph_summary(out))
-
-
-def run_tool(cmd: List[str], env: Dict[str, str]) -> str:
-    """Run a tool in a fresh process; its stdout, or its last lines as
-    one error line if it fails."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f'{" ".join(cmd[1:4])} failed (exit '
-                           f'{proc.returncode}): {" | ".join(tail)}')
-    return proc.stdout
-
-
-def evaluate(args: argparse.Namespace, model: str, name: str
-             ) -> Dict[str, Any]:
-    """mAP of ``model`` by ``tools/evaluate_onnx.py``."""
-    out = osp.join(args.work_dir, f'{name}_eval.json')
-    cmd = [sys.executable, osp.join(TOOLS, 'evaluate_onnx.py'), args.config,
-           model, '--threads', str(args.threads), '--out', out,
-           '--work-dir', osp.join(args.work_dir, 'evaluate_onnx')]
-    if args.max_images:
-        cmd += ['--max-images', str(args.max_images)]
-    run_tool(cmd, dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-    with open(out) as f:
-        record = json.load(f)
-    metrics = {k: v for k, v in record.items() if k.startswith('coco/')}
-    key = next(k for k in metrics if k.endswith('bbox_mAP'))
-    return dict(mAP=metrics[key], metrics=metrics, images=record['images'],
-                command=record['command'])
-
-
-def time_models(files: Dict[str, str], images: List[np.ndarray],
-                threads: int, rounds: int, warmup: int
-                ) -> Dict[str, Dict[str, Any]]:
-    """Batch-1 latency of each model, interleaved image by image (the
-    order rotated), ``rounds`` passes over ``images``."""
-    from mmdet_hawq.deploy.onnx_runtime import OnnxDetector
-    models = {name: OnnxDetector(path, threads)
-              for name, path in files.items()}
-    names = list(models)
-    for i in range(warmup):
-        for name in names:
-            models[name](images[i % len(images)])
-    wall = {n: [[] for _ in range(rounds)] for n in names}
-    cpu = {n: [] for n in names}
-    for r in range(rounds):
-        for i, image in enumerate(images):
-            k = (i + r) % len(names)
-            for name in names[k:] + names[:k]:
-                start, start_cpu = time.perf_counter(), time.thread_time()
-                models[name](image)
-                wall[name][r].append((time.perf_counter() - start) * 1e3)
-                cpu[name].append((time.thread_time() - start_cpu) * 1e3)
-    out = {}
-    for name in names:
-        per_round = [statistics.median(w) for w in wall[name]]
-        every = [t for w in wall[name] for t in w]
-        out[name] = dict(
-            median_ms=statistics.median(every), min_ms=min(every),
-            round_medians_ms=per_round,
-            spread_ms=max(per_round) - min(per_round),
-            cpu_median_ms=statistics.median(cpu[name]), runs=len(every))
-    return out
-
-
-def memory_worker(model: str, threads: int) -> int:
-    """In a fresh process: resident memory to load ``model`` and run one
-    image; prints one JSON line."""
-    from mmdet_hawq.deploy.onnx_runtime import OnnxDetector
-    bench = load_tool('benchmark_deploy')
-    before = bench.rss_bytes()
-    detector = OnnxDetector(model, threads)
-    bench.trim_heap()
-    loaded = bench.rss_bytes()
-    h, w = detector.input_shape
-    detector(np.random.default_rng(0).uniform(0, 255, (1, 3, h, w)))
-    end = bench.rss_bytes()
-    print(json.dumps(dict(
-        rss_load_mib=(loaded['VmRSS'] - before['VmRSS']) / MIB,
-        rss_after_first_image_mib=end['VmRSS'] / MIB,
-        peak_mib=end['VmHWM'] / MIB)))
-    return 0
-
-
-def measure_memory(args: argparse.Namespace, model: str) -> Dict[str, Any]:
-    cmd = [sys.executable, osp.abspath(__file__), args.config,
-           '--memory-worker', model, '--threads', str(args.threads)]
-    out = run_tool(cmd, dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-    return json.loads(out.strip().splitlines()[-1])  # the worker's line
 
 
 def check_outputs(files: Dict[str, str], image: np.ndarray,
@@ -473,10 +220,7 @@ def main() -> int:
                         help='default: work_dirs/ort_quantize_static/'
                         '<config name>')
     parser.add_argument('--out', help='JSON file for the results')
-    parser.add_argument('--memory-worker', help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_worker:
-        return memory_worker(args.memory_worker, args.threads)
     methods = parse_choices(args.methods, METHODS, 'calibration method')
     fix = parse_choices([args.fix_method] if args.fix_method else None,
                         METHODS, 'calibration method')
@@ -520,7 +264,7 @@ def main() -> int:
     images = calibration_images(cfg, num_images, seed, shape[2:])
     stride = calibration_stride(len(images), args.calib_stride)
     pre = osp.join(args.work_dir, 'fp32_pre.onnx')
-    preprocessing = pre_process(fp32, pre)
+    preprocessing = ort_pre_process(fp32, pre)
     print(f'{fp32}: input {shape}; {len(images)} calibration images; '
           f'{preprocessing}', flush=True)
 
@@ -530,7 +274,8 @@ def main() -> int:
     failed: List[Dict[str, str]] = []
     fp32_row: Dict[str, Any] = dict(model=fp32, graph=graph_summary(fp32))
     if not args.no_eval:
-        fp32_row.update(evaluate(args, fp32, 'fp32'))
+        fp32_row.update(evaluate_map(cfg, fp32, threads=args.threads,
+                                     max_images=args.max_images))
         print(f'fp32: mAP {fp32_row["mAP"]:.3f}', flush=True)
 
     def run(variant: str, method: str) -> None:
@@ -538,8 +283,8 @@ def main() -> int:
         path = osp.join(args.work_dir, f'int8_{key}.onnx')
         step = 'quantize_static'
         try:
-            made = quantize(pre, path, images, method, variant,
-                            args.per_channel, stride)
+            made = ort_quantize_static(pre, path, images, method, variant,
+                                       args.per_channel, stride)
             step = 'ONNX Runtime'
             OnnxDetector(path, args.threads)(images[0])
             row = dict(variant=variant, method=method, model=path, **made)
@@ -549,8 +294,9 @@ def main() -> int:
             row['optimized_integer_ops'] = optimized_ops(
                 path, args.threads, args.work_dir)
             if not args.no_eval:
-                step = 'evaluate_onnx.py'
-                row.update(evaluate(args, path, f'int8_{key}'))
+                step = 'evaluation'
+                row.update(evaluate_map(cfg, path, threads=args.threads,
+                                        max_images=args.max_images))
         except Exception as err:  # noqa: BLE001 - reported, the run goes on
             text = ' '.join(str(err).split())
             if len(text) > 400:  # the start says where, the end what
@@ -584,11 +330,12 @@ def main() -> int:
     from mmdet_hawq.engine.deploy import test_images, test_loader
     timed = [img.cpu().numpy().astype(np.float32)[None] for img, _ in
              test_images(test_loader(cfg), args.latency_images)]
-    latency = time_models(files, timed, args.threads, args.latency_rounds,
-                          args.warmup)
+    latency = time_models({k: (v, 'onnxruntime', {})
+                           for k, v in files.items()}, timed, args.threads,
+                          args.latency_rounds, args.warmup)
     fp32_row['latency'] = latency['fp32']
     if not args.no_memory:
-        fp32_row['memory'] = measure_memory(args, fp32)
+        fp32_row['memory'] = measure_memory(fp32, threads=args.threads)
     for row in rows:
         key = f'{row["variant"]}_{row["method"].lower()}'
         row['latency'] = latency[key]
@@ -602,7 +349,8 @@ def main() -> int:
             a / b for a, b in zip(latency['fp32']['round_medians_ms'],
                                   latency[key]['round_medians_ms'])]
         if not args.no_memory:
-            row['memory'] = measure_memory(args, row['model'])
+            row['memory'] = measure_memory(row['model'],
+                                           threads=args.threads)
     record = dict(
         config=args.config, checkpoint=args.checkpoint, input_shape=shape,
         onnxruntime=onnxruntime.__version__, onnx=onnx.__version__,

@@ -208,3 +208,29 @@ def declared_classes(dataset_cfg) -> Optional[List[str]]:
     cls = DATASETS.get(kind) if isinstance(kind, str) else kind
     classes = getattr(cls, 'METAINFO', {}).get('classes')
     return list(classes) if classes else None
+
+
+def calibration_images(cfg: Any, num_images: int, seed: int,
+                       shape: Sequence[int]) -> List[Any]:
+    """The project's calibration images, as the ONNX graph takes them:
+    float32 (1, 3, H, W), 0-255."""
+    import numpy as np
+    from mmdet.utils import register_all_modules
+
+    from ..api.settings import SENSITIVITY_DEFAULTS
+    register_all_modules()
+    settings = dict(SENSITIVITY_DEFAULTS, num_images=num_images, seed=seed,
+                    batch_size=1)
+    check_data_files(cfg, settings)
+    loader, _ = build_calibration(cfg, settings)
+    images = []
+    for batch in loader:
+        for image in batch['inputs']:
+            if tuple(image.shape[1:]) != tuple(shape):
+                raise HawqUserError(
+                    f'a calibration image is {image.shape[1]}x'
+                    f'{image.shape[2]} px, the model takes {shape[0]}x'
+                    f'{shape[1]}: pass --shape H W of the test pipeline\'s '
+                    'output')
+            images.append(image.cpu().numpy().astype(np.float32)[None])
+    return images

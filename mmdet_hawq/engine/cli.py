@@ -6,7 +6,7 @@ import ast
 import glob
 import os
 import os.path as osp
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ..errors import HawqUserError
 
@@ -158,3 +158,12 @@ def read_config(path: str):
         raise HawqUserError(
             f'config file {where[0]!r} has a syntax error at line '
             f'{where[1]} ({where[2]}): fix the config') from None
+
+
+def check_positive(args: Any, names: Sequence[str]) -> None:
+    """One line for the first of ``names`` (options) given below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise HawqUserError(f'--{name.replace("_", "-")} takes a '
+                                f'positive integer, not {value}')

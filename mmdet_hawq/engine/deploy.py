@@ -9,7 +9,7 @@ go through these, so a checkpoint is checked as strictly as for
 import copy
 import os.path as osp
 import time
-from typing import (Any, Callable, Dict, Iterable, Iterator, Mapping,
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
                     Optional, Sequence, Tuple)
 
 import numpy as np
@@ -22,7 +22,8 @@ from .checkpoint import is_local_path, load_checkpoint_file
 
 __all__ = [
     'build_packed_detector', 'coco_metrics', 'default_input_shape',
-    'evaluate_exported', 'load_for_export', 'test_images', 'test_loader'
+    'evaluate_exported', 'evaluate_map', 'load_for_export', 'quantize_w8a8',
+    'random_images', 'test_images', 'test_loader'
 ]
 
 #: What runs one image: (1, 3, H, W) float32 → scores (L, 1, Q, C) and
@@ -295,6 +296,63 @@ def evaluate_exported(cfg: Any, model_file: str,
         record.update(compare=compare, torch_metrics=torch_eval.evaluate(size),
                       max_abs_diff=diff, detections_max_abs_diff=det)
     return record
+
+
+def evaluate_map(cfg: Any, model_file: str, runtime: str = 'onnxruntime',
+                 threads: int = 1, max_images: Optional[int] = None,
+                 **options: Any) -> Dict[str, Any]:
+    """:func:`evaluate_exported` as the benchmarks record it.
+
+    Returns:
+        dict: ``mAP`` (the bbox mAP), ``metrics`` (all of them), ``images``
+        and ``kernel_precisions``.
+    """
+    record = evaluate_exported(cfg, model_file, runtime, threads, max_images,
+                               **options)
+    metrics = {k: v for k, v in record.items() if k.startswith('coco/')}
+    key = next(k for k in metrics if k.endswith('bbox_mAP'))
+    return dict(mAP=metrics[key], metrics=metrics, images=record['images'],
+                kernel_precisions=record['kernel_precisions'])
+
+
+def random_images(shape: Tuple[int, int], count: int,
+                  seed: int) -> List[np.ndarray]:
+    """``count`` uniform-noise images as the graph takes them: float32
+    (1, 3, H, W), 0-255 integers."""
+    rng = np.random.default_rng(seed)
+    return [np.floor(rng.uniform(0, 256, (1, 3) + tuple(shape))).astype(
+        np.float32) for _ in range(count)]
+
+
+def quantize_w8a8(model: Any, images: List[np.ndarray]
+                  ) -> Tuple[Any, Dict[str, Any]]:
+    """W8A8 by ``mmdet_hawq.quantize`` on ``images`` (float32 (1, 3, H, W),
+    0-255, as the exported graph takes them): every weight 8 bits per
+    tensor, every activation site 8 bits with MSE ranges.
+
+    Returns:
+        tuple: The packed weights (``packed`` of a packed checkpoint) and
+        the activation ranges; ``model`` keeps its fake-quantized weights.
+    """
+    from mmdet.structures import DetDataSample
+
+    from ..api import Calibration, QuantSettings, quantize
+    from ..quant import pack_state_dict
+    batches = []
+    for image in images:
+        h, w = image.shape[2:]
+        sample = DetDataSample(metainfo=dict(
+            img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0)))
+        with torch.no_grad():
+            batches.append(model.data_preprocessor(dict(
+                inputs=[torch.from_numpy(image[0]).to(torch.uint8)],
+                data_samples=[sample]), False))
+    settings = QuantSettings(metric='uniform', bits=8,
+                             activations=dict(method='mse'))
+    result = quantize(model, Calibration(batches, list(range(len(batches))),
+                                         []), settings)
+    return pack_state_dict(model, result.quantized,
+                           result.plan)['packed'], result.activations
 
 
 def _compare_detections(ours: Any, ref: Any, diff: Dict[str, Any]) -> None:
