@@ -14,6 +14,12 @@ MACs that run int8.
 Problem: choose ``x_s ∈ {0, 1}`` (1 = int8) minimising ``Σ_s x_s·Ω_s``
 (the predicted damage of quantizing site ``s``) subject to
 ``Σ_s x_s·MAC_s ≥ share · Σ_s MAC_s`` and ``x_s = 0`` for sites kept float.
+
+Its dual, the fastest plan within a damage budget
+(:func:`fastest_int8_sites`): maximise ``Σ_s x_s·g_s`` subject to
+``Σ_s x_s·Ω_s ≤ budget``, where ``g_s`` is either the MACs or, as HAWQ-V3's
+latency table, the time measured on the runtime that going int8 saves
+(:mod:`mmdet_hawq.deploy.latency_table`).
 """
 from typing import Mapping, Sequence, Set
 
@@ -22,7 +28,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..errors import HawqUserError
 
-__all__ = ['choose_int8_sites']
+__all__ = ['choose_int8_sites', 'fastest_int8_sites']
 
 
 def choose_int8_sites(damage: Mapping[str, float],
@@ -72,6 +78,50 @@ def choose_int8_sites(damage: Mapping[str, float],
                   bounds=Bounds(np.zeros(len(names)), upper),
                   constraints=constraints)
     if not result.success:  # pragma: no cover - reachable was checked
+        raise HawqUserError(f'the site choice has no solution: '
+                            f'{result.message}')
+    return {n for n, x in zip(names, np.round(result.x)) if x > 0.5}
+
+
+def fastest_int8_sites(damage: Mapping[str, float],
+                       gain: Mapping[str, float],
+                       budget: float,
+                       keep_float: Sequence[str] = ()) -> Set[str]:
+    """The int8 sites of largest total gain whose predicted damage stays
+    within ``budget``.
+
+    Args:
+        damage (Mapping[str, float]): Site → predicted damage ``Ω_s`` of
+            quantizing it (negative values count as 0).
+        gain (Mapping[str, float]): Site → what going int8 gains: its MACs,
+            or its measured time saved (negative values count as 0; sites
+            absent gain 0).
+        budget (float): The largest total damage of the int8 sites (≥ 0).
+        keep_float (Sequence[str]): Sites that stay float.
+
+    Returns:
+        set[str]: The int8 sites (ties broken towards less damage).
+
+    Raises:
+        HawqUserError: The budget is negative.
+    """
+    if budget < 0:
+        raise HawqUserError(f'a damage budget of {budget} is negative: pass '
+                            'a budget of 0 or more')
+    names = list(damage)
+    if not names:
+        return set()
+    cost = np.array([max(0.0, float(damage[n])) for n in names])
+    value = np.array([max(0.0, float(gain.get(n, 0.0))) for n in names])
+    upper = np.array([n not in set(keep_float) for n in names], float)
+    tiny = 1e-9 * (value.max() if value.max() > 0 else 1.0) / max(
+        cost.max(), 1e-30)
+    result = milp(-(value - tiny * cost), integrality=np.ones(len(names)),
+                  bounds=Bounds(np.zeros(len(names)), upper),
+                  constraints=[LinearConstraint(
+                      cost[None], lb=-np.inf,
+                      ub=budget + 1e-12 * max(budget, cost.sum(), 1e-30))])
+    if not result.success:  # pragma: no cover - x = 0 is always feasible
         raise HawqUserError(f'the site choice has no solution: '
                             f'{result.message}')
     return {n for n, x in zip(names, np.round(result.x)) if x > 0.5}

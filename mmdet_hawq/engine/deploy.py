@@ -193,7 +193,8 @@ def coco_metrics(cfg: Any, head: nn.Module, outputs: Outputs,
             detections; its weights are not used.
         outputs (Callable): Runs one image (an exported model on a runtime).
         items (Iterable): ``(uint8 image (3, H, W), DetDataSample)`` pairs,
-            e.g. :func:`test_images`; the samples are not modified.
+            e.g. :func:`test_images`; the samples are not modified. Only
+            these images are scored.
         count (int): How many items there are.
         dataset: The dataset they come from (its ``metainfo``).
 
@@ -202,11 +203,22 @@ def coco_metrics(cfg: Any, head: nn.Module, outputs: Outputs,
     """
     from ..deploy.onnx_runtime import detections_from_outputs
     evaluator = _evaluator(cfg, dataset)
+    ids = []
     for image, sample in items:
         scores, boxes = outputs(image.cpu().numpy()[None].astype(np.float32))
         evaluator.process(detections_from_outputs(
             head, scores, boxes, [copy.deepcopy(sample)]))
+        ids.append(sample.img_id)
+    _only_images(evaluator, ids)
     return evaluator.evaluate(count)
+
+
+def _only_images(evaluator: Any, ids: Sequence[int]) -> None:
+    """Score only these images (mmdet's ``CocoMetric`` otherwise counts
+    every image of the annotation file, the unseen ones as misses)."""
+    for metric in evaluator.metrics:
+        if hasattr(metric, 'img_ids'):
+            metric.img_ids = list(ids)
 
 
 def evaluate_exported(cfg: Any, model_file: str,
@@ -226,8 +238,8 @@ def evaluate_exported(cfg: Any, model_file: str,
         runtime (str): ``'onnxruntime'`` or ``'openvino'``. Defaults to
             ``'onnxruntime'``.
         threads (int): Threads of one inference. Defaults to 1.
-        max_images (int, optional): Only the first N test images. Defaults
-            to None (all).
+        max_images (int, optional): Only the first N test images (scored
+            over those images alone). Defaults to None (all).
         compare (str, optional): A checkpoint (a packed file: the
             fake-quantized model) whose PyTorch model runs on the same
             images: its metrics and the largest differences of the raw
@@ -288,6 +300,12 @@ def evaluate_exported(cfg: Any, model_file: str,
         _compare_detections(ours[0].pred_instances,
                             ref_dets[0].pred_instances, det)
         torch_eval.process(ref_dets)
+    if size < len(loader.dataset):  # score the evaluated images only
+        ids = [loader.dataset.get_data_info(i)['img_id']
+               for i in range(size)]
+        _only_images(evaluator, ids)
+        if torch_eval is not None:
+            _only_images(torch_eval, ids)
     record: Dict[str, Any] = dict(
         evaluator.evaluate(size), images=size, runtime=runtime,
         threads=threads, s_per_image=seconds / max(size, 1),

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mmdet_hawq.allocation.sites import choose_int8_sites
+from mmdet_hawq.allocation.sites import choose_int8_sites, fastest_int8_sites
 from mmdet_hawq.errors import HawqUserError
 
 
@@ -50,3 +50,28 @@ def test_every_site_int8_at_full_share_and_impossible_share_is_one_line():
                        r'reached: .* at most 0.4000 of the MACs') as err:
         choose_int8_sites(damage, macs, 0.9, keep_float=['c'])
     assert '\n' not in str(err.value)
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_fastest_within_a_damage_budget_is_the_brute_force_optimum(seed):
+    """The dual: the largest gain (MACs or measured time saved) whose
+    damage fits the budget, against every subset."""
+    rng = np.random.default_rng(100 + seed)
+    names = [f's{i}' for i in range(9)]
+    damage = {n: float(rng.exponential()) for n in names}
+    gain = {n: float(rng.exponential()) for n in names}
+    keep = ['s5'] if seed % 2 else []
+    total = sum(damage.values())
+    for share in (0.0, 0.2, 0.5, 0.9, 1.0):
+        budget = share * total
+        got = fastest_int8_sites(damage, gain, budget, keep)
+        assert sum(damage[n] for n in got) <= budget + 1e-9
+        assert not set(keep) & got
+        best = max(sum(gain[n] for n in c)
+                   for k in range(len(names) + 1)
+                   for c in itertools.combinations(names, k)
+                   if not set(keep) & set(c)
+                   and sum(damage[n] for n in c) <= budget + 1e-9)
+        assert sum(gain[n] for n in got) == pytest.approx(best)
+    with pytest.raises(HawqUserError, match='negative'):
+        fastest_int8_sites(damage, gain, -1.0)
