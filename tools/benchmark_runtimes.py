@@ -246,9 +246,12 @@ def make_models(args: argparse.Namespace, cfg: Any, rows: List[str]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('config')
+    parser.add_argument('config', nargs='?')
     parser.add_argument('checkpoint', nargs='?',
                         help='float checkpoint (not with --random-weights)')
+    parser.add_argument('--report', metavar='JSON',
+                        help='print the table of a finished run\'s --out '
+                        'file, and nothing else')
     parser.add_argument('--random-weights', action='store_true',
                         help='time the config\'s model with its initial '
                         'weights on noise images (no mAP)')
@@ -278,6 +281,18 @@ def main() -> int:
     parser.add_argument('--work-dir')
     parser.add_argument('--out', help='JSON file for the results')
     args = parser.parse_args()
+    if args.report:
+        if not osp.isfile(args.report):
+            raise HawqUserError(f'--report {args.report!r} does not exist: '
+                                'pass the --out file of a finished run')
+        with open(args.report) as f:
+            record = json.load(f)
+        print(table(record))
+        for line in record['targets']:
+            print(line)
+        return 0
+    if not args.config:
+        raise HawqUserError('pass a config (or --report JSON)')
     check_positive(args, ('calib_images', 'images', 'rounds', 'max_images'))
     if min(args.threads) < 1:
         raise HawqUserError('--threads takes positive integers')
@@ -348,8 +363,6 @@ def main() -> int:
                   command='python tools/benchmark_runtimes.py ' +
                   ' '.join(sys.argv[1:]))
     print(table(record))
-    for fail in failed:
-        print(f'{fail["row"]}: failed: {fail["error"]}')
     for line in record['targets']:
         print(line)
     if args.out:
@@ -423,6 +436,10 @@ def table(record: Dict[str, Any]) -> str:
         q = r.get('quantize_s')
         cells.append('-' if q is None else f'{q:.0f}')
         lines.append('| ' + ' | '.join(cells) + ' |')
+    for fail in record['failed']:  # a row of its own, with its error
+        error = fail['error'].replace('|', '/')
+        lines.append(f'| {fail["row"]} | failed: {error[:160]}'
+                     + ' | -' * (len(head) - 2) + ' |')
     return '\n'.join(lines)
 
 

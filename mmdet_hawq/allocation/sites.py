@@ -113,14 +113,17 @@ def fastest_int8_sites(damage: Mapping[str, float],
         return set()
     cost = np.array([max(0.0, float(damage[n])) for n in names])
     value = np.array([max(0.0, float(gain.get(n, 0.0))) for n in names])
-    upper = np.array([n not in set(keep_float) for n in names], float)
-    tiny = 1e-9 * (value.max() if value.max() > 0 else 1.0) / max(
-        cost.max(), 1e-30)
+    # in units of the total damage, so the solver's absolute feasibility
+    # tolerance is a relative one; a site above the budget alone is out
+    scale = cost.sum() if cost.sum() > 0 else 1.0
+    cost, budget = cost / scale, budget / scale
+    upper = np.array([n not in set(keep_float) and c <= budget
+                      for n, c in zip(names, cost)], float)
+    tiny = 1e-9 * (value.max() if value.max() > 0 else 1.0)
     result = milp(-(value - tiny * cost), integrality=np.ones(len(names)),
                   bounds=Bounds(np.zeros(len(names)), upper),
-                  constraints=[LinearConstraint(
-                      cost[None], lb=-np.inf,
-                      ub=budget + 1e-12 * max(budget, cost.sum(), 1e-30))])
+                  constraints=[LinearConstraint(cost[None], lb=-np.inf,
+                                                ub=budget + 1e-12)])
     if not result.success:  # pragma: no cover - x = 0 is always feasible
         raise HawqUserError(f'the site choice has no solution: '
                             f'{result.message}')

@@ -9,7 +9,7 @@ import pytest
 
 from mmdet_hawq.errors import HawqUserError
 
-from .test_deploy_tools import run_main, tool
+from .test_deploy_tools import run_main, sensitivity_run, tool
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +43,11 @@ def test_random_weights_side_by_side(cfg_file, tmp_path, monkeypatch):
 def test_activation_validation_and_bad_inputs(cfg_file, tiny_cfg, tmp_path,
                                               monkeypatch):
     from mmdet_hawq import QuantSettings, quantize
-    from mmdet_hawq.engine.calibration import calibration_set
     from mmdet_hawq.report import write_run
 
     from ..conftest import build_from
-    model = build_from(tiny_cfg)
-    settings = QuantSettings(metric='uniform', bits=8,
-                             sensitivity=dict(num_images=4, batch_size=2),
-                             activations=dict(sensitivity=True))
-    result = quantize(model, calibration_set(tiny_cfg, model,
-                                             settings.calibration), settings)
     run = tmp_path / 'run'
-    write_run(str(run), model, result)
+    model, _ = sensitivity_run(tiny_cfg, run)
     out = tmp_path / 'val'
     assert run_main('validate_sensitivity', monkeypatch, cfg_file,
                     '--checkpoint', tiny_cfg.load_from, '--activations',

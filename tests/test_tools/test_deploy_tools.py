@@ -29,6 +29,24 @@ def tool(name: str):
     return module
 
 
+def sensitivity_run(cfg, folder: str):
+    """The tiny model's W8A8 with activation sensitivity, written to
+    ``folder`` as a ptq run's hawq/ folder; returns the model and result."""
+    from mmdet_hawq import QuantSettings, quantize
+    from mmdet_hawq.engine.calibration import calibration_set
+    from mmdet_hawq.report import write_run
+
+    from ..conftest import build_from
+    model = build_from(cfg)
+    settings = QuantSettings(metric='uniform', bits=8,
+                             sensitivity=dict(num_images=4, batch_size=2),
+                             activations=dict(sensitivity=True))
+    result = quantize(model, calibration_set(cfg, model,
+                                             settings.calibration), settings)
+    write_run(str(folder), model, result)
+    return model, result
+
+
 def run_main(name: str, monkeypatch, *args, module=None) -> int:
     monkeypatch.setattr(sys, 'argv', [f'{name}.py', *map(str, args)])
     return (module or tool(name)).main()

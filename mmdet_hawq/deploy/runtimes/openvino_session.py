@@ -7,7 +7,8 @@ convolution or fully-connected kernel; :meth:`OpenVinoSession.
 kernel_precisions` reads which precision each one executes in from the
 compiled model's runtime model (``layerType``, ``runtimePrecision``).
 """
-from typing import Dict, List, Optional
+import functools
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -22,6 +23,15 @@ OV_KINDS = {'Convolution': 'Convolution', 'FullyConnected': 'MatMul',
 
 #: Integer element types of a kernel's activation input.
 OV_INTEGER_INPUTS = ('u8', 'i8')
+
+
+@functools.lru_cache(maxsize=None)
+def _core() -> Any:
+    """One ``openvino.Core`` for the process, outliving every compiled
+    model (OpenVINO's advice; a compiled model whose core was collected
+    first crashed the process here)."""
+    import openvino as ov
+    return ov.Core()
 
 
 class OpenVinoSession(Session):
@@ -40,7 +50,6 @@ class OpenVinoSession(Session):
 
     def __init__(self, model_file: str, threads: int = 1,
                  precision: Optional[str] = 'f32') -> None:
-        import openvino as ov
         super().__init__(model_file, threads)
         check_model_file(model_file)
         config = {'INFERENCE_NUM_THREADS': threads, 'NUM_STREAMS': 1,
@@ -49,7 +58,7 @@ class OpenVinoSession(Session):
             config['INFERENCE_PRECISION_HINT'] = precision
         self.precision = precision
         try:
-            core = ov.Core()
+            core = _core()
             self.compiled = core.compile_model(core.read_model(model_file),
                                                'CPU', config)
         except Exception as err:  # noqa: BLE001 - one clear line
