@@ -124,3 +124,15 @@ def test_openvino_matches_onnx_runtime_image_after_image(tmp_path):
     bad.write_bytes(b'not a model')
     with pytest.raises(HawqUserError, match='OpenVINO cannot load'):
         make_session(str(bad), 'openvino')
+
+
+@needs_openvino
+def test_openvino_profile_counts_the_executed_layers(tmp_path):
+    """The performance counters give every executed layer type's time."""
+    path = str(tmp_path / 'a.onnx')
+    branchy_model(path)
+    session = make_session(path, 'openvino', perf_count=True)
+    times = session.profile(np.zeros((1, 4, 8), np.float32))
+    assert times and all(ms >= 0 for ms in times.values())
+    assert any(k.startswith(('FullyConnected', 'MatMul')) for k in times)
+    assert list(times.values()) == sorted(times.values(), reverse=True)

@@ -44,18 +44,23 @@ class OpenVinoSession(Session):
             layers: ``'f32'`` (the default here, so a float layer computes
             what ONNX Runtime and PyTorch compute), ``'bf16'``, or None for
             OpenVINO's own default (bf16 on CPUs with AVX-512 BF16 or AMX).
+        perf_count (bool): Keep OpenVINO's per-layer performance counters
+            (:meth:`profile`). Defaults to False.
     """
 
     runtime = 'openvino'
 
     def __init__(self, model_file: str, threads: int = 1,
-                 precision: Optional[str] = 'f32') -> None:
+                 precision: Optional[str] = 'f32',
+                 perf_count: bool = False) -> None:
         super().__init__(model_file, threads)
         check_model_file(model_file)
         config = {'INFERENCE_NUM_THREADS': threads, 'NUM_STREAMS': 1,
                   'PERFORMANCE_HINT': 'LATENCY'}
         if precision:
             config['INFERENCE_PRECISION_HINT'] = precision
+        if perf_count:
+            config['PERF_COUNT'] = True
         self.precision = precision
         try:
             core = _core()
@@ -92,3 +97,23 @@ class OpenVinoSession(Session):
                     'f16' if 'f16' in primitive else 'f32'
             pairs.append((kind, precision))
         return count_kernels(pairs)
+
+    def profile(self, image: np.ndarray) -> Dict[str, float]:
+        """Milliseconds per executed layer type of one run of ``image``
+        (after one untimed run), from OpenVINO's performance counters
+        (the session needs ``perf_count=True``).
+
+        Returns:
+            dict[str, float]: ``'<layer type>/<precision>'`` → ms, largest
+            first (precision: the kernel's, e.g. ``I8``, ``bf16``).
+        """
+        self.run(image)
+        self.run(image)
+        times: Dict[str, float] = {}
+        for node in self.request.get_profiling_info():
+            kind = node.exec_type.rsplit('_', 1)[-1] if node.exec_type \
+                else ''
+            key = f'{node.node_type}/{kind}'
+            times[key] = times.get(key, 0.0) + \
+                node.real_time.total_seconds() * 1e3
+        return dict(sorted(times.items(), key=lambda kv: -kv[1]))
