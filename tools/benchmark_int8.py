@@ -79,11 +79,10 @@ import numpy as np  # noqa: E402
 from mmdet_hawq.deploy.baselines import (  # noqa: E402
     calibration_stride, ort_pre_process, ort_quantize_static)
 from mmdet_hawq.deploy.timing import measure_memory, time_models  # noqa: E402
-from mmdet_hawq.engine.calibration import calibration_images  # noqa: E402
-from mmdet_hawq.engine.cli import (check_positive, check_work_dir,  # noqa: E402
-                                   read_config)
+from mmdet_hawq.engine.cli import (  # noqa: E402
+    check_positive, check_work_dir, read_config)
 from mmdet_hawq.engine.deploy import (evaluate_map,  # noqa: E402
-                                      quantize_w8a8, random_images)
+                                      quantize_w8a8)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 #: ONNX Runtime baselines: name → (``quantize_static`` variant,
@@ -234,34 +233,18 @@ def main() -> int:
     logging.getLogger().setLevel(logging.ERROR)
 
     import onnx
-    import torch
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
 
     from mmdet_hawq.deploy import export_onnx
     from mmdet_hawq.deploy.onnx_integer import integer_kernels
     from mmdet_hawq.deploy.runtimes.onnxruntime_session import ort_session
-    from mmdet_hawq.engine.deploy import (default_input_shape,
-                                          load_for_export, test_images,
-                                          test_loader)
+    from mmdet_hawq.engine.deploy import (benchmark_inputs,
+                                          default_input_shape,
+                                          load_for_export)
     from mmdet_hawq.quant.activations import load_ranges
-    register_all_modules()
-    torch.manual_seed(0)
     shape = tuple(args.shape) if args.shape else default_input_shape(cfg)
-    if args.random_weights:
-        model = MODELS.build(cfg.model)
-        model.init_weights()
-        model.eval()
-        calib = random_images(shape, args.calib_images or 4, 0)
-        timed = random_images(shape, args.images, 1)
-    else:
-        model = load_for_export(cfg, args.checkpoint)[0]
-        from mmdet_hawq.api.settings import SENSITIVITY_DEFAULTS
-        calib = calibration_images(
-            cfg, args.calib_images or SENSITIVITY_DEFAULTS['num_images'],
-            SENSITIVITY_DEFAULTS['seed'], shape)
-        timed = [img.cpu().numpy().astype(np.float32)[None] for img, _ in
-                 test_images(test_loader(cfg), args.images)]
+    model, calib, timed = benchmark_inputs(
+        cfg, None if args.random_weights else args.checkpoint, shape,
+        args.calib_images, args.images)
     files = {'fp32': osp.join(args.work_dir, 'fp32.onnx')}
     step('exporting fp32')
     export_onnx(model, files['fp32'], shape)

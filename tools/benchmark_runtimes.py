@@ -66,8 +66,8 @@ import time  # noqa: E402
 from typing import Any, Dict, List, Tuple  # noqa: E402
 
 from mmdet_hawq.deploy.baselines import NNCF_VARIANTS  # noqa: E402
-from mmdet_hawq.engine.cli import (check_positive, check_work_dir,  # noqa: E402
-                                   read_config)
+from mmdet_hawq.engine.cli import (  # noqa: E402
+    check_positive, check_work_dir, read_config)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 FP32 = {'fp32_onnxruntime': ('onnxruntime', {}),
@@ -101,35 +101,18 @@ def make_models(args: argparse.Namespace, cfg: Any, rows: List[str]
                            Tuple[int, int], List[Any], List[Any]]:
     """Export, quantize and collect every row's (file, runtime, options);
     the failures; the input size; the calibration and timed images."""
-    import numpy as np
-    import torch
     from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
 
-    from mmdet_hawq.api.settings import SENSITIVITY_DEFAULTS
     from mmdet_hawq.deploy import baselines, export_onnx
-    from mmdet_hawq.engine.calibration import calibration_images
-    from mmdet_hawq.engine.deploy import (coco_metrics, default_input_shape,
+    from mmdet_hawq.engine.deploy import (benchmark_inputs, coco_metrics,
+                                          default_input_shape,
                                           load_for_export, quantize_w8a8,
-                                          random_images, test_images,
-                                          test_loader)
+                                          test_images, test_loader)
     from mmdet_hawq.quant.activations import load_ranges
-    register_all_modules()
-    torch.manual_seed(0)
     shape = tuple(args.shape) if args.shape else default_input_shape(cfg)
-    if args.random_weights:
-        model = MODELS.build(cfg.model)
-        model.init_weights()
-        model.eval()
-        calib = random_images(shape, args.calib_images or 4, 0)
-        timed = random_images(shape, args.images, 1)
-    else:
-        model = load_for_export(cfg, args.checkpoint)[0]
-        calib = calibration_images(
-            cfg, args.calib_images or SENSITIVITY_DEFAULTS['num_images'],
-            SENSITIVITY_DEFAULTS['seed'], shape)
-        timed = [img.cpu().numpy().astype(np.float32)[None] for img, _ in
-                 test_images(test_loader(cfg), args.images)]
+    model, calib, timed = benchmark_inputs(
+        cfg, None if args.random_weights else args.checkpoint, shape,
+        args.calib_images, args.images)
     work = args.work_dir
     fp32 = osp.join(work, 'fp32.onnx')
     step('exporting fp32')
@@ -386,16 +369,20 @@ def targets(models: Dict[str, Dict[str, Any]],
         if ours and nncf:
             best = min(ours, key=lambda k: _median(ours[k], threads))
             peer = min(nncf, key=lambda k: _median(nncf[k], threads))
+            ratio = _median(nncf[peer], threads) / _median(ours[best],
+                                                            threads)
             lines.append(
                 f'{threads} thread(s): ours fastest ({best}) is '
-                f'{_median(nncf[peer], threads) / _median(ours[best], threads):.2f}x '
+                f'{ratio:.2f}x '
                 f'NNCF\'s fastest ({peer}); target >= 1.00')
         if ours and fp32:
             best = min(ours, key=lambda k: _median(ours[k], threads))
             base = min(fp32, key=lambda k: _median(fp32[k], threads))
+            ratio = _median(fp32[base], threads) / _median(ours[best],
+                                                            threads)
             lines.append(
                 f'{threads} thread(s): ours fastest ({best}) is '
-                f'{_median(fp32[base], threads) / _median(ours[best], threads):.2f}x '
+                f'{ratio:.2f}x '
                 f'the fastest fp32 ({base}); DINO-R50 target >= 1.50')
     if args.eval and ours and nncf:
         best = max(ours, key=lambda k: ours[k]['mAP'])

@@ -34,8 +34,8 @@ import time  # noqa: E402
 from typing import Any, Dict, List  # noqa: E402
 
 from mmdet_hawq.deploy.runtimes import RUNTIMES  # noqa: E402
-from mmdet_hawq.engine.cli import (check_positive, check_work_dir,  # noqa: E402
-                                   read_config)
+from mmdet_hawq.engine.cli import (  # noqa: E402
+    check_positive, check_work_dir, read_config)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 

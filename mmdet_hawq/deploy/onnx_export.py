@@ -350,8 +350,10 @@ def export_onnx(detector: nn.Module,
     onnx.save(proto, out_file)
     summary = onnx_weight_summary(proto)
     return dict(file=out_file, bytes=osp.getsize(out_file),
-                opset=opset_of(proto), unused_weights=sorted(set(bits) - set(read)),
-                folded_weights=sorted(set(read) - set(summary['weight_bits'])),
+                opset=opset_of(proto),
+                unused_weights=sorted(set(bits) - set(read)),
+                folded_weights=sorted(set(read) -
+                                      set(summary['weight_bits'])),
                 **layout, **summary)
 
 

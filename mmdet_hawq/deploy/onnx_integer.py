@@ -269,11 +269,12 @@ def fold_constant_branches(proto: onnx.ModelProto) -> int:
     inference. A branch that only stores or lays out a weight
     (:data:`STORAGE_OPS`) is kept, so integer weights stay integers. The
     values are those of the graph's own nodes (ONNX Runtime with its graph
-    optimisations off). OpenVINO needs this: with such a branch left in the graph,
-    its CPU plugin either fails to compile the model
+    optimisations off). OpenVINO needs this: with such a branch left in
+    the graph, its CPU plugin either fails to compile the model
     (``m_element_type.is_static()``, when a quantize pair sits on the
     branch) or computes wrong outputs for all but the first image
-    (OpenVINO 2026.4; ``tests/test_deploy/test_runtimes.py``).
+    (OpenVINO 2026.4; ``tests/test_deploy/test_onnx_export.py::
+    test_w8a8_runs_on_openvino_integer_kernels``).
 
     Returns:
         int: How many tensors became initializers.

@@ -21,7 +21,8 @@ from ..quant.packing import is_packed
 from .checkpoint import is_local_path, load_checkpoint_file
 
 __all__ = [
-    'build_packed_detector', 'coco_metrics', 'default_input_shape',
+    'benchmark_inputs', 'build_packed_detector', 'coco_metrics',
+    'default_input_shape',
     'evaluate_exported', 'evaluate_map', 'load_for_export', 'quantize_w8a8',
     'random_images', 'test_images', 'test_loader'
 ]
@@ -371,6 +372,50 @@ def quantize_w8a8(model: Any, images: List[np.ndarray]
                                          []), settings)
     return pack_state_dict(model, result.quantized,
                            result.plan)['packed'], result.activations
+
+
+def benchmark_inputs(cfg: Any, checkpoint: Optional[str],
+                     shape: Tuple[int, int], calib_count: Optional[int],
+                     timed_count: int
+                     ) -> Tuple[nn.Module, List[np.ndarray],
+                                List[np.ndarray]]:
+    """What a deployment benchmark runs: the detector, its calibration
+    images and its timed images, as the exported graph takes them.
+
+    Args:
+        cfg (mmengine.Config): The detector's config.
+        checkpoint (str, optional): A float checkpoint; None: the config's
+            model with its initial weights (seeded), calibrated and timed
+            on uniform noise (timing only).
+        shape (tuple[int, int]): ``(H, W)`` of the export.
+        calib_count (int, optional): Calibration images (default: the
+            project's 100 train images; 4 noise images without a
+            checkpoint).
+        timed_count (int): Timed images (the first test images, or noise).
+
+    Returns:
+        tuple: The detector (eval mode), the calibration images and the
+        timed images, each float32 (1, 3, H, W), 0-255.
+    """
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from ..api.settings import SENSITIVITY_DEFAULTS
+    from .calibration import calibration_images
+    register_all_modules()
+    torch.manual_seed(0)
+    if checkpoint is None:
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        return (model.eval(), random_images(shape, calib_count or 4, 0),
+                random_images(shape, timed_count, 1))
+    model = load_for_export(cfg, checkpoint)[0]
+    calib = calibration_images(
+        cfg, calib_count or SENSITIVITY_DEFAULTS['num_images'],
+        SENSITIVITY_DEFAULTS['seed'], shape)
+    timed = [img.cpu().numpy().astype(np.float32)[None] for img, _ in
+             test_images(test_loader(cfg), timed_count)]
+    return model, calib, timed
 
 
 def _compare_detections(ours: Any, ref: Any, diff: Dict[str, Any]) -> None:
