@@ -82,7 +82,7 @@ from mmdet_hawq.deploy.timing import measure_memory, time_models  # noqa: E402
 from mmdet_hawq.engine.cli import (  # noqa: E402
     check_positive, check_work_dir, read_config)
 from mmdet_hawq.engine.deploy import (evaluate_map,  # noqa: E402
-                                      quantize_w8a8)
+                                      ptq_run_files, quantize_w8a8)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 #: ONNX Runtime baselines: name → (``quantize_static`` variant,
@@ -105,14 +105,7 @@ def parse_runs(given: List[str]) -> Dict[str, Tuple[str, str, str]]:
             raise HawqUserError(
                 f'--run {item!r} is not NAME=WORK_DIR with a new NAME: pass '
                 'e.g. --run w4a8=work_dirs/act/detr_w4a8')
-        files = [osp.join(folder, 'hawq', f)
-                 for f in ('packed.pth', 'activations.json')]
-        missing = [f for f in files if not osp.isfile(f)]
-        if missing:
-            raise HawqUserError(
-                f'--run {item}: {missing[0]!r} does not exist: pass the '
-                'work dir of a tools/ptq.py run with the activations '
-                'setting')
+        files = ptq_run_files(folder, ('packed.pth', 'activations.json'))
         runs[name] = (files[0], files[1], folder)
     return runs
 

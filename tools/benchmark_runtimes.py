@@ -106,8 +106,9 @@ def make_models(args: argparse.Namespace, cfg: Any, rows: List[str]
     from mmdet_hawq.deploy import baselines, export_onnx
     from mmdet_hawq.engine.deploy import (benchmark_inputs, coco_metrics,
                                           default_input_shape,
-                                          load_for_export, quantize_w8a8,
-                                          test_images, test_loader)
+                                          load_for_export, ptq_run_files,
+                                          quantize_w8a8, test_images,
+                                          test_loader)
     from mmdet_hawq.quant.activations import load_ranges
     shape = tuple(args.shape) if args.shape else default_input_shape(cfg)
     model, calib, timed = benchmark_inputs(
@@ -128,14 +129,7 @@ def make_models(args: argparse.Namespace, cfg: Any, rows: List[str]
         start = time.perf_counter()
         if args.run:
             folder = args.run
-            files = [osp.join(folder, 'hawq', f)
-                     for f in ('packed.pth', 'activations.json')]
-            missing = [f for f in files if not osp.isfile(f)]
-            if missing:
-                raise HawqUserError(
-                    f'--run {folder}: {missing[0]!r} does not exist: pass '
-                    'the work dir of a tools/ptq.py run with the '
-                    'activations setting')
+            files = ptq_run_files(folder, ('packed.pth', 'activations.json'))
             run_model, packed = load_for_export(cfg, files[0])
             step(f'exporting ours ({folder})')
             export_onnx(run_model, ours, shape, packed=packed,
@@ -366,24 +360,17 @@ def targets(models: Dict[str, Dict[str, Any]],
     nncf = {k: r for k, r in models.items() if k.startswith('nncf_')}
     fp32 = {k: r for k, r in models.items() if k.startswith('fp32_')}
     for threads in args.threads:
-        if ours and nncf:
+        for others, name, target in (
+                (nncf, 'NNCF\'s fastest', 'target >= 1.00'),
+                (fp32, 'the fastest fp32', 'DINO-R50 target >= 1.50')):
+            if not (ours and others):
+                continue
             best = min(ours, key=lambda k: _median(ours[k], threads))
-            peer = min(nncf, key=lambda k: _median(nncf[k], threads))
-            ratio = _median(nncf[peer], threads) / _median(ours[best],
-                                                            threads)
-            lines.append(
-                f'{threads} thread(s): ours fastest ({best}) is '
-                f'{ratio:.2f}x '
-                f'NNCF\'s fastest ({peer}); target >= 1.00')
-        if ours and fp32:
-            best = min(ours, key=lambda k: _median(ours[k], threads))
-            base = min(fp32, key=lambda k: _median(fp32[k], threads))
-            ratio = _median(fp32[base], threads) / _median(ours[best],
-                                                            threads)
-            lines.append(
-                f'{threads} thread(s): ours fastest ({best}) is '
-                f'{ratio:.2f}x '
-                f'the fastest fp32 ({base}); DINO-R50 target >= 1.50')
+            peer = min(others, key=lambda k: _median(others[k], threads))
+            ratio = _median(others[peer], threads) / _median(ours[best],
+                                                              threads)
+            lines.append(f'{threads} thread(s): ours fastest ({best}) is '
+                         f'{ratio:.2f}x {name} ({peer}); {target}')
     if args.eval and ours and nncf:
         best = max(ours, key=lambda k: ours[k]['mAP'])
         peer = max(nncf, key=lambda k: nncf[k]['mAP'])

@@ -66,15 +66,11 @@ def main() -> int:
     check_positive(args, ('images', 'rounds', 'threads'))
     if any(not 0 <= b <= 1 for b in args.budgets):
         raise HawqUserError('--budgets take shares between 0 and 1')
-    files = {k: osp.join(args.run, 'hawq', f) for k, f in (
-        ('packed', 'packed.pth'), ('ranges', 'activations.json'),
-        ('sites', 'activation_sites.json'))}
-    missing = [f for f in files.values() if not osp.isfile(f)]
-    if missing:
-        raise HawqUserError(
-            f'--run {args.run}: {missing[0]!r} does not exist: pass the '
-            'work dir of a tools/ptq.py run with activations='
-            'dict(sensitivity=True)')
+    from mmdet_hawq.engine.deploy import ptq_run_files
+    files = dict(zip(('packed', 'ranges', 'sites'), ptq_run_files(
+        args.run, ('packed.pth', 'activations.json',
+                   'activation_sites.json'),
+        'activations=dict(sensitivity=True)')))
     cfg = read_config(args.config)
     name = osp.splitext(osp.basename(args.config))[0]
     args.work_dir = args.work_dir or osp.join('work_dirs', 'latency_sites',

@@ -22,7 +22,7 @@ from .checkpoint import is_local_path, load_checkpoint_file
 
 __all__ = [
     'benchmark_inputs', 'build_packed_detector', 'coco_metrics',
-    'default_input_shape',
+    'default_input_shape', 'ptq_run_files',
     'evaluate_exported', 'evaluate_map', 'load_for_export', 'quantize_w8a8',
     'random_images', 'test_images', 'test_loader'
 ]
@@ -372,6 +372,30 @@ def quantize_w8a8(model: Any, images: List[np.ndarray]
                                          []), settings)
     return pack_state_dict(model, result.quantized,
                            result.plan)['packed'], result.activations
+
+
+def ptq_run_files(folder: str, names: Sequence[str],
+                  needs: str = 'the activations setting') -> List[str]:
+    """The files of a ``tools/ptq.py`` run's ``hawq/`` folder.
+
+    Args:
+        folder (str): The run's work dir.
+        names (Sequence[str]): File names in its ``hawq/``.
+        needs (str): What the run must have had, for the error line.
+
+    Returns:
+        list[str]: Their paths, in order.
+
+    Raises:
+        HawqUserError: One of them does not exist.
+    """
+    files = [osp.join(folder, 'hawq', n) for n in names]
+    missing = [f for f in files if not osp.isfile(f)]
+    if missing:
+        raise HawqUserError(
+            f'--run {folder}: {missing[0]!r} does not exist: pass the work '
+            f'dir of a tools/ptq.py run with {needs}')
+    return files
 
 
 def benchmark_inputs(cfg: Any, checkpoint: Optional[str],
