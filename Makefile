@@ -36,8 +36,9 @@ $(VENV)/.stamp: requirements.txt setup.py
 # deprecated' whenever mmengine imports it: noise at the top of every command,
 # mmdet's own tools included. A .pth file in the venv's site-packages filters
 # that one warning at interpreter start-up.
-$(VENV)/.quiet: tools/quiet_pkg_resources.pth | $(VENV)/.stamp
-	cp tools/quiet_pkg_resources.pth "$$($(VPY) -c 'import site; print(site.getsitepackages()[0])')/"
+$(VENV)/.quiet: | $(VENV)/.stamp
+	echo "import warnings; warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)" \
+	  > "$$($(VPY) -c 'import site; print(site.getsitepackages()[0])')/quiet_pkg_resources.pth"
 	touch $@
 
 data: $(DATA)

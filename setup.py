@@ -17,7 +17,8 @@ setup(
         'onnx==1.17.0', 'onnxruntime==1.20.1'
     ],
     # the second runtime and its quantizer, the peer to beat
-    # (mmdet_hawq.deploy.runtimes, tools/benchmark_runtimes.py): pip install
+    # (mmdet_hawq.deploy.runtimes, benchmarks/benchmark_runtimes.py): pip
+    # install
     # -e .[openvino]; the tests that need them skip without
     extras_require={'openvino': ['openvino==2026.4.1', 'nncf==3.4.0']},
 )

@@ -17,6 +17,18 @@ from mmdet_hawq.models import ADAPTERS, detector_family
 from mmdet_hawq.models.adapters import DeformableDETRAdapter
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+#: The folders of scripts: user commands, benchmarks, experiments and
+#: release checks.
+SCRIPT_DIRS = ('tools', 'benchmarks', 'experiments', 'release')
+
+
+def script_path(name: str) -> str:
+    """The path of the script called ``name`` in one of :data:`SCRIPT_DIRS`."""
+    for folder in SCRIPT_DIRS:
+        path = osp.join(ROOT, folder, name)
+        if osp.isfile(path):
+            return path
+    raise FileNotFoundError(f'no script {name} in {SCRIPT_DIRS}')
 TINY_SPEC = ShapesSpec(image_size=64, min_size=12, max_size=30, max_objects=3)
 
 register_all_modules(init_default_scope=True)
@@ -30,7 +42,7 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         'markers', 'cuda: needs a CUDA GPU (skipped without one); '
-        '`pytest -m cuda tests` runs only these (tools/gpu_check.sh)')
+        '`pytest -m cuda tests` runs only these (release/gpu_check.sh)')
     config.addinivalue_line(
         'markers', 'slow: an integration test (a tool in a subprocess, or '
         "the hook in mmengine's Runner on every family member); "
@@ -115,6 +127,14 @@ def tiny_cfg(tiny_data, tmp_path_factory) -> Config:
     cfg.load_from = ckpt
     cfg.work_dir = str(tmp_path_factory.mktemp('work'))
     return cfg
+
+
+@pytest.fixture(scope='module')
+def cfg_file(tiny_cfg, tmp_path_factory) -> str:
+    """The tiny DETR config dumped to a file (tools take a config path)."""
+    path = str(tmp_path_factory.mktemp('tool_cfg') / 'tiny.py')
+    tiny_cfg.dump(path)
+    return path
 
 
 def mmdet_config(rel: str) -> str:
@@ -238,7 +258,8 @@ def run_tool(*args, cwd=ROOT, timeout=600, env=None):
 
 
 def run_table1(cfg: Config, tmp_path, *args: str, name: str = 'tiny'):
-    """``tools/table1.py`` on ``cfg`` (dumped to a file, its ``load_from``
+    """``experiments/table1.py`` on ``cfg`` (dumped to a file, its
+    ``load_from``
     as the checkpoint) with a tiny calibration budget and extra ``args``;
     asserts it exits 0. Returns (config file, work dir, table1.json rows).
     """
@@ -246,7 +267,7 @@ def run_table1(cfg: Config, tmp_path, *args: str, name: str = 'tiny'):
     cfg_file = tmp_path / f'{name}.py'
     cfg.dump(str(cfg_file))
     work = tmp_path / 'table'
-    proc = run_tool('tools/table1.py', str(cfg_file), '--checkpoint',
+    proc = run_tool('experiments/table1.py', str(cfg_file), '--checkpoint',
                     cfg.load_from, '--work-dir', str(work), '--num-images',
                     '4', '--hutchinson-samples', '2', '--gn-samples', '2',
                     '--targets', '3', *args)

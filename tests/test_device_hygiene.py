@@ -37,6 +37,8 @@ import pytest
 
 import mmdet_hawq
 
+from .conftest import SCRIPT_DIRS
+
 PACKAGE = osp.dirname(mmdet_hawq.__file__)
 ROOT = osp.dirname(PACKAGE)
 FACTORIES = {'zeros', 'ones', 'full', 'empty', 'arange', 'tensor', 'randint',
@@ -118,10 +120,12 @@ def findings(source: str, rel: str) -> List[Tuple[int, str, str]]:
 
 
 def package_findings() -> Tuple[List[str], Set[Tuple[str, str]]]:
-    """Unlisted findings in the package and tools/ as 'file:line: what:
-    code', and the listed lines that matched."""
+    """Unlisted findings in the package and the scripts (tools/,
+    benchmarks/, experiments/, release/) as 'file:line: what: code', and
+    the listed lines that matched."""
     bad, matched = [], set()
-    for top, prefix in ((PACKAGE, ''), (osp.join(ROOT, 'tools'), 'tools/')):
+    for top, prefix in ((PACKAGE, ''), *((osp.join(ROOT, d), d + '/')
+                                         for d in SCRIPT_DIRS)):
         for folder, _, files in sorted(os.walk(top)):
             for name in sorted(f for f in files if f.endswith('.py')):
                 path = osp.join(folder, name)

@@ -1,7 +1,8 @@
 """A quantization run inside an mmengine Runner: the checks before any
 data, the calibration set, :func:`~mmdet_hawq.api.quantize` and the
 outputs. The hook (:class:`~.hooks.DistillSensitivityHook`) and the tools
-that quantize many variants in one Runner (``tools/table1.py``) call it.
+that quantize many variants in one Runner (``experiments/table1.py``) call
+it.
 """
 import logging
 import os.path as osp

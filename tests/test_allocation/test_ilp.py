@@ -50,7 +50,7 @@ def test_ilp_equals_exhaustive_search(seed):
 
 
 def test_detr_r50_sized_problem_is_deterministic():
-    # its solve time is measured by tools/benchmark_ilp.py, not here
+    # its solve time is measured by benchmarks/benchmark_ilp.py, not here
     rng = np.random.RandomState(0)
     names, sens, numels, errors = random_instance(rng, 130, [3, 4, 5, 6])
     a = solve_allocation(sens, errors, numels, 5.0, [3, 4, 5, 6])

@@ -1,5 +1,5 @@
 """CPU against CUDA, on every DETR-family member shrunk (marked ``cuda``;
-skipped without a GPU; ``tools/gpu_check.sh`` runs them on a lent one, and
+skipped without a GPU; ``release/gpu_check.sh`` runs them on a lent one, and
 ``pytest -m cuda --gpu-device cpu`` dry-runs them here, the CPU against
 itself, so that the tests themselves do not rot unrun).
 

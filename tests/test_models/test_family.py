@@ -11,7 +11,7 @@ from mmdet_hawq.models import (class_activation, decoder_outputs,
                                proposal_branches)
 from mmdet_hawq.quant import list_weights, quantizable_weights
 from mmdet_hawq.sensitivity import preprocess_batches
-from ..conftest import FAMILY_CONFIGS, build_from
+from ..conftest import FAMILY_CONFIGS, SCRIPT_DIRS, build_from
 
 EXPECTED = {
     'deformable': ('Deformable DETR', 'sigmoid'),
@@ -149,7 +149,8 @@ def test_per_family_names_live_in_the_adapters_only():
     found = []
     for path in sorted(glob.glob(osp.join(root, 'mmdet_hawq', '**', '*.py'),
                                  recursive=True) +
-                       glob.glob(osp.join(root, 'tools', '*.py'))):
+                       [p for d in SCRIPT_DIRS for p in
+                        glob.glob(osp.join(root, d, '*.py'))]):
         rel = osp.relpath(path, root)
         if rel.startswith(adapters):
             continue

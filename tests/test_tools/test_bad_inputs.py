@@ -442,8 +442,8 @@ def test_bad_input_through_mmdet_test_py(case, tmp_path, tiny_cfg):
 def test_moved_config_finds_the_family_folder(tmp_path, monkeypatch):
     from mmdet_hawq.engine.cli import CONFIGS_DIR, moved_config
     monkeypatch.chdir(ROOT)
-    assert moved_config('configs/detr_r50_outquant_5bit.py') == \
-        'configs/detr/detr_r50_outquant_5bit.py'
+    assert moved_config('configs/detr_r50_outquant_4bit.py') == \
+        'configs/detr/detr_r50_outquant_4bit.py'
     assert moved_config('./configs/dino_tiny_shapes.py') == \
         './configs/dino/dino_tiny_shapes.py'
     assert moved_config(osp.join(ROOT, 'configs', 'shapes_backbone_'

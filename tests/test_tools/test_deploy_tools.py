@@ -6,24 +6,23 @@ import copy
 import importlib.util
 import io
 import json
-import os.path as osp
 import sys
 
 import pytest
 
 from mmdet_hawq.errors import HawqUserError
 
-from ..conftest import ROOT
+from ..conftest import script_path
 from ..test_deploy.conftest import make_packed
 
 pytestmark = pytest.mark.slow
 
 
 def tool(name: str):
-    """A tool's module, imported from tools/ (its main() runs in-process:
-    no new interpreter)."""
-    spec = importlib.util.spec_from_file_location(
-        f'hawq_tool_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
+    """A script's module, imported from tools/ or benchmarks/ (its main()
+    runs in-process: no new interpreter)."""
+    path = script_path(f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'hawq_tool_{name}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -143,3 +143,34 @@ def test_gptq_warnings_are_repeated_in_the_summary(tmp_path, tiny_cfg):
     assert len(warned) == 1, summary
     assert 'gptq: the calibration set is too small for' in warned[0]
     assert 'use more calibration images' in warned[0]
+
+
+def test_the_design_cards_command_as_written(monkeypatch):
+    """``python tools/ptq.py configs/detr_r50_outquant_5bit.py`` (the
+    design card's command) reads its config, passes the detector and
+    work-dir checks and builds its hook; it stops before the COCO
+    checkpoint is downloaded."""
+    import importlib.util
+    import sys
+
+    from mmdet.registry import HOOKS
+    spec = importlib.util.spec_from_file_location(
+        'hawq_tool_ptq', osp.join(ROOT, 'tools', 'ptq.py'))
+    ptq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ptq)
+    monkeypatch.chdir(ROOT)
+    work_dirs = []
+    monkeypatch.setattr(ptq, 'check_work_dir', work_dirs.append)
+    monkeypatch.setattr(sys, 'argv', ['tools/ptq.py',
+                                      'configs/detr_r50_outquant_5bit.py'])
+    cfg = ptq.load_config(ptq.parse_args())
+    ptq.check_detector(cfg)
+    assert work_dirs == ['./work_dirs/detr_r50_outquant_5bit']
+    assert cfg.model.type == 'DETR' and cfg.model.backbone.depth == 50
+    assert cfg.load_from.startswith('https://download.openmmlab.com/')
+    assert cfg.test_evaluator.type == 'CocoMetric'
+    (hook_cfg, ) = ptq.hawq_hooks(cfg)
+    hook = HOOKS.build(dict(hook_cfg))
+    assert type(hook).__name__ == 'DistillSensitivityHook'
+    assert (hook.settings.metric, hook.settings.target_bits,
+            hook.settings.bit_range) == ('outquant', 5, (3, 6))
