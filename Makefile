@@ -4,8 +4,9 @@
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-MMCV_VERSION := 2.1.0
-TORCH_VERSION := 2.13.0
+# the set-up's pins, from their one source (requirements.txt)
+MMCV_VERSION := $(shell sed -n 's/^mmcv==//p' requirements.txt)
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements.txt)
 MMDET_TOOLS = $$($(VPY) -c "import mmdet, os; print(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'tools'))")
 DATA := data/shapes/annotations/instances_val.json
 CKPT := checkpoints/detr_tiny_shapes.pth

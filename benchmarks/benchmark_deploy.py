@@ -44,18 +44,18 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import os.path as osp  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from mmdet_hawq.deploy.timing import MIB, rss_bytes, trim_heap  # noqa: E402
-from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
+from mmdet_hawq.deploy.timing import (  # noqa: E402
+    MIB, rss_bytes, run_worker, trim_heap)
+from mmdet_hawq.engine.cli import (  # noqa: E402
+    check_work_dir, read_config, write_json)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 VARIANTS = ('onnx_fp32', 'onnx_int', 'onnx_int_folded', 'torch_fp32',
@@ -89,10 +89,10 @@ def worker(args: argparse.Namespace) -> int:
     else:
         cfg = read_config(args.config)
         if variant == 'torch_packed':
-            from mmdet_hawq.engine.deploy import build_packed_detector
+            from mmdet_hawq.engine.exported import build_packed_detector
             detector = build_packed_detector(cfg, args.checkpoint)
         else:
-            from mmdet_hawq.engine.deploy import load_for_export
+            from mmdet_hawq.engine.exported import load_for_export
             detector = load_for_export(cfg, args.checkpoint)[0]
         record['weight_bytes'] = module_weight_bytes(detector)
         net = DetectorOnnxWrapper(detector, shape)
@@ -132,23 +132,17 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def spawn(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
-    cmd = [sys.executable, osp.abspath(__file__), args.config,
-           args.checkpoint, '--worker', variant, '--work-dir', args.work_dir,
-           '--threads', str(args.threads), '--warmup', str(args.warmup)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f'the {variant} worker failed (exit '
-                           f'{proc.returncode}): {" | ".join(tail)}')
-    return json.loads(lines[-1])
+    return run_worker(
+        [sys.executable, osp.abspath(__file__), args.config, args.checkpoint,
+         '--worker', variant, '--work-dir', args.work_dir, '--threads',
+         str(args.threads), '--warmup', str(args.warmup)],
+        args.threads, f'the {variant} worker')
 
 
 def save_images(cfg: Any, work_dir: str, count: int) -> List[Any]:
     """Save the first ``count`` test images for the workers; returns them
     (uint8 image, data sample)."""
-    from mmdet_hawq.engine.deploy import test_images, test_loader
+    from mmdet_hawq.engine.exported import test_images, test_loader
     pairs = list(test_images(test_loader(cfg), count))
     shapes = {tuple(img.shape) for img, _ in pairs}
     if len(shapes) != 1:
@@ -243,7 +237,7 @@ def main() -> int:
     from mmdet_hawq.deploy import export_onnx
     from mmdet_hawq.deploy.runtimes.onnxruntime_session import \
         dequantize_behaviour
-    from mmdet_hawq.engine.deploy import load_for_export
+    from mmdet_hawq.engine.exported import load_for_export
     model, packed = load_for_export(cfg, args.checkpoint)
     if packed is None:
         raise HawqUserError(
@@ -263,7 +257,7 @@ def main() -> int:
         sizes['onnx_w8a8'] = export_onnx(
             model, osp.join(args.work_dir, 'w8a8.onnx'), shape,
             packed=packed, activations=load_ranges(args.activations))['bytes']
-    from mmdet_hawq.engine.deploy import build_packed_detector
+    from mmdet_hawq.engine.exported import build_packed_detector
     identical = identical_detections(
         model, build_packed_detector(cfg, args.checkpoint), pairs)
     del model, pairs
@@ -297,15 +291,14 @@ def main() -> int:
               f'DequantizeLinear nodes {b["dequantize_nodes"]:>3}, '
               f'initializers {b["initializers"]}')
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(config=args.config, checkpoint=args.checkpoint,
-                           images=args.images, threads=args.threads,
-                           input_shape=shape, sizes=sizes,
-                           packed_bit_identical_images=identical,
-                           checkpoint_bytes=osp.getsize(args.checkpoint),
-                           results=rows, dequantize_behaviour=behaviour,
-                           command='python benchmarks/benchmark_deploy.py ' +
-                           ' '.join(sys.argv[1:])), f, indent=1)
+        write_json(args.out, dict(
+            config=args.config, checkpoint=args.checkpoint,
+            images=args.images, threads=args.threads, input_shape=shape,
+            sizes=sizes, packed_bit_identical_images=identical,
+            checkpoint_bytes=osp.getsize(args.checkpoint), results=rows,
+            dequantize_behaviour=behaviour,
+            command='python benchmarks/benchmark_deploy.py ' +
+            ' '.join(sys.argv[1:])))
     return 0
 
 

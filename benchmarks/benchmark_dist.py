@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from mmdet_hawq.engine.cli import write_json
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
@@ -70,7 +72,7 @@ def main() -> int:
                    help='evaluate on the first N val images (0: all)')
     p.add_argument('--out', help='JSON file for the results')
     args = p.parse_args()
-    opts = [f'custom_hooks.0.sensitivity.num_images={args.num_images}',
+    opts = [f'custom_hooks.0.calibration.num_images={args.num_images}',
             f'custom_hooks.0.sensitivity.min_samples={args.samples}',
             f'custom_hooks.0.sensitivity.max_samples={args.samples}',
             'custom_hooks.0.sensitivity.use_cache=False']
@@ -119,17 +121,13 @@ def main() -> int:
           f'relative; {len(moved)} of {len(ref["plan"])} layers get other '
           f'bits ({", ".join(moved) or "none"})')
     if args.out:
-        os.makedirs(osp.dirname(args.out) or '.', exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(dict(config=args.config, num_images=args.num_images,
-                           samples=args.samples, nprocs=args.nprocs,
-                           max_rel_diff=rel,
-                           threads_median_rel_diff=float(np.median(threads)),
-                           threads_plan_moved=moved,
-                           rows=[{k: v for k, v in r.items()
-                                  if k not in ('samples', 'plan')}
-                                 for r in rows]),
-                      f, indent=1)
+        write_json(args.out, dict(
+            config=args.config, num_images=args.num_images,
+            samples=args.samples, nprocs=args.nprocs, max_rel_diff=rel,
+            threads_median_rel_diff=float(np.median(threads)),
+            threads_plan_moved=moved,
+            rows=[{k: v for k, v in r.items()
+                   if k not in ('samples', 'plan')} for r in rows]))
         print(f'results: {args.out}')
     return 0
 

@@ -19,7 +19,6 @@ Example:
 """
 import argparse
 import copy
-import json
 import os.path as osp
 import tempfile
 
@@ -28,6 +27,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 from mmdet_hawq.api import QuantSettings
+from mmdet_hawq.engine.cli import check_checkpoint, read_config, write_json
 from mmdet_hawq.engine.run import quantize_in_runner
 from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.quant import hessian_bytes, quantizable_weights
@@ -70,13 +70,13 @@ def main() -> int:
                    'hook\'s defaults), e.g. max_samples=20')
     p.add_argument('--out', help='JSON file for the results')
     args = p.parse_args()
-    cfg = Config.fromfile(args.config)
+    cfg = read_config(args.config)
     if args.hessian_memory:
         return hessian_memory(cfg)
     if not args.checkpoint:
         raise HawqUserError('--checkpoint is needed to time the steps: give '
                             'the .pth to quantize (or --hessian-memory)')
-    cfg.load_from = args.checkpoint
+    cfg.load_from = check_checkpoint(args.checkpoint, '--checkpoint')
     cfg.custom_hooks = [h for h in cfg.get('custom_hooks', [])
                         if h.get('type') != 'DistillSensitivityHook']
     runs = []
@@ -109,13 +109,12 @@ def main() -> int:
     print(f'{args.config}: GPTQ / sensitivity step, median of '
           f'{len(runs)}: {ratio:.2f}')
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(config=args.config, metric=args.metric,
-                           target_bits=args.target_bits,
-                           gptq=args.gptq_options or {},
-                           sensitivity=args.sensitivity_options or {},
-                           runs=runs,
-                           median_ratio=ratio), f, indent=1)
+        write_json(args.out, dict(config=args.config, metric=args.metric,
+                                  target_bits=args.target_bits,
+                                  gptq=args.gptq_options or {},
+                                  sensitivity=args.sensitivity_options or {},
+                                  runs=runs,
+                                  median_ratio=ratio))
     return 0
 
 

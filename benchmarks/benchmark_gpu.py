@@ -32,7 +32,6 @@ CPU smoke run (what the test suite does):
         --models configs/dino/dino_tiny_shapes.py --repeats 1 --out x.json
 """
 import argparse
-import json
 import logging
 import os
 import os.path as osp
@@ -42,7 +41,6 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from mmengine.config import Config
 from mmengine.logging import MMLogger
 
 from mmdet.registry import MODELS
@@ -56,6 +54,7 @@ from mmdet_hawq.sensitivity import (gauss_newton_traces, hessian_mode,
                                     sample_generator)
 from mmdet_hawq.models import ensure_compiled_ops
 from mmdet_hawq.sensitivity.double_backward import double_backward_kernels
+from mmdet_hawq.engine.cli import read_config, write_json
 
 DEFAULT_MODELS = ('configs/_base_/detr_r50_hawq.py',
                   'configs/_base_/dino_r50_hawq.py',
@@ -67,7 +66,7 @@ ROWS = ('forward_backward', 'gauss_newton_sample', 'hvp',
 
 def build(cfg_path: str, device: str) -> torch.nn.Module:
     """The config's model with random weights (no download), eval mode."""
-    cfg = Config.fromfile(cfg_path)
+    cfg = read_config(cfg_path)
     cfg.model.backbone.init_cfg = None
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
@@ -309,8 +308,7 @@ def main() -> int:
     os.makedirs(osp.dirname(args.out) or '.', exist_ok=True)
 
     def save() -> None:
-        with open(args.out, 'w') as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
 
     try:
         for path in args.models:

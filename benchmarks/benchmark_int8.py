@@ -80,8 +80,8 @@ from mmdet_hawq.deploy.baselines import (  # noqa: E402
     calibration_stride, ort_pre_process, ort_quantize_static)
 from mmdet_hawq.deploy.timing import measure_memory, time_models  # noqa: E402
 from mmdet_hawq.engine.cli import (  # noqa: E402
-    check_positive, check_work_dir, read_config)
-from mmdet_hawq.engine.deploy import (evaluate_map,  # noqa: E402
+    check_positive, check_work_dir, read_config, write_json)
+from mmdet_hawq.engine.exported import (evaluate_map,  # noqa: E402
                                       ptq_run_files, quantize_w8a8)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
@@ -230,7 +230,7 @@ def main() -> int:
     from mmdet_hawq.deploy import export_onnx
     from mmdet_hawq.deploy.onnx_integer import integer_kernels
     from mmdet_hawq.deploy.runtimes.onnxruntime_session import ort_session
-    from mmdet_hawq.engine.deploy import (benchmark_inputs,
+    from mmdet_hawq.engine.exported import (benchmark_inputs,
                                           default_input_shape,
                                           load_for_export)
     from mmdet_hawq.quant.activations import load_ranges
@@ -351,15 +351,13 @@ def main() -> int:
         results.append(row)
     print(table(results))
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(config=args.config, checkpoint=args.checkpoint,
-                           random_weights=args.random_weights,
-                           input_shape=list(shape), threads=args.threads,
-                           calibration_images=len(calib),
-                           timed_images=len(timed), rounds=args.rounds,
-                           results=results, failed=failed,
-                           command='python benchmarks/benchmark_int8.py ' +
-                           ' '.join(sys.argv[1:])), f, indent=1)
+        write_json(args.out, dict(
+            config=args.config, checkpoint=args.checkpoint,
+            random_weights=args.random_weights, input_shape=list(shape),
+            threads=args.threads, calibration_images=len(calib),
+            timed_images=len(timed), rounds=args.rounds, results=results,
+            failed=failed, command='python benchmarks/benchmark_int8.py ' +
+            ' '.join(sys.argv[1:])))
     return 0
 
 

@@ -68,7 +68,7 @@ from typing import Any, Dict, List, Tuple  # noqa: E402
 
 from mmdet_hawq.deploy.baselines import NNCF_VARIANTS  # noqa: E402
 from mmdet_hawq.engine.cli import (  # noqa: E402
-    check_positive, check_work_dir, read_config)
+    check_positive, check_work_dir, read_config, write_json)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 FP32 = {'fp32_onnxruntime': ('onnxruntime', {}),
@@ -105,7 +105,7 @@ def make_models(args: argparse.Namespace, cfg: Any, rows: List[str]
     from mmdet.registry import MODELS
 
     from mmdet_hawq.deploy import baselines, export_onnx
-    from mmdet_hawq.engine.deploy import (benchmark_inputs, coco_metrics,
+    from mmdet_hawq.engine.exported import (benchmark_inputs, coco_metrics,
                                           default_input_shape,
                                           load_for_export, ptq_run_files,
                                           quantize_w8a8, test_images,
@@ -303,7 +303,7 @@ def main() -> int:
 
     from mmdet_hawq.deploy.runtimes import make_session
     from mmdet_hawq.deploy.timing import measure_memory, time_models
-    from mmdet_hawq.engine.deploy import evaluate_map
+    from mmdet_hawq.engine.exported import evaluate_map
     for key, row in list(models.items()):
         step(f'{key}: kernels' + (', mAP' if args.eval else '') +
              ('' if args.no_memory else ', peak memory'))
@@ -344,8 +344,7 @@ def main() -> int:
     for line in record['targets']:
         print(line)
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(record, f, indent=1)
+        write_json(args.out, record)
     return 0
 
 

@@ -14,19 +14,16 @@ Example:
 """
 import argparse
 import copy
-import json
 import math
 import sys
 import time
 
 import numpy as np
 import torch
-from mmengine.config import Config
 
-from mmdet.utils import register_all_modules
-from mmdet_hawq.api import distillation_objective
+from mmdet_hawq.api import CalibrationSettings, distillation_objective
 from mmdet_hawq.engine.calibration import build_calibration
-from mmdet_hawq.engine.detector import build_detector
+from mmdet_hawq.engine.cli import load_detector, read_config, write_json
 from mmdet_hawq.quant import quantizable_weights
 from mmdet_hawq.sensitivity import (gauss_newton_traces, hessian_mode,
                                     hutchinson_traces, preprocess_batches)
@@ -47,12 +44,10 @@ def main() -> int:
                    default=['gauss_newton', 'hutchinson'])
     p.add_argument('--out', help='JSON file for the results')
     args = p.parse_args()
-    register_all_modules()
-    cfg = Config.fromfile(args.config)
-    model = build_detector(cfg, args.checkpoint)
-    loader, _ = build_calibration(cfg, dict(
-        dataset=None, num_images=args.num_images, seed=0,
-        batch_size=args.batch_size))
+    cfg = read_config(args.config)
+    model = load_detector(cfg, args.checkpoint, '--checkpoint')
+    loader, _ = build_calibration(cfg, CalibrationSettings(
+        num_images=args.num_images, batch_size=args.batch_size))
     batches = preprocess_batches(model, loader)
     weights = quantizable_weights(model)
     obj = distillation_objective(
@@ -127,9 +122,8 @@ def main() -> int:
             print(f"| {r['estimator']} | {r['seconds_per_sample']:.2f} | "
                   f"{r['cost_vs_fwd_bwd']:.2f} | - | - | - |")
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(plain_fwd_bwd_seconds=base, rows=rows,
-                           args=vars(args)), f, indent=1)
+        write_json(args.out, dict(plain_fwd_bwd_seconds=base, rows=rows,
+                                  args=vars(args)))
     return 0
 
 

@@ -35,7 +35,7 @@ from typing import Any, Dict, List  # noqa: E402
 
 from mmdet_hawq.deploy.runtimes import RUNTIMES  # noqa: E402
 from mmdet_hawq.engine.cli import (  # noqa: E402
-    check_positive, check_work_dir, read_config)
+    check_positive, check_work_dir, read_config, write_json)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main() -> int:
     check_positive(args, ('images', 'rounds', 'threads'))
     if any(not 0 <= b <= 1 for b in args.budgets):
         raise HawqUserError('--budgets take shares between 0 and 1')
-    from mmdet_hawq.engine.deploy import ptq_run_files
+    from mmdet_hawq.engine.exported import ptq_run_files
     files = dict(zip(('packed', 'ranges', 'sites'), ptq_run_files(
         args.run, ('packed.pth', 'activations.json',
                    'activation_sites.json'),
@@ -86,7 +86,7 @@ def main() -> int:
     from mmdet_hawq.deploy.latency_table import (export_plan,
                                                  layer_latency_gains)
     from mmdet_hawq.deploy.timing import time_models
-    from mmdet_hawq.engine.deploy import (default_input_shape, evaluate_map,
+    from mmdet_hawq.engine.exported import (default_input_shape, evaluate_map,
                                           load_for_export, test_images,
                                           test_loader)
     from mmdet_hawq.quant.activations import load_ranges
@@ -168,16 +168,14 @@ def main() -> int:
                      f'{v.get("mAP", float("nan")):.3f} |')
     print('\n'.join(lines))
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(config=args.config, run=args.run,
-                           runtime=args.runtime, threads=args.threads,
-                           images=len(images), rounds=args.rounds,
-                           gains_ms=table['gains_ms'], macs=macs,
-                           damage=damage, all_int8_ms=table['all_int8_ms'],
-                           all_float_ms=table['all_float_ms'], plans=plans,
-                           rows=rows, ends=ends,
-                           command='python benchmarks/latency_sites.py ' +
-                           ' '.join(sys.argv[1:])), f, indent=1)
+        write_json(args.out, dict(
+            config=args.config, run=args.run, runtime=args.runtime,
+            threads=args.threads, images=len(images), rounds=args.rounds,
+            gains_ms=table['gains_ms'], macs=macs, damage=damage,
+            all_int8_ms=table['all_int8_ms'],
+            all_float_ms=table['all_float_ms'], plans=plans, rows=rows,
+            ends=ends, command='python benchmarks/latency_sites.py ' +
+            ' '.join(sys.argv[1:])))
     return 0
 
 

@@ -47,7 +47,6 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import os.path as osp  # noqa: E402
@@ -61,8 +60,9 @@ from mmdet_hawq.deploy.baselines import (  # noqa: E402
 from mmdet_hawq.deploy.timing import measure_memory, time_models  # noqa: E402
 from mmdet_hawq.engine.calibration import calibration_images  # noqa: E402
 from mmdet_hawq.engine.cli import (  # noqa: E402
-    check_positive, check_work_dir, read_config)
-from mmdet_hawq.engine.deploy import evaluate_map  # noqa: E402
+    check_checkpoint, check_positive, check_work_dir, read_config,
+    write_json)
+from mmdet_hawq.engine.exported import evaluate_map  # noqa: E402
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 #: Calibration methods of ``quantize_static`` tried (lower case → name).
@@ -135,7 +135,7 @@ def export_fp32(args: argparse.Namespace, cfg: Any) -> str:
             'no model: pass a checkpoint (a float .pth or a packed.pth) or '
             '--fp32-onnx FILE')
     from mmdet_hawq.deploy import export_onnx
-    from mmdet_hawq.engine.deploy import default_input_shape, load_for_export
+    from mmdet_hawq.engine.exported import default_input_shape, load_for_export
     shape = default_input_shape(cfg, args.shape)
     model = load_for_export(cfg, args.checkpoint)[0]
     path = osp.join(args.work_dir, 'fp32.onnx')
@@ -231,10 +231,8 @@ def main() -> int:
     if args.warmup < 0 or args.calib_stride < 0:
         raise HawqUserError('--warmup and --calib-stride take non-negative '
                             'integers')
-    if args.checkpoint and not osp.isfile(args.checkpoint):
-        raise HawqUserError(
-            f'checkpoint file {args.checkpoint!r} does not exist: pass an '
-            'existing .pth file (a float checkpoint or a packed.pth)')
+    if args.checkpoint:
+        check_checkpoint(args.checkpoint, urls=False)
     cfg = read_config(args.config)
     name = osp.splitext(osp.basename(args.config))[0]
     args.work_dir = args.work_dir or osp.join('work_dirs',
@@ -258,9 +256,10 @@ def main() -> int:
         raise HawqUserError(
             f'variant float_sampling: {fp32!r} has no deformable-attention '
             'sampling (no GridSample node): leave it out of --variants')
-    from mmdet_hawq.api.settings import SENSITIVITY_DEFAULTS
-    num_images = args.num_images or SENSITIVITY_DEFAULTS['num_images']
-    seed = SENSITIVITY_DEFAULTS['seed'] if args.seed is None else args.seed
+    from mmdet_hawq.api import CalibrationSettings
+    default = CalibrationSettings()
+    num_images = args.num_images or default.num_images
+    seed = default.seed if args.seed is None else args.seed
     images = calibration_images(cfg, num_images, seed, shape[2:])
     stride = calibration_stride(len(images), args.calib_stride)
     pre = osp.join(args.work_dir, 'fp32_pre.onnx')
@@ -327,7 +326,7 @@ def main() -> int:
             run(variant, best)
 
     outputs = check_outputs(files, images[0], args.threads)
-    from mmdet_hawq.engine.deploy import test_images, test_loader
+    from mmdet_hawq.engine.exported import test_images, test_loader
     timed = [img.cpu().numpy().astype(np.float32)[None] for img, _ in
              test_images(test_loader(cfg), args.latency_images)]
     latency = time_models({k: (v, 'onnxruntime', {})
@@ -376,8 +375,7 @@ def main() -> int:
         print(f'{fail["variant"]} {fail["method"]}: {fail["step"]} failed: '
               f'{fail["error"]}')
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(record, f, indent=1)
+        write_json(args.out, record)
     return 0
 
 

@@ -14,9 +14,9 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
                         category=UserWarning)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 
+from mmdet_hawq.engine.cli import write_json  # noqa: E402
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 
@@ -52,8 +52,7 @@ def main() -> int:
         for key, ms in list(times.items())[:args.top]:
             print(f'  {key:45s} {ms:9.1f} ms  {ms / total:6.1%}')
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(record, f, indent=1)
+        write_json(args.out, record)
     return 0
 
 

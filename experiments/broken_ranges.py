@@ -4,7 +4,7 @@ An experiment of issue 28: the small model's activation ranges are broken
 on purpose, two ways, and the run's mAP is measured with every site int8,
 with the site choice at an ``int8_macs`` budget as it now is (by each
 layer's measured damage,
-:func:`mmdet_hawq.api.activations.corrected_damage`), and with the choice
+:func:`mmdet_hawq.api.activation_sites.corrected_damage`), and with the choice
 as it was (the quadratic model's predictions alone):
 
 * ``old-observer``: percentile ranges from the observer as it was before
@@ -38,9 +38,9 @@ from typing import Dict
 
 from mmengine.runner import Runner
 
-import mmdet_hawq.api.activations as api_activations
+import mmdet_hawq.api.activation_sites as api_activations
 import mmdet_hawq.quant.activations as quant_activations
-from mmdet_hawq.engine.cli import read_config
+from mmdet_hawq.engine.cli import read_config, write_json
 from mmdet_hawq.errors import HawqUserError, run_cli
 
 CASES = ('old-observer', 'shrunk')
@@ -117,8 +117,7 @@ def run_row(cfg, row: str, case: str, out: str, args) -> dict:
                   sites=summary['activations']['sites'],
                   warnings=summary.get('warnings', []),
                   seconds=round(time.time() - start, 1))
-    with open(done, 'w') as f:
-        json.dump(result, f, indent=1)
+    write_json(done, result)
     return result
 
 
@@ -181,8 +180,7 @@ def main() -> int:
         print(f"    mAP {rows[-1]['mAP']:.4f}, {rows[-1]['int8_sites']} of "
               f"{rows[-1]['sites']} sites int8, {rows[-1]['seconds']} s",
               flush=True)
-    with open(osp.join(out, 'rows.json'), 'w') as f:
-        json.dump(dict(config=args.config, rows=rows), f, indent=1)
+    write_json(osp.join(out, 'rows.json'), dict(config=args.config, rows=rows))
     return 0
 
 

@@ -12,17 +12,14 @@ Example:
         --checkpoint checkpoints/detr_tiny_shapes.pth
 """
 import argparse
-import json
 import sys
 
 import numpy as np
 import torch
-from mmengine.config import Config
 
-from mmdet.utils import register_all_modules
-from mmdet_hawq.api import distillation_objective
+from mmdet_hawq.api import CalibrationSettings, distillation_objective
 from mmdet_hawq.engine.calibration import build_calibration
-from mmdet_hawq.engine.detector import build_detector
+from mmdet_hawq.engine.cli import load_detector, read_config, write_json
 from mmdet_hawq.quant import quantizable_weights
 from mmdet_hawq.sensitivity import (DistillationObjective, hessian_mode,
                                     preprocess_batches)
@@ -36,15 +33,13 @@ def main() -> int:
     p.add_argument('--num-images', type=int, default=100)
     p.add_argument('--out', help='JSON file for the results')
     args = p.parse_args()
-    register_all_modules()
-    cfg = Config.fromfile(args.config)
-    model = build_detector(cfg, args.checkpoint)
+    cfg = read_config(args.config)
+    model = load_detector(cfg, args.checkpoint, '--checkpoint')
     weights = quantizable_weights(model)
     losses = []
     for seed in range(args.sets):
-        loader, _ = build_calibration(cfg, dict(
-            dataset=None, num_images=args.num_images, seed=seed + 1,
-            batch_size=8))
+        loader, _ = build_calibration(cfg, CalibrationSettings(
+            num_images=args.num_images, seed=seed + 1, batch_size=8))
         batches = preprocess_batches(model, loader)
         if seed == 0:  # the float teacher, the 8-bit student: once
             obj = distillation_objective(model, weights, batches)
@@ -63,11 +58,9 @@ def main() -> int:
     print(f'mean {arr.mean():.6g}  variance/mean {rel_var:.3%}  '
           f'std/mean {rel_std:.3%}')
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(losses=losses, mean=float(arr.mean()),
-                           variance_over_mean=rel_var,
-                           std_over_mean=rel_std, args=vars(args)), f,
-                      indent=1)
+        write_json(args.out, dict(losses=losses, mean=float(arr.mean()),
+                                  variance_over_mean=rel_var,
+                                  std_over_mean=rel_std, args=vars(args)))
     return 0
 
 

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from mmdet_hawq.engine.cli import write_json
 from mmdet_hawq.errors import HawqUserError, run_cli, set_interrupt_note
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -221,13 +222,6 @@ def row_key(row: Row, quick: Optional[int]) -> Any:
                                       source=row.source, quick=quick)))
 
 
-def write_json(path: str, data: Any) -> None:
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + '.tmp', path)
-
-
 def load_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -318,8 +312,9 @@ def run_ptq(rec: dict, model: str, row: Row, folder: str, source: str,
                 "custom_imports = dict(imports=['mmdet_hawq'], "
                 'allow_failed_imports=False)\ncustom_hooks = [dict('
                 f"type='DistillSensitivityHook', {hook_text(hook)})]\n")
-    quick = [f'custom_hooks.0.sensitivity.{k}' for k in (
-        'num_images=8', 'min_samples=2', 'max_samples=2')] if data else []
+    quick = ['custom_hooks.0.calibration.num_images=8'] + [
+        f'custom_hooks.0.sensitivity.{k}' for k in (
+            'min_samples=2', 'max_samples=2')] if data else []
     call(rec, folder, 'ptq', ['tools/ptq.py', cfg, '--work-dir', folder,
                               *cfg_options(quick + data)])
     res = load_json(osp.join(folder, 'ptq_results.json'))['quantized']
@@ -470,7 +465,7 @@ def report(args: argparse.Namespace,
     command = shlex.join(['python', 'experiments/option_matrix.py',
                           *sys.argv[1:]])
     write_json(osp.join(args.out, 'matrix.json'),
-               dict(command=command, records=records))
+                                  dict(command=command, records=records))
     with open(osp.join(args.out, 'matrix.md'), 'w') as f:
         f.write(markdown(command, records))
     return records

@@ -17,18 +17,15 @@ Example:
 """
 import argparse
 import copy
-import json
 import sys
 from typing import Dict, List
 
 import numpy as np
 import torch
-from mmengine.config import Config
 
-from mmdet.utils import register_all_modules
-from mmdet_hawq.api import QuantSettings, distillation_objective
+from mmdet_hawq.api import CalibrationSettings, distillation_objective
 from mmdet_hawq.engine.calibration import build_calibration
-from mmdet_hawq.engine.detector import build_detector
+from mmdet_hawq.engine.cli import load_detector, read_config, write_json
 from mmdet_hawq.models import decoder_outputs, same_queries
 from mmdet_hawq.quant import quantizable_weights
 from mmdet_hawq.sensitivity import DistillationObjective, preprocess_batches
@@ -53,15 +50,13 @@ def main() -> int:
     p.add_argument('--images', type=int, default=8)
     p.add_argument('--out', help='JSON file for the results')
     args = p.parse_args()
-    register_all_modules()
-    cfg = Config.fromfile(args.config)
-    student = build_detector(cfg, args.checkpoint)
+    cfg = read_config(args.config)
+    student = load_detector(cfg, args.checkpoint, '--checkpoint')
     weights = quantizable_weights(student)
     held_out = copy.deepcopy(cfg)
     held_out.train_dataloader = copy.deepcopy(cfg.test_dataloader)
-    settings = QuantSettings(target_bits=4, sensitivity=dict(
-        num_images=args.images, batch_size=1)).calibration
-    loader, img_ids = build_calibration(held_out, settings)
+    loader, img_ids = build_calibration(held_out, CalibrationSettings(
+        num_images=args.images, batch_size=1))
     batches = preprocess_batches(student, loader)
     obj = distillation_objective(student, weights, batches)  # 8-bit student
     teacher = obj.teacher
@@ -106,9 +101,8 @@ def main() -> int:
           f" the teacher's selection: loss {summary['shared.loss']:.4g} "
           f"({summary['shared.l1_share']:.1%} L1)")
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(config=args.config, summary=summary, rows=rows),
-                      f, indent=1)
+        write_json(args.out, dict(config=args.config, summary=summary,
+                                  rows=rows))
     return 0
 
 

@@ -37,7 +37,8 @@ from mmdet_hawq.api import QuantSettings
 from mmdet_hawq.api.critical import check_critical_form, critical_indices
 from mmdet_hawq.engine.calibration import (calibration_classes,
                                            calibration_set)
-from mmdet_hawq.engine.run import quantize_in_runner
+from mmdet_hawq.engine.cli import check_checkpoint, read_config, write_json
+from mmdet_hawq.engine.run import quantize_in_runner, unwrap
 from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.evaluation import coco_map_bootstrap
 from mmdet_hawq.quant import load_plan, plan_bits
@@ -164,15 +165,13 @@ def variants(args) -> List[dict]:
 
 def variant_hook(args, variant: dict, sensitivity: bool) -> dict:
     """The hook arguments of a variant."""
-    hook = dict(per_channel=variant['scales'] == 'channel')
+    hook = dict(per_channel=variant['scales'] == 'channel',
+                calibration=dict(num_images=args.num_images))
     if variant['rounding'] == 'gptq':
         gptq = dict(args.gptq_options or {})
         if sensitivity:
             gptq['error_terms'] = variant['error_terms']
-        sens = dict(num_images=args.num_images)
         hook.update(rounding='gptq', gptq=gptq)
-        if not sensitivity:
-            hook['sensitivity'] = sens
     return hook
 
 
@@ -192,8 +191,7 @@ def target_rows(args, target: int, rng, variant: dict) -> List[dict]:
             args.hutchinson_samples
         for critical in kl_classes(args):
             sens = dict(
-                estimator=est, num_images=args.num_images,
-                tol=args.tol, min_samples=min(10, samples),
+                estimator=est, tol=args.tol, min_samples=min(10, samples),
                 negative_traces=args.negative_traces,
                 cache_dir=args.cache_dir or osp.join(args.work_dir,
                                                      'cache'),
@@ -288,13 +286,8 @@ def main() -> int:
     if unknown:
         raise HawqUserError(f'--methods {sorted(unknown)} unknown: use some '
                             f'of {sorted(known)}')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    if not osp.isfile(args.checkpoint):
-        raise HawqUserError(f'checkpoint file {args.checkpoint!r} does not '
-                            'exist: pass an existing .pth file')
-    cfg.load_from = args.checkpoint
+    cfg = read_config(args.config, args.cfg_options)
+    cfg.load_from = check_checkpoint(args.checkpoint, '--checkpoint')
     cfg.work_dir = args.work_dir
     cfg.custom_hooks = [h for h in cfg.get('custom_hooks', [])
                         if h.get('type') != 'DistillSensitivityHook']
@@ -306,8 +299,7 @@ def main() -> int:
     detections = cfg.test_evaluator['outfile_prefix'] + '.bbox.json'
     runner = Runner.from_cfg(cfg)
     float_metrics = runner.test()  # loads the checkpoint, float row
-    model = runner.model.module if hasattr(runner.model, 'module') else \
-        runner.model
+    model = unwrap(runner.model)
     float_state = copy.deepcopy(model.state_dict())
     results = [with_critical_ap(
         dict(precision='Float', label='N/A', estimator='',
@@ -325,7 +317,7 @@ def main() -> int:
                 f'{slug}_seed{seed}'
             kwargs = copy.deepcopy(row['hook'])
             if sensitivity:
-                kwargs['sensitivity']['seed'] = seed
+                kwargs['calibration']['seed'] = seed
             model.load_state_dict(float_state)
             settings = QuantSettings.from_kwargs(kwargs)
             calibration = calibrations.get(repr(settings.calibration))
@@ -360,8 +352,7 @@ def main() -> int:
             record['kl_classes'] = row['kl_classes'] or 'all'
         results.append(with_critical_ap(record, runs, names))
         runner.logger.info(f'table1: {record}')
-        with open(osp.join(args.work_dir, 'table1.json'), 'w') as f:
-            json.dump(results, f, indent=1)
+        write_json(osp.join(args.work_dir, 'table1.json'), results)
     write_table(args.work_dir, results, names)
     write_figures(args.work_dir, results, list(float_state))
     return 0

@@ -35,24 +35,21 @@ Example:
 import argparse
 import copy
 import json
-import os
 import os.path as osp
 import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from mmengine.config import Config
 from mmengine.logging import MMLogger
-from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 from mmengine.utils import ProgressBar
 from scipy.stats import spearmanr
 
-from mmdet.utils import register_all_modules
-from mmdet_hawq.api import SENSITIVITY_DEFAULTS, distillation_objective
+from mmdet_hawq.api import CalibrationSettings, distillation_objective
 from mmdet_hawq.engine.calibration import build_calibration
-from mmdet_hawq.engine.detector import build_detector
+from mmdet_hawq.engine.cli import load_detector, read_config, write_json
+from mmdet_hawq.engine.run import unwrap
 from mmdet_hawq.errors import HawqUserError, run_cli
 from mmdet_hawq.models import (DISTILLATION_DEFAULTS, class_activation,
                                decoder_outputs)
@@ -186,6 +183,15 @@ def random_plan(numels: Dict[str, int], bits: List[int],
                         f'{tol} of it with --plan-bits {bits}')
 
 
+def run_facts(args, img_ids: list, lambda_kl: float, temperature: float,
+              start: float) -> dict:
+    """What every record of a run starts with: its arguments, images,
+    distillation settings and time."""
+    return dict(args=vars(args), img_ids=img_ids, lambda_kl=lambda_kl,
+                temperature=temperature,
+                seconds=round(time.time() - start, 1))
+
+
 def plan_map(cfg, checkpoint: str, out_dir: str
              ) -> Callable[[Dict[str, int]], float]:
     """A function plan → bbox mAP through mmdet's test loop on the val
@@ -197,8 +203,7 @@ def plan_map(cfg, checkpoint: str, out_dir: str
                         if h.get('type') != 'DistillSensitivityHook']
     runner = Runner.from_cfg(cfg)
     runner.test()  # loads the checkpoint
-    model = runner.model.module if is_model_wrapper(runner.model) else \
-        runner.model
+    model = unwrap(runner.model)
     params = dict(model.named_parameters())
 
     def evaluate(plan: Dict[str, int]) -> float:
@@ -246,7 +251,7 @@ def validate_activations(spec: str, cfg, teacher, batches, lambda_kl: float,
                          seed: int) -> dict:
     """Predicted vs measured damage of every layer's activation sites of
     one run (see the module docstring)."""
-    from mmdet_hawq.engine.deploy import load_for_export
+    from mmdet_hawq.engine.exported import load_for_export
     from mmdet_hawq.quant.activations import (ActivationRange,
                                               quantized_activations,
                                               sites_of)
@@ -321,9 +326,8 @@ def validate_activations(spec: str, cfg, teacher, batches, lambda_kl: float,
 def main() -> int:
     args = parse_args()
     logger = MMLogger.get_instance('validate_sensitivity')
-    register_all_modules()
-    cfg = Config.fromfile(args.config)
-    model = build_detector(cfg, args.checkpoint)
+    cfg = read_config(args.config)
+    model = load_detector(cfg, args.checkpoint, '--checkpoint')
     weights = quantizable_weights(model)
     names = list(weights)
     if not args.report and not args.activations:
@@ -336,9 +340,8 @@ def main() -> int:
     temperature = args.temperature or temperature
     val = copy.deepcopy(cfg)
     val.train_dataloader = copy.deepcopy(cfg.test_dataloader)
-    settings = dict(SENSITIVITY_DEFAULTS, num_images=args.num_images,
-                    seed=args.seed)
-    loader, img_ids = build_calibration(val, settings)
+    loader, img_ids = build_calibration(val, CalibrationSettings(
+        num_images=args.num_images, seed=args.seed))
     batches = preprocess_batches(model, loader)
     if args.activations:
         return main_activations(args, cfg, model, batches, img_ids,
@@ -410,14 +413,10 @@ def main() -> int:
             plan_map_rho=rank_correlation(
                 [p[r['label']] for p in plans],
                 [-p['mAP'] for p in plans]) if args.map else None))
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(osp.join(args.out_dir, 'validation.json'), 'w') as f:
-        json.dump(dict(args=vars(args), img_ids=img_ids,
-                       lambda_kl=lambda_kl, temperature=temperature,
-                       seconds=round(time.time() - start, 1),
-                       correlations=table, layers=layers,
-                       plans=[{k: v for k, v in p.items() if k != 'plan'}
-                              for p in plans]), f, indent=1)
+    write_json(osp.join(args.out_dir, 'validation.json'), dict(
+        run_facts(args, img_ids, lambda_kl, temperature, start),
+        correlations=table, layers=layers,
+        plans=[{k: v for k, v in p.items() if k != 'plan'} for p in plans]))
     labels = [r['label'] for r in reports]
     plot_prediction_scatter(
         osp.join(args.out_dir, 'scatter_layers.png'),
@@ -451,12 +450,9 @@ def main_activations(args, cfg, model, batches, img_ids, lambda_kl: float,
     results = [validate_activations(spec, cfg, model, batches, lambda_kl,
                                     temperature, args.bootstrap, args.seed)
                for spec in args.activations]
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(osp.join(args.out_dir, 'activations.json'), 'w') as f:
-        json.dump(dict(args=vars(args), img_ids=img_ids,
-                       lambda_kl=lambda_kl, temperature=temperature,
-                       seconds=round(time.time() - start, 1),
-                       runs=results), f, indent=1)
+    write_json(osp.join(args.out_dir, 'activations.json'), dict(
+        run_facts(args, img_ids, lambda_kl, temperature, start),
+        runs=results))
     keys = [k for k in (*PREDICTORS, *LAYER_PREDICTORS)
             if any(k in r['correlations'] for r in results)]
     lines = ['| run | layers | ' + ' | '.join(

@@ -14,19 +14,22 @@ front of mmcv's compiled deformable attention and NMS
 built without CUDA ops, DINO, Deformable DETR and DDQ-DETR run through
 PyTorch paths, with one log line each, instead of failing inside mmcv.
 """
-from .api import Calibration, QuantResult, QuantSettings, quantize
+from .api import (ActivationSettings, Calibration, CalibrationSettings,
+                  GptqSettings, QuantResult, QuantSettings,
+                  SensitivitySettings, quantize)
 from .datasets import SHAPES_CLASSES, ShapesDataset, generate_shapes_dataset
 from .engine import DistillSensitivityHook, load_checkpoint_file
 from .errors import HawqUserError, install_excepthook
 from .models import BackbonePretrainer, ensure_compiled_ops
-
-__version__ = '0.2.0'
+from .version import __version__
 
 install_excepthook()
 ensure_compiled_ops()
 
 __all__ = [
-    'Calibration', 'QuantResult', 'QuantSettings', 'quantize',
+    'ActivationSettings', 'Calibration', 'CalibrationSettings',
+    'GptqSettings', 'QuantResult', 'QuantSettings', 'SensitivitySettings',
+    'quantize',
     'BackbonePretrainer', 'SHAPES_CLASSES', 'ShapesDataset',
     'generate_shapes_dataset', 'DistillSensitivityHook',
     'load_checkpoint_file', 'HawqUserError', '__version__'

@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from mmdet_hawq.engine.cli import write_json
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 #: name, config file name, extra ptq arguments.
 CASES = (
@@ -36,6 +38,7 @@ CASES = (
      ['--cfg-options', 'custom_hooks.0.per_channel=True']),
     ('Out Sen Quant 3-bit GPTQ', 'detr_tiny_shapes_outquant_3bit_gptq.py',
      ['--uniform-baseline']),
+    ('W8A8 with activation sensitivity', 'detr_tiny_shapes_w8a8.py', []),
 )
 
 
@@ -97,6 +100,9 @@ def run_case(tree: str, config: str, extra: List[str],
         if osp.isfile(osp.join(folder, 'plan.json')):
             out['plans'][run] = plan_bits(osp.join(folder, 'plan.json'))
             out['packed'][run] = sha256(osp.join(folder, 'packed.pth'))
+            ranges = osp.join(folder, 'activations.json')
+            if osp.isfile(ranges):  # the activation ranges, with W8A8
+                out['packed'][run + ' ranges'] = sha256(ranges)
     return out
 
 
@@ -163,8 +169,8 @@ def main() -> int:
               f'{"same" if same["plans"] else "DIFFER"}; packed files '
               f'{"byte-identical" if same["packed"] else "DIFFER"}; '
               f'{old["seconds"]} s / {new["seconds"]} s', flush=True)
-    with open(osp.join(args.work_dir, 'compare_release.json'), 'w') as f:
-        json.dump(dict(ref=args.ref, rows=rows), f, indent=1)
+    write_json(osp.join(args.work_dir, 'compare_release.json'),
+               dict(ref=args.ref, rows=rows))
     print('all cases the same' if same_all else 'SOME CASES DIFFER')
     return 0 if same_all else 1
 

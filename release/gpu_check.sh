@@ -166,7 +166,7 @@ ptq_runs() {
   }
   run_ptq detr/detr_tiny_shapes_outquant_5bit --float --uniform-baseline
   run_ptq dino/dino_tiny_shapes_losssen_4bit --cfg-options \
-    custom_hooks.0.sensitivity.num_images=32 \
+    custom_hooks.0.calibration.num_images=32 \
     custom_hooks.0.sensitivity.max_samples=10
   run_ptq dino/dino_tiny_shapes_outquant_4bit
   run_ptq deformable_detr/deformable_detr_tiny_shapes_outquant_4bit --uniform-baseline

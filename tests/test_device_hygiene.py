@@ -47,7 +47,7 @@ FACTORIES = {'zeros', 'ones', 'full', 'empty', 'arange', 'tensor', 'randint',
 DEVICE_FOLDERS = ('api', 'sensitivity', 'quant', 'deploy', 'models')
 #: (file under mmdet_hawq/, source line stripped) → why it is host-side.
 HOST_BY_DESIGN = {
-    ('sensitivity/traces.py',
+    ('sensitivity/sampling.py',
      'numels = torch.tensor(result.numels, dtype=torch.float64)'):
     'divides the host copy of a sample, once per sample',
     ('deploy/onnx_export.py',

@@ -113,3 +113,99 @@ def test_each_script_folder_has_a_readme_line_per_script():
                     if not p.endswith('.md') and
                     f'`{osp.basename(p)}`' not in text]
     assert not missing, f'no README line for {missing}'
+
+
+def usage_section(heading: str) -> str:
+    with open(osp.join(ROOT, 'docs', 'usage.md'), encoding='utf-8') as f:
+        text = f.read()
+    body = text.split(f'\n{heading}\n', 1)[1]
+    return re.split(r'\n##+ ', body, 1)[0]
+
+
+def test_the_documented_settings_are_the_settings_fields():
+    """docs/usage.md names every field of every settings class in its
+    section, and the hook's arguments are QuantSettings' fields and the
+    hook's own."""
+    from dataclasses import fields
+
+    from mmdet_hawq.api import (ActivationSettings, CalibrationSettings,
+                                GptqSettings, QuantSettings,
+                                SensitivitySettings)
+    from mmdet_hawq.engine.hooks.quantization_hook import HOOK_ARGS
+    sections = {
+        '### Hook arguments': (QuantSettings, ('save_packed', )),
+        '### Calibration settings': (CalibrationSettings, ()),
+        '### Sensitivity settings': (SensitivitySettings, ()),
+        '### GPTQ settings': (GptqSettings, ()),
+        '### Activation settings': (ActivationSettings, ()),
+    }
+    missing = []
+    for heading, (cls, own) in sections.items():
+        text = usage_section(heading)
+        names = [f.name for f in fields(cls) if f.init] + list(own)
+        missing += [f'{heading}: {n}' for n in names
+                    if not re.search(r'`' + n + r'\b', text)]
+    assert not missing, missing
+    assert set(HOOK_ARGS) == {'type', 'priority', 'save_packed',
+                              'out_subdir'}
+
+
+def pins():
+    """name -> version of every ``==`` pin in setup.py and
+    requirements.txt (their one source each)."""
+    found = {}
+    for name in ('setup.py', 'requirements.txt'):
+        with open(osp.join(ROOT, name)) as f:
+            found.update(re.findall(r"([A-Za-z][\w-]*)==([\w.]+)", f.read()))
+    return found
+
+
+#: The venv of the GPU check's rehearsal: the device's Python and torch.
+REHEARSAL = '/tmp/dev312'
+
+
+def test_every_pinned_version_the_docs_name_is_the_pin():
+    """``pkg==version`` in the README, docs/ and the GPU check is the
+    version setup.py or requirements.txt pins (no second source)."""
+    known = pins()
+    assert {'mmdet', 'mmengine', 'onnx', 'onnxruntime', 'torch', 'mmcv',
+            'openvino', 'nncf'} <= set(known)
+    other = []
+    for path in DOCS + [osp.join(ROOT, 'release', 'gpu_check.sh')]:
+        with open(path, encoding='utf-8') as f:
+            # the GPU check's rehearsal copies the device's own torch
+            text = '\n'.join(ln for ln in f if REHEARSAL not in ln)
+            for name, ver in re.findall(r"([A-Za-z][\w-]*)==([\w.]+)",
+                                        text):
+                if name in known and known[name] != ver:
+                    other.append(f'{osp.relpath(path, ROOT)}: {name}=={ver}'
+                                 f' (pinned {known[name]})')
+    assert not other, other
+
+
+def test_every_package_says_what_it_is_for():
+    import ast
+    bare = []
+    for path in glob.glob(osp.join(ROOT, 'mmdet_hawq', '**', '__init__.py'),
+                          recursive=True):
+        with open(path) as f:
+            if not ast.get_docstring(ast.parse(f.read())):
+                bare.append(osp.relpath(path, ROOT))
+    assert not bare, bare
+
+
+def test_the_readme_layout_names_every_package_and_folder():
+    with open(osp.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        block = f.read().split('## Package layout', 1)[1].split('```')[1]
+    packages = [osp.basename(osp.dirname(p)) for p in glob.glob(
+        osp.join(ROOT, 'mmdet_hawq', '*', '__init__.py'))]
+    named = re.findall(r'(?<![\w/])(\w+)/', block)
+    assert sorted(set(packages) - set(named)) == []
+    tops = [d for d in named if osp.isdir(osp.join(ROOT, d))]
+    assert set(SCRIPT_DIRS) | {'configs', 'mmdet_hawq', 'tests'} <= \
+        set(tops)
+    gone = [d for d in named if not osp.isdir(osp.join(ROOT, d)) and
+            not osp.isdir(osp.join(ROOT, 'mmdet_hawq', d)) and
+            not osp.isdir(osp.join(ROOT, 'configs', d)) and
+            d not in ('results', 'checkpoints')]
+    assert not gone, gone

@@ -72,8 +72,9 @@ def test_shipped_detr_5bit_plan_is_the_same_on_1_and_2_threads(tmp_path):
             hook = DistillSensitivityHook(
                 metric='outquant', target_bits=5, bit_range=(3, 6),
                 save_packed=False, out_subdir=f'threads{threads}',
-                sensitivity=dict(num_images=8, batch_size=4, min_samples=3,
-                                 max_samples=3, use_cache=False))
+                calibration=dict(num_images=8, batch_size=4),
+                sensitivity=dict(min_samples=3, max_samples=3,
+                                 use_cache=False))
             hook.before_test(runner)
             out = osp.join(str(tmp_path), f'threads{threads}')
             plans[threads] = json.load(open(osp.join(out, 'plan.json')))

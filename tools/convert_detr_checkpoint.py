@@ -22,16 +22,12 @@ from mmdet_hawq.models import convert_official_detr, official_detr_state
 
 def check_against(config: str, state: dict, src: str) -> None:
     """Strict key and shape check against a config's model."""
-    from mmengine.config import Config
-
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmdet_hawq.engine.checkpoint import check_state_dict
-    if not osp.isfile(config):
-        raise HawqUserError(f'config file {config!r} does not exist: pass '
-                            'e.g. configs/_base_/detr_r50_hawq.py')
+    from mmdet_hawq.engine.cli import read_config
     register_all_modules()
-    cfg = Config.fromfile(config)
+    cfg = read_config(config)
     cfg.model.backbone.init_cfg = None  # every weight comes from src
     check_state_dict(MODELS.build(copy.deepcopy(cfg.model)), state, src)
 

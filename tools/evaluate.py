@@ -20,9 +20,9 @@ import sys  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmdet_hawq.engine.checkpoint import is_local_path  # noqa: E402
-from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
-from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
+from mmdet_hawq.engine.cli import (  # noqa: E402
+    check_checkpoint, check_work_dir, read_config, write_json)
+from mmdet_hawq.errors import run_cli  # noqa: E402
 
 
 def main() -> int:
@@ -33,22 +33,15 @@ def main() -> int:
     parser.add_argument('--work-dir', default='work_dirs/evaluate')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
-    if is_local_path(args.checkpoint) and not osp.isfile(args.checkpoint):
-        raise HawqUserError(
-            f'checkpoint file {args.checkpoint!r} does not exist: pass an '
-            'existing .pth file or a URL')
-    cfg = read_config(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.load_from = args.checkpoint
+    cfg = read_config(args.config, args.cfg_options)
+    cfg.load_from = check_checkpoint(args.checkpoint)
     cfg.work_dir = check_work_dir(args.work_dir)
     metrics = Runner.from_cfg(cfg).test()
     record = dict(metrics, config=args.config,
                   checkpoint=osp.basename(args.checkpoint),
                   command='python tools/evaluate.py ' + ' '.join(sys.argv[1:]))
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(record, f, indent=1)
+        write_json(args.out, record)
     print(json.dumps({k: v for k, v in metrics.items()}, indent=1))
     return 0
 

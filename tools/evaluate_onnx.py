@@ -34,8 +34,9 @@ import sys  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 from mmdet_hawq.deploy.runtimes import RUNTIMES  # noqa: E402
-from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
-from mmdet_hawq.engine.deploy import evaluate_exported  # noqa: E402
+from mmdet_hawq.engine.cli import (  # noqa: E402
+    check_work_dir, read_config, write_json)
+from mmdet_hawq.engine.exported import evaluate_exported  # noqa: E402
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 
@@ -63,9 +64,7 @@ def main() -> int:
                             and args.max_images < 1):
         raise HawqUserError('--threads and --max-images take positive '
                             'integers')
-    cfg = read_config(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, args.cfg_options)
     check_work_dir(args.work_dir)
     record = evaluate_exported(cfg, args.model, args.runtime, args.threads,
                                args.max_images, args.compare)
@@ -73,8 +72,7 @@ def main() -> int:
                   command='python tools/evaluate_onnx.py ' +
                   ' '.join(sys.argv[1:]))
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(record, f, indent=1)
+        write_json(args.out, record)
     metrics = {k: v for k, v in record.items() if k.startswith('coco/')}
     print(json.dumps(metrics, indent=1))
     print(f'{args.runtime}: {record["images"]} images, '

@@ -22,7 +22,6 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
                         category=UserWarning)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import os.path as osp  # noqa: E402
 from typing import Any, Dict  # noqa: E402
@@ -31,8 +30,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from mmdet_hawq.engine.cli import read_config  # noqa: E402
-from mmdet_hawq.engine.deploy import (default_input_shape,  # noqa: E402
+from mmdet_hawq.engine.cli import read_config, write_json  # noqa: E402
+from mmdet_hawq.engine.exported import (default_input_shape,  # noqa: E402
                                       load_for_export)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 from mmdet_hawq.quant.activations import (load_ranges,  # noqa: E402
@@ -112,9 +111,7 @@ def main() -> int:
                         "ONNX Runtime's MatMulNBits (packed 4-bit codes)")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args()
-    cfg = read_config(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, args.cfg_options)
     shape = default_input_shape(cfg, args.shape)
     out = check_out(args.out)
     model, packed = load_for_export(cfg, args.checkpoint)
@@ -168,8 +165,7 @@ def main() -> int:
         record['max_abs_diff_random_image'] = diff
         print('ONNX Runtime vs PyTorch on a random image: max abs diff '
               f'scores {diff["scores"]:.2e}, boxes {diff["boxes"]:.2e}')
-    with open(out[:-len('.onnx')] + '.json', 'w') as f:
-        json.dump(record, f, indent=1)
+    write_json(out[:-len('.onnx')] + '.json', record)
     return 0
 
 

@@ -36,10 +36,10 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmdet_hawq.engine.checkpoint import is_local_path  # noqa: E402
-from mmdet_hawq.engine.dist import (DEFAULT_TIMEOUT_S,  # noqa: E402
+from mmdet_hawq.engine.process_group import (DEFAULT_TIMEOUT_S,  # noqa: E402
                                     init_cpu_process_group)
-from mmdet_hawq.engine.cli import check_work_dir, read_config  # noqa: E402
+from mmdet_hawq.engine.cli import (  # noqa: E402
+    check_checkpoint, check_work_dir, load_detector, read_config, write_json)
 from mmdet_hawq.errors import HawqUserError, run_cli  # noqa: E402
 
 
@@ -81,9 +81,7 @@ def parse_args() -> argparse.Namespace:
 def load_config(args: argparse.Namespace) -> Config:
     """Config with the command line applied; checks the inputs exist and
     the work dir can be written."""
-    cfg = read_config(args.config)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, args.cfg_options)
     setup_launcher(cfg, args.launcher, args.dist_timeout)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
@@ -98,10 +96,7 @@ def load_config(args: argparse.Namespace) -> Config:
         raise HawqUserError(
             f'{args.config}: no checkpoint to quantize: pass --checkpoint '
             'PATH or set load_from in the config')
-    if is_local_path(cfg.load_from) and not osp.isfile(cfg.load_from):
-        raise HawqUserError(
-            f'checkpoint file {cfg.load_from!r} does not exist: pass an '
-            'existing file or a URL with --checkpoint')
+    check_checkpoint(cfg.load_from, '--checkpoint')
     check_work_dir(cfg.work_dir)
     return cfg
 
@@ -136,7 +131,7 @@ def setup_launcher(cfg: Config, launcher: str,
     init_cpu_process_group(dist_cfg['timeout'])
 
 
-def check_checkpoint(cfg: Config) -> torch.nn.Module:
+def checked_model(cfg: Config) -> torch.nn.Module:
     """Fail fast, before any run: the checkpoint (mmdet's or the official
     DETR format) must fit the config's model strictly and be finite. The
     ``--float`` and ``--uniform-baseline`` runs rely on this check too.
@@ -144,11 +139,7 @@ def check_checkpoint(cfg: Config) -> torch.nn.Module:
     Returns:
         nn.Module: The model with the checkpoint's weights.
     """
-    from mmdet.utils import register_all_modules
-
-    from mmdet_hawq.engine.detector import build_detector
-    register_all_modules()
-    return build_detector(cfg, cfg.load_from)
+    return load_detector(cfg, cfg.load_from, '--checkpoint')
 
 
 def check_detector(cfg: Config) -> None:
@@ -176,8 +167,8 @@ def check_hooks(cfg: Config, model: torch.nn.Module) -> None:
 def quant_settings(hook_cfg: dict) -> dict:
     """The quantization settings of a hook config (its keys less the
     hook's own)."""
-    return {k: v for k, v in hook_cfg.items()
-            if k not in ('type', 'priority', 'save_packed', 'out_subdir')}
+    from mmdet_hawq.engine.hooks.quantization_hook import HOOK_ARGS
+    return {k: v for k, v in hook_cfg.items() if k not in HOOK_ARGS}
 
 
 def hawq_hooks(cfg: Config) -> list:
@@ -253,7 +244,7 @@ def main() -> int:
             'use a configs/*/*_{uniform,losssen,outfloat,outquant}_*bit.py '
             'config or add the hook (see README)')
     check_detector(cfg)
-    check_hooks(cfg, check_checkpoint(cfg))
+    check_hooks(cfg, checked_model(cfg))
     results = {}
     if args.float:
         float_cfg = deepcopy(cfg)
@@ -317,8 +308,7 @@ def report(cfg: Config, hook: dict, results: dict) -> None:
                          results[name]['summary'].get('warnings', []))
     print('\n'.join(lines))
     out = osp.join(cfg.work_dir, 'ptq_results.json')
-    with open(out, 'w') as f:
-        json.dump(results, f, indent=1, default=float)
+    write_json(out, results)
     print(f'results: {out}')
 
 

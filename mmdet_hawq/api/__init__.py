@@ -9,12 +9,13 @@ Example:
 from .quantize import (Calibration, QuantResult, check_model, quantize,
                        weight_floors)
 from .traces import distillation_objective
-from .settings import (CALIBRATION_KEYS, GPTQ_DEFAULTS, METRICS,
-                       SENSITIVITY_DEFAULTS, SENSITIVITY_METRICS,
-                       QuantSettings)
+from .settings import (METRICS, SENSITIVITY_METRICS, ActivationSettings,
+                       CalibrationSettings, GptqSettings, QuantSettings,
+                       SensitivitySettings)
 
 __all__ = [
     'Calibration', 'QuantResult', 'check_model', 'quantize', 'weight_floors',
-    'CALIBRATION_KEYS', 'GPTQ_DEFAULTS', 'METRICS', 'SENSITIVITY_DEFAULTS',
-    'SENSITIVITY_METRICS', 'QuantSettings', 'distillation_objective'
+    'METRICS', 'SENSITIVITY_METRICS', 'ActivationSettings',
+    'CalibrationSettings', 'GptqSettings', 'QuantSettings',
+    'SensitivitySettings', 'distillation_objective'
 ]

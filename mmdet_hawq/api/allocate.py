@@ -62,15 +62,15 @@ def allocate(model: nn.Module, weights: Dict[str, nn.Parameter],
     """
     s, names = settings.sensitivity, list(weights)
     mean, se = result.mean(), result.stderr()
-    unconverged = [n for n, ok in zip(names, result.converged(s['tol']))
+    unconverged = [n for n, ok in zip(names, result.converged(s.tol))
                    if not ok]
     if unconverged:
         logger.warning(
             f'sensitivity: {len(unconverged)} of {len(names)} layers did not '
-            f"reach rel. SE {s['tol']} in {result.num_samples} samples, "
+            f"reach rel. SE {s.tol} in {result.num_samples} samples, "
             f'e.g. {unconverged[:3]}; they are marked in the report')
-    used, notes = sensitivities_from_traces(names, mean, se, s['tol'],
-                                            s['negative_traces'])
+    used, notes = sensitivities_from_traces(names, mean, se, s.tol,
+                                            s.negative_traces)
     bits = list(range(settings.bit_range[0], settings.bit_range[1] + 1))
     fixed = blind_spots(result, bits, used, notes)
     if fixed:
@@ -81,11 +81,11 @@ def allocate(model: nn.Module, weights: Dict[str, nn.Parameter],
                          if settings.metric == 'outquant' else None)
     ratios = None
     if settings.rounding == 'gptq' and \
-            settings.gptq['error_terms'] == 'gptq':
+            settings.gptq.error_terms == 'gptq':
         ratios = gptq_error_ratios(
             model, names, bits, batches, decoder_outputs, settings.axis,
-            settings.gptq['damp'], settings.gptq['act_order'],
-            settings.gptq['block_size'])
+            settings.gptq.damp, settings.gptq.act_order,
+            settings.gptq.block_size)
         errors = {n: {b: e * ratios[n][b] for b, e in by_bits.items()}
                   for n, by_bits in errors.items()}
     used, errors = _plan_inputs(used, errors)
@@ -105,7 +105,7 @@ def allocate(model: nn.Module, weights: Dict[str, nn.Parameter],
     targets = np.round(np.arange(bits[0], bits[-1] + 1e-9, 0.25), 2)
     report = dict(
         metric=settings.metric, estimator=result.estimator, names=names,
-        traces=dict(result.to_dict(), tol=s['tol'], mean=mean.tolist(),
+        traces=dict(result.to_dict(), tol=s.tol, mean=mean.tolist(),
                     se=se.tolist()),
         pareto=pareto_sweep(used, errors, numels, targets, bits, fixed,
                             floors))

@@ -14,8 +14,8 @@ set and writes the report.
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
@@ -26,12 +26,13 @@ from ..quant import (GptqResult, PrecisionPlan, QuantizedWeight, apply_plan,
                      quantizable_weights, uniform_plan, validate_plan)
 from ..quant.activations import ActivationRange
 from ..quant.selection import weight_group
-from ..sensitivity import TraceResult
-from .activations import quantize_activations
+from ..sensitivity import (TraceResult, calibration_loader,
+                           preprocess_batches)
+from .activation_sites import quantize_activations
 from .allocate import allocate
 from .dist import run_on_main
 from .critical import critical_indices
-from .settings import QuantSettings
+from .settings import CalibrationSettings, QuantSettings
 from .traces import compute_traces, model_source
 
 LOGGER = logging.getLogger('mmdet_hawq')
@@ -52,6 +53,67 @@ class Calibration:
     batches: List[Any]
     img_ids: List[Any]
     classes: List[str]
+
+    @classmethod
+    def from_loader(cls, model: nn.Module, loader: Iterable,
+                    img_ids: Optional[Sequence[Any]] = None,
+                    classes: Optional[Sequence[str]] = None
+                    ) -> 'Calibration':
+        """The batches of any data loader of mmdet inputs (``inputs`` and
+        ``data_samples``, e.g. collated by ``pseudo_collate``), run through
+        ``model``'s data preprocessor once.
+
+        Args:
+            model (nn.Module): The detector (its data preprocessor, its
+                device).
+            loader (Iterable): The batches.
+            img_ids (Sequence, optional): The images' ids; None: each data
+                sample's ``img_id``.
+            classes (Sequence[str], optional): The class names; None: the
+                loader's dataset's ``metainfo['classes']`` (through a
+                ``Subset``).
+
+        Returns:
+            Calibration: The preprocessed set.
+        """
+        batches = preprocess_batches(model, loader)
+        if img_ids is None:
+            img_ids = [sample.metainfo.get('img_id')
+                       for batch in batches
+                       for sample in batch['data_samples']]
+        if classes is None:
+            dataset = getattr(loader, 'dataset', None)
+            dataset = getattr(dataset, 'dataset', dataset)  # a Subset's
+            classes = getattr(dataset, 'metainfo', {}).get('classes')
+            if classes is None:
+                raise HawqUserError(
+                    'the calibration loader\'s dataset has no '
+                    "metainfo['classes']: pass classes=[...] to "
+                    'Calibration.from_loader')
+        return cls(batches, list(img_ids), list(classes))
+
+    @classmethod
+    def from_dataset(cls, model: nn.Module, dataset: Any,
+                     settings: Optional[CalibrationSettings] = None
+                     ) -> 'Calibration':
+        """``settings.num_images`` images of an mmdet dataset, chosen to
+        match its class distribution as the hook does
+        (:func:`~mmdet_hawq.sensitivity.calibration_loader`), preprocessed
+        once.
+
+        Args:
+            model (nn.Module): The detector.
+            dataset: An mmdet dataset that returns packed inputs (a test
+                pipeline ending in ``PackDetInputs``).
+            settings (CalibrationSettings, optional): How many images, the
+                batch size and the seed. Defaults to the hook's defaults.
+        """
+        s = settings or CalibrationSettings()
+        dataset.full_init()
+        loader, indices = calibration_loader(dataset, s.num_images,
+                                             s.batch_size, s.seed)
+        return cls.from_loader(model, loader, [
+            dataset.get_data_info(i)['img_id'] for i in indices])
 
 
 @dataclass
@@ -136,7 +198,7 @@ def check_model(model: nn.Module, settings: QuantSettings,
     """
     weights = quantizable_weights(model, settings.include, settings.exclude)
     if settings.uses_traces:
-        critical = settings.sensitivity['critical_classes']
+        critical = settings.sensitivity.critical_classes
         if critical is not None and classes:
             critical_indices(critical, classes)
         weight_floors(model, weights, settings)
@@ -162,9 +224,10 @@ def quantize(model: nn.Module, calibration: Optional[Calibration],
         source (Mapping, optional): ``model`` and ``checkpoint`` identities
             for the trace cache key. Defaults to None: a hash of the
             model's structure and weights (:func:`.traces.model_source`).
-        cache_dir (str, optional): Where trace samples are saved, unless
-            the ``cache_dir`` setting names another folder or ``use_cache``
-            is False. Defaults to None (not saved).
+        cache_dir (str, optional): Where trace samples are saved when the
+            ``cache_dir`` setting names none (the hook's ``<out_dir>/cache``);
+            not saved when both are None or ``use_cache`` is False.
+            Defaults to None.
         logger (logging.Logger): Progress lines and warnings. Defaults to
             the ``mmdet_hawq`` logger.
 
@@ -196,7 +259,7 @@ def quantize(model: nn.Module, calibration: Optional[Calibration],
         traces = compute_traces(
             model, weights, settings, calibration,
             source or model_source(model),
-            settings.sensitivity['cache_dir'] or cache_dir, logger)
+            settings.trace_cache(cache_dir), logger)
         alloc = run_on_main(allocate, model, weights, traces, settings,
                             floors, calibration.batches, logger)
         plan = make_plan(alloc.bits, settings.axis, settings.rounding)
@@ -205,7 +268,7 @@ def quantize(model: nn.Module, calibration: Optional[Calibration],
     rounded = time.time()
     act = settings.activations
     # the float teacher of the activation traces (before the weights change)
-    teacher = copy.deepcopy(model) if act and act['sensitivity'] else None
+    teacher = copy.deepcopy(model) if act and act.sensitivity else None
     applied = _apply(model, plan, calibration, settings, logger)
     rounding_seconds = time.time() - rounded
     ranges = sites = None
@@ -227,11 +290,10 @@ def quantize(model: nn.Module, calibration: Optional[Calibration],
         rounding_seconds=round(rounding_seconds, 2),
         **plan_stats(plan, {n: p.numel() for n, p in weights.items()}))
     if settings.rounding == 'gptq':
-        summary['gptq'] = dict(settings.gptq)
+        summary['gptq'] = asdict(settings.gptq)
     if ranges is not None:
         summary['activations'] = dict(
-            act, sites=len(sites), int8_sites=len(ranges),
-            float_sites=list(act['float_sites']))
+            asdict(act), sites=len(sites), int8_sites=len(ranges))
     return QuantResult(plan, applied.applied, _rows(infos, plan, columns),
                        summary, traces, report, ranges, sites)
 
@@ -250,8 +312,8 @@ def _apply(model: nn.Module, plan: PrecisionPlan,
                         f'{time.time() - start:.1f} s')
 
     batches = calibration.batches if calibration is not None else None
-    result = apply_plan(model, plan, batches, decoder_outputs, settings.gptq,
-                        progress)
+    result = apply_plan(model, plan, batches, decoder_outputs,
+                        asdict(settings.gptq), progress)
     if settings.rounding != 'gptq':
         return result
     nearest = [n for n, r in result.rounding.items() if r == 'nearest']

@@ -8,8 +8,9 @@ hook builds it from its config keys (:meth:`QuantSettings.from_kwargs`);
 """
 import difflib
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import (Any, Dict, List, Mapping, Optional, Sequence, Tuple,
+                    Type, TypeVar)
 
 from ..allocation import NEGATIVE_POLICIES
 from ..errors import HawqUserError
@@ -23,53 +24,294 @@ METRICS = ('uniform', 'plan', 'losssen', 'outfloat', 'outquant')
 #: The metrics that compute Hessian traces and solve the ILP.
 SENSITIVITY_METRICS = ('losssen', 'outfloat', 'outquant')
 ESTIMATORS = ('hutchinson', 'hutchinson_per_layer', 'gauss_newton')
-#: Defaults of the ``sensitivity`` settings.
-SENSITIVITY_DEFAULTS = dict(
-    estimator=None,  # None: 'gauss_newton' for outfloat/outquant,
-    #                  'hutchinson' for losssen (the only one it has)
-    num_images=100,
-    batch_size=4,
-    seed=0,
-    tol=0.05,
-    min_samples=10,
-    max_samples=100,
-    lambda_kl=None,  # None: by the class head (models.DISTILLATION_DEFAULTS)
-    temperature=None,
-    decoder_layers=None,
-    proposals=False,  # two-stage models: also distil the encoder
-    #                   proposals (models.distillation_outputs)
-    negative_traces='ucb',
-    use_cache=True,
-    cache_dir=None,  # None: the caller's (the hook: <out_dir>/cache)
-    dataset=None,  # None: the train split with the test pipeline
-    critical_classes=None,  # None: every class; else names of the dataset's
-    #                         classes the KL term is restricted to
-)
-#: The settings that choose the calibration images.
-CALIBRATION_KEYS = ('num_images', 'batch_size', 'seed', 'dataset')
-#: Defaults of the ``gptq`` settings.
-GPTQ_DEFAULTS = dict(
-    damp=0.01,  # λ = damp · mean(diag H) added to the diagonal
-    act_order=False,  # columns by descending diag(H)
-    block_size=128,  # columns per lazy-update block (same codes)
-    sequential=False,  # True: each weight's H from the partly quantized
-    #                    model (one pass per stage; as good and 4-23x
-    #                    slower on the small models, see docs/results.md)
-    stage_size=1,  # weights per pass over the calibration set
-    error_terms='nearest',  # ILP error terms: 'nearest' (||Q_b(W) - W||²)
-    #                         or 'gptq' (times GPTQ's output-error ratio)
-)
 ERROR_TERMS = ('nearest', 'gptq')
-#: Defaults of the ``activations`` settings (None: activations stay float).
-ACTIVATION_DEFAULTS = dict(
-    bits=8,  # unsigned codes per tensor (ONNX Runtime's QDQ activations)
-    method='mse',  # range: 'minmax', 'percentile' or 'mse'
-    sensitivity=False,  # per-site GN trace x error (activation_sites.json)
-    int8_macs=None,  # share of the quantized layers' MACs with int8
-    #                  inputs: the least damaging sites are chosen (needs
-    #                  sensitivity); None: every site not in float_sites
-    float_sites=(),  # site name patterns (fnmatch) kept float
-)
+T = TypeVar('T')
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def typed(cls: Type[T], value: Any, name: str, example: str) -> T:
+    """``value`` as a ``cls``: an instance as it is, a dict of its fields
+    (a config's form), None: the defaults.
+
+    Raises:
+        HawqUserError: Not a dict, or a key that is not a field.
+    """
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise HawqUserError(
+            f'{name} {value!r} is not a dict: give the settings as a dict, '
+            f'e.g. {example}')
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        moved = [k for k in unknown if name == 'sensitivity'
+                 and k in [f.name for f in fields(CalibrationSettings)]]
+        if moved:
+            raise HawqUserError(
+                f'{moved[0]} is a calibration setting, not a sensitivity '
+                f'one: pass calibration=dict({moved[0]}=...)')
+        raise HawqUserError(
+            f'unknown {name} setting(s) {unknown}: the known ones are '
+            f'{sorted(known)}')
+    return cls(**value)
+
+
+@dataclass
+class CalibrationSettings:
+    """Which calibration images a run reads (the sensitivity step, GPTQ
+    and the activation ranges share them), and the seed of its random
+    draws.
+
+    Args:
+        num_images (int): How many images, chosen to match the split's
+            class distribution. Defaults to 100.
+        batch_size (int): Images per batch. Defaults to 4.
+        seed (int): Seed of the choice and of the estimators' random
+            draws. Defaults to 0.
+        dataset (dict, optional): A dataset config; None: the train split
+            with the test pipeline.
+    """
+
+    num_images: int = 100
+    batch_size: int = 4
+    seed: int = 0
+    dataset: Optional[Dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        for name in ('num_images', 'batch_size'):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise self.bad(name, 'an integer of at least 1')
+        if not _is_int(self.seed):
+            raise self.bad('seed', 'an integer')
+        if self.dataset is not None and not isinstance(self.dataset, dict):
+            raise self.bad('dataset', 'None (the train split) or a dataset '
+                           'config dict')
+
+    def bad(self, name: str, want: str) -> HawqUserError:
+        return HawqUserError(
+            f'calibration setting {name}={getattr(self, name)!r} is not '
+            f'valid: give {want}')
+
+
+@dataclass
+class SensitivitySettings:
+    """How the Hessian traces are estimated and read.
+
+    Args:
+        estimator (str, optional): ``'gauss_newton'``, ``'hutchinson'`` or
+            ``'hutchinson_per_layer'``; None: Gauss-Newton for
+            outfloat/outquant, Hutchinson for losssen (its only one).
+        tol (float): Relative standard error at which sampling stops
+            (0: always ``max_samples``). Defaults to 0.05.
+        min_samples (int): Fewest samples; a ``max_samples`` below the
+            default caps it. Defaults to 10.
+        max_samples (int): Most samples. Defaults to 100.
+        lambda_kl (float, optional): Weight of the KL term; None: by the
+            class head (:data:`~mmdet_hawq.models.DISTILLATION_DEFAULTS`).
+        temperature (float, optional): Softmax temperature; likewise.
+        decoder_layers (list[int], optional): Decoder layers distilled;
+            None: every one.
+        proposals (bool): Two-stage models: also distil the encoder
+            proposals. Defaults to False.
+        negative_traces (str): How negative traces are read. Defaults to
+            'ucb'.
+        use_cache (bool): Save and resume the samples. Defaults to True.
+        cache_dir (str, optional): Where; None: the caller's (the hook:
+            ``<out_dir>/cache``).
+        critical_classes (list[str], optional): Names of the dataset's
+            classes the KL term is restricted to; None: every class.
+    """
+
+    estimator: Optional[str] = None
+    tol: float = 0.05
+    min_samples: int = 10
+    max_samples: int = 100
+    lambda_kl: Optional[float] = None
+    temperature: Optional[float] = None
+    decoder_layers: Optional[Sequence[int]] = None
+    proposals: bool = False
+    negative_traces: str = 'ucb'
+    use_cache: bool = True
+    cache_dir: Optional[str] = None
+    critical_classes: Optional[Sequence[str]] = None
+
+    def resolved(self, metric: str, given: Sequence[str] = ()
+                 ) -> 'SensitivitySettings':
+        """These settings checked for ``metric``, the estimator chosen.
+
+        Args:
+            metric (str): The run's metric.
+            given (Sequence[str]): The names the user set. A
+                ``max_samples`` below the default ``min_samples`` caps it;
+                one below a ``min_samples`` the user gave is an error.
+                Defaults to ().
+        """
+        estimator = self.estimator or (
+            'hutchinson' if metric == 'losssen' else 'gauss_newton')
+        if estimator not in ESTIMATORS:
+            raise HawqUserError(
+                f'sensitivity estimator {estimator!r} is unknown: use one '
+                f'of {", ".join(ESTIMATORS)}')
+        if metric == 'losssen' and estimator == 'gauss_newton':
+            raise HawqUserError(
+                "metric 'losssen' has no Gauss-Newton form (Hungarian "
+                "matching, GIoU): use estimator='hutchinson'")
+        self.check(given)
+        return replace(self, estimator=estimator,
+                       critical_classes=check_critical_form(
+                           self.critical_classes, metric))
+
+    def bad(self, name: str, want: str) -> HawqUserError:
+        return HawqUserError(
+            f'sensitivity setting {name}={getattr(self, name)!r} is not '
+            f'valid: give {want}')
+
+    def check(self, given: Sequence[str]) -> None:
+        """Raise unless the values are usable (one line naming the
+        setting, its value and what to give instead)."""
+        for name in ('min_samples', 'max_samples'):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise self.bad(name, 'an integer of at least 1')
+        if 'min_samples' in given and self.min_samples > self.max_samples:
+            raise HawqUserError(
+                f'sensitivity settings min_samples={self.min_samples} and '
+                f'max_samples={self.max_samples} do not fit: give '
+                'min_samples <= max_samples')
+        if not _is_number(self.tol) or self.tol < 0:
+            raise self.bad('tol', 'a number >= 0 (the relative standard '
+                           'error at which sampling stops; 0: always '
+                           'max_samples)')
+        for name in ('lambda_kl', 'temperature'):
+            value = getattr(self, name)
+            if value is not None and (
+                    not _is_number(value) or value < 0 or
+                    (name == 'temperature' and value == 0)):
+                raise self.bad(name, 'a number > 0' if name == 'temperature'
+                               else 'a number >= 0')
+        if self.negative_traces not in NEGATIVE_POLICIES:
+            raise self.bad('negative_traces',
+                           f'one of {", ".join(NEGATIVE_POLICIES)}')
+        for name in ('use_cache', 'proposals'):
+            if not isinstance(getattr(self, name), bool):
+                raise self.bad(name, 'True or False')
+        layers = self.decoder_layers
+        if layers is not None and (
+                isinstance(layers, (str, bytes)) or
+                not isinstance(layers, (list, tuple)) or
+                not layers or not all(_is_int(i) for i in layers)):
+            raise self.bad('decoder_layers', 'None (every decoder layer) or '
+                           'a list of decoder layer indices')
+        if self.cache_dir is not None and not isinstance(self.cache_dir,
+                                                         str):
+            raise self.bad('cache_dir', 'None or a folder path')
+
+
+@dataclass
+class GptqSettings:
+    """GPTQ rounding (``rounding='gptq'``).
+
+    Args:
+        damp (float): λ = damp · mean(diag H) added to the diagonal.
+            Defaults to 0.01.
+        act_order (bool): Columns by descending diag(H). Defaults to False.
+        block_size (int): Columns per lazy-update block (same codes).
+            Defaults to 128.
+        sequential (bool): Each weight's H from the partly quantized model
+            (one pass per stage; as good and 4-23x slower on the small
+            models, see docs/results.md). Defaults to False.
+        stage_size (int): Weights per pass over the calibration set.
+            Defaults to 1.
+        error_terms (str): The ILP's error terms: ``'nearest'``
+            (||Q_b(W) - W||²) or ``'gptq'`` (times GPTQ's output-error
+            ratio). Defaults to 'nearest'.
+    """
+
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    sequential: bool = False
+    stage_size: int = 1
+    error_terms: str = 'nearest'
+
+    def __post_init__(self) -> None:
+        if self.error_terms not in ERROR_TERMS:
+            raise HawqUserError(
+                f'gptq error_terms {self.error_terms!r} is unknown: use one '
+                f'of {", ".join(ERROR_TERMS)}')
+        for key in ('block_size', 'stage_size'):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise HawqUserError(
+                    f'gptq {key} {getattr(self, key)!r} is not a positive '
+                    'int')
+        if isinstance(self.damp, bool) or not isinstance(
+                self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise HawqUserError(
+                f'gptq damp {self.damp!r} is not a number in [0, 1): GPTQ '
+                'uses 0.01')
+
+
+@dataclass
+class ActivationSettings:
+    """8-bit activations: the inputs of the quantized layers, with ranges
+    from the calibration images (:mod:`~mmdet_hawq.quant.activations`).
+
+    Args:
+        bits (int): Unsigned code bits per tensor (ONNX Runtime's QDQ
+            activations). Defaults to 8.
+        method (str): Range: ``'minmax'``, ``'percentile'`` or ``'mse'``.
+            Defaults to 'mse'.
+        sensitivity (bool): Per-site Gauss-Newton trace x error
+            (``activation_sites.json``). Defaults to False.
+        int8_macs (float, optional): Share of the quantized layers' MACs
+            with int8 inputs: the least damaging sites are chosen (needs
+            ``sensitivity``); None: every site not in ``float_sites``.
+        float_sites (list[str]): Site name patterns (fnmatch) kept float.
+            Defaults to ().
+    """
+
+    bits: int = 8
+    method: str = 'mse'
+    sensitivity: bool = False
+    int8_macs: Optional[float] = None
+    float_sites: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, 'activations bits')
+        if self.method not in RANGE_METHODS:
+            raise HawqUserError(
+                f'activations method {self.method!r} is unknown: use one of '
+                f'{", ".join(RANGE_METHODS)}')
+        share = self.int8_macs
+        if share is not None and (
+                isinstance(share, bool) or not isinstance(share, (int, float))
+                or not 0.0 <= share <= 1.0):
+            raise HawqUserError(
+                f'activations int8_macs={share!r} is not a share of the '
+                'MACs: give a number from 0 to 1, or leave it out to '
+                'quantize every site not in float_sites')
+        if share is not None and share < 1.0 and not self.sensitivity:
+            raise HawqUserError(
+                f'activations int8_macs={share} chooses sites by their '
+                'measured damage: pass sensitivity=True too')
+        if isinstance(self.float_sites, str) or not all(
+                isinstance(p, str) for p in self.float_sites):
+            raise HawqUserError(
+                f'activations float_sites {self.float_sites!r} is not a list '
+                "of site name patterns: give e.g. ['*sampling_offsets*']")
+        self.float_sites = list(self.float_sites)
+        self.sensitivity = bool(self.sensitivity)
+        self.int8_macs = None if share is None else float(share)
 
 
 @dataclass
@@ -89,9 +331,11 @@ class QuantSettings:
             sensitivity metrics.
         bit_range (Sequence[int]): Fewest and most bits of a layer.
             Defaults to (3, 6), the paper's range for 4 and 5 bits.
-        sensitivity (dict, optional): Sensitivity settings, see
-            :data:`SENSITIVITY_DEFAULTS`; resolved in place (defaults
-            merged, the estimator chosen).
+        sensitivity (SensitivitySettings or dict, optional): How the traces
+            are estimated; a dict of its fields is taken too (a config's
+            form). Resolved when built (the estimator chosen).
+        calibration (CalibrationSettings or dict, optional): Which
+            calibration images the run reads, and the seed.
         include (Sequence[str], optional): Only weights matching these glob
             patterns are quantized. Defaults to None (all candidates).
         exclude (Sequence[str]): Glob patterns of weights kept in float on
@@ -102,12 +346,11 @@ class QuantSettings:
         per_channel (bool): Per-output-channel scales instead of the
             paper's per-tensor ones. Defaults to False.
         rounding (str): ``'nearest'`` (the paper's) or ``'gptq'``.
-        gptq (dict, optional): GPTQ settings, see :data:`GPTQ_DEFAULTS`;
-            only with ``rounding='gptq'``; resolved in place.
-        activations (dict, optional): Quantize the inputs of the quantized
-            layers too (:mod:`~mmdet_hawq.quant.activations`), with ranges
-            from the calibration images; see :data:`ACTIVATION_DEFAULTS`;
-            resolved in place. Defaults to None: activations stay float.
+        gptq (GptqSettings or dict, optional): GPTQ's settings; only with
+            ``rounding='gptq'``.
+        activations (ActivationSettings or dict, optional): Quantize the
+            inputs of the quantized layers too, with ranges from the
+            calibration images. Defaults to None: activations stay float.
     """
 
     metric: str = 'outquant'
@@ -115,14 +358,15 @@ class QuantSettings:
     plan_file: Optional[str] = None
     target_bits: Optional[float] = None
     bit_range: Tuple[int, int] = (3, 6)
-    sensitivity: Optional[Dict[str, Any]] = None
+    sensitivity: Optional[SensitivitySettings] = None
+    calibration: Optional[CalibrationSettings] = None
     include: Optional[Sequence[str]] = None
     exclude: Sequence[str] = DEFAULT_EXCLUDE
     min_bits: Optional[Dict[str, int]] = None
     per_channel: bool = False
     rounding: str = 'nearest'
-    gptq: Optional[Dict[str, Any]] = None
-    activations: Optional[Dict[str, Any]] = None
+    gptq: Optional[GptqSettings] = None
+    activations: Optional[ActivationSettings] = None
     #: The plan read from ``plan_file`` (``metric='plan'``).
     plan: Optional[PrecisionPlan] = field(default=None, init=False,
                                           repr=False)
@@ -140,7 +384,17 @@ class QuantSettings:
             check_bits(self.bits, 'bits')
         if self.metric == 'plan' and not self.plan_file:
             raise HawqUserError("metric='plan' needs plan_file=PATH")
-        self.gptq = resolve_gptq(self.rounding, self.gptq)
+        if self.rounding not in ROUNDINGS:
+            raise HawqUserError(
+                f'rounding {self.rounding!r} is unknown: use one of '
+                f'{", ".join(ROUNDINGS)}')
+        if self.gptq and self.rounding != 'gptq' and \
+                self.gptq != GptqSettings():
+            raise HawqUserError(
+                f"gptq settings are given but rounding is {self.rounding!r}: "
+                "pass rounding='gptq' or drop gptq")
+        self.gptq = typed(GptqSettings, self.gptq, 'gptq',
+                          'dict(act_order=True)')
         if self.metric == 'plan':
             self.plan = load_plan(self.plan_file, self.axis, self.rounding)
         if self.metric in SENSITIVITY_METRICS:
@@ -156,8 +410,17 @@ class QuantSettings:
                     f'bit_range {self.bit_range} is empty: give (low, high) '
                     'with low <= high')
             check_budget(self.target_bits, low, high)
-        self.sensitivity = resolve_sensitivity(self.metric, self.sensitivity)
-        self.activations = resolve_activations(self.activations)
+        given = list(self.sensitivity) if isinstance(
+            self.sensitivity, Mapping) else []
+        self.sensitivity = typed(
+            SensitivitySettings, self.sensitivity, 'sensitivity',
+            'dict(max_samples=20)').resolved(self.metric, given)
+        self.calibration = typed(CalibrationSettings, self.calibration,
+                                 'calibration', 'dict(num_images=100)')
+        if self.activations is not None:
+            self.activations = typed(
+                ActivationSettings, self.activations, 'activations',
+                "dict(bits=8, method='mse'), or None to keep them float")
         check_min_bits(self.min_bits, self.metric, self.bit_range)
         self.exclude = tuple(self.exclude)
 
@@ -202,20 +465,25 @@ class QuantSettings:
         return self.uses_traces or self.rounding == 'gptq' or \
             self.activations is not None
 
-    @property
-    def calibration(self) -> Dict[str, Any]:
-        """The settings that choose the calibration images
-        (:data:`CALIBRATION_KEYS`)."""
-        return {k: self.sensitivity[k] for k in CALIBRATION_KEYS}
-
     def distillation(self, activation: str) -> Tuple[float, float]:
         """(λ_KL, T) of the distillation loss: the user's, else the
         defaults of the class head's ``activation``."""
         lambda_kl, temperature = DISTILLATION_DEFAULTS[activation]
         s = self.sensitivity
-        return (lambda_kl if s['lambda_kl'] is None else s['lambda_kl'],
-                temperature if s['temperature'] is None else
-                s['temperature'])
+        return (lambda_kl if s.lambda_kl is None else s.lambda_kl,
+                temperature if s.temperature is None else s.temperature)
+
+    def trace_cache(self, default: Optional[str]) -> Optional[str]:
+        """Where the trace samples are saved: the ``cache_dir`` setting,
+        else the caller's ``default``; None with ``use_cache=False``."""
+        if not self.sensitivity.use_cache:
+            return None
+        return self.sensitivity.cache_dir or default
+
+    def trace_settings(self) -> Dict[str, Any]:
+        """The sensitivity and calibration settings as one dict (what the
+        trace cache key is made of, :func:`~.traces.cache_key`)."""
+        return dict(asdict(self.sensitivity), **asdict(self.calibration))
 
 
 def setting_names() -> List[str]:
@@ -272,180 +540,3 @@ def check_min_bits(min_bits: Any, metric: str,
                 f'min_bits entry {pattern!r}: {bits!r} is not a bit-width in '
                 f'bit_range {bit_range}: give a weight pattern and an int '
                 f'from {low} to {high}')
-
-
-def resolve_activations(settings: Any) -> Optional[dict]:
-    """The ``activations`` settings merged with
-    :data:`ACTIVATION_DEFAULTS`, checked (None stays None)."""
-    if settings is None:
-        return None
-    if not isinstance(settings, dict):
-        raise HawqUserError(
-            f'activations {settings!r} is not a dict: give e.g. '
-            "dict(bits=8, method='mse'), or None to keep them float")
-    unknown = set(settings) - set(ACTIVATION_DEFAULTS)
-    if unknown:
-        raise HawqUserError(
-            f'unknown activations setting(s) {sorted(unknown)}: the known '
-            f'ones are {sorted(ACTIVATION_DEFAULTS)}')
-    s = dict(ACTIVATION_DEFAULTS, **settings)
-    check_bits(s['bits'], 'activations bits')
-    if s['method'] not in RANGE_METHODS:
-        raise HawqUserError(
-            f"activations method {s['method']!r} is unknown: use one of "
-            f'{", ".join(RANGE_METHODS)}')
-    share = s['int8_macs']
-    if share is not None and (
-            isinstance(share, bool) or not isinstance(share, (int, float))
-            or not 0.0 <= share <= 1.0):
-        raise HawqUserError(
-            f'activations int8_macs={share!r} is not a share of the MACs: '
-            'give a number from 0 to 1, or leave it out to quantize every '
-            'site not in float_sites')
-    if share is not None and share < 1.0 and not s['sensitivity']:
-        raise HawqUserError(
-            f'activations int8_macs={share} chooses sites by their '
-            'measured damage: pass sensitivity=True too')
-    if isinstance(s['float_sites'], str) or not all(
-            isinstance(p, str) for p in s['float_sites']):
-        raise HawqUserError(
-            f"activations float_sites {s['float_sites']!r} is not a list of "
-            "site name patterns: give e.g. ['*sampling_offsets*']")
-    s['float_sites'] = list(s['float_sites'])
-    s['sensitivity'] = bool(s['sensitivity'])
-    s['int8_macs'] = None if share is None else float(share)
-    return s
-
-
-def resolve_gptq(rounding: str, settings: Optional[dict]) -> dict:
-    """The ``gptq`` settings merged with :data:`GPTQ_DEFAULTS`, checked.
-
-    Raises:
-        HawqUserError: An unknown rounding, setting or value.
-    """
-    if rounding not in ROUNDINGS:
-        raise HawqUserError(
-            f'rounding {rounding!r} is unknown: use one of '
-            f'{", ".join(ROUNDINGS)}')
-    if settings and rounding != 'gptq':
-        raise HawqUserError(
-            f"gptq settings are given but rounding is {rounding!r}: pass "
-            "rounding='gptq' or drop gptq")
-    s = dict(GPTQ_DEFAULTS)
-    unknown = set(settings or {}) - set(s)
-    if unknown:
-        raise HawqUserError(
-            f'unknown gptq setting(s) {sorted(unknown)}: the known ones are '
-            f'{sorted(s)}')
-    s.update(settings or {})
-    if s['error_terms'] not in ERROR_TERMS:
-        raise HawqUserError(
-            f"gptq error_terms {s['error_terms']!r} is unknown: use one of "
-            f'{", ".join(ERROR_TERMS)}')
-    for key in ('block_size', 'stage_size'):
-        if isinstance(s[key], bool) or not isinstance(s[key], int) or \
-                s[key] < 1:
-            raise HawqUserError(
-                f'gptq {key} {s[key]!r} is not a positive int')
-    if isinstance(s['damp'], bool) or not isinstance(
-            s['damp'], (int, float)) or not 0 <= s['damp'] < 1:
-        raise HawqUserError(
-            f"gptq damp {s['damp']!r} is not a number in [0, 1): GPTQ uses "
-            '0.01')
-    return s
-
-
-def resolve_sensitivity(metric: str, settings: Optional[dict]) -> dict:
-    """Defaults merged with the user's sensitivity settings, checked (the
-    estimator chosen for the metric)."""
-    s = dict(SENSITIVITY_DEFAULTS)
-    if settings is not None and not isinstance(settings, dict):
-        raise HawqUserError(
-            f'sensitivity {settings!r} is not a dict: give the settings as '
-            'a dict, e.g. dict(num_images=100)')
-    unknown = set(settings or {}) - set(s)
-    if unknown:
-        raise HawqUserError(
-            f'unknown sensitivity setting(s) {sorted(unknown)}: the known '
-            f'ones are {sorted(s)}')
-    s.update(settings or {})
-    if s['estimator'] is None:
-        s['estimator'] = 'hutchinson' if metric == 'losssen' else \
-            'gauss_newton'
-    if s['estimator'] not in ESTIMATORS:
-        raise HawqUserError(
-            f"sensitivity estimator {s['estimator']!r} is unknown: use one "
-            f'of {", ".join(ESTIMATORS)}')
-    if metric == 'losssen' and s['estimator'] == 'gauss_newton':
-        raise HawqUserError(
-            "metric 'losssen' has no Gauss-Newton form (Hungarian matching, "
-            "GIoU): use estimator='hutchinson'")
-    check_setting_values(s, list(settings or {}))
-    s['critical_classes'] = check_critical_form(s['critical_classes'],
-                                                metric)
-    return s
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
-def check_setting_values(s: dict, given: Sequence[str] = ()) -> None:
-    """Raise unless the sensitivity settings' values are usable.
-
-    Args:
-        s (dict): The settings, defaults merged in.
-        given (Sequence[str]): The names the user set. A ``max_samples``
-            below the default ``min_samples`` caps it; one below a
-            ``min_samples`` the user gave is an error. Defaults to ().
-
-    Raises:
-        HawqUserError: One line naming the setting, its value and what to
-            give instead.
-    """
-    def bad(name: str, want: str) -> HawqUserError:
-        return HawqUserError(
-            f'sensitivity setting {name}={s[name]!r} is not valid: give '
-            f'{want}')
-
-    for name in ('num_images', 'batch_size', 'min_samples', 'max_samples'):
-        if not _is_int(s[name]) or s[name] < 1:
-            raise bad(name, 'an integer of at least 1')
-    if 'min_samples' in given and s['min_samples'] > s['max_samples']:
-        raise HawqUserError(
-            f"sensitivity settings min_samples={s['min_samples']} and "
-            f"max_samples={s['max_samples']} do not fit: give min_samples "
-            '<= max_samples')
-    if not _is_int(s['seed']):
-        raise bad('seed', 'an integer')
-    if not _is_number(s['tol']) or s['tol'] < 0:
-        raise bad('tol', 'a number >= 0 (the relative standard error at '
-                  'which sampling stops; 0: always max_samples)')
-    for name in ('lambda_kl', 'temperature'):
-        if s[name] is not None and (
-                not _is_number(s[name]) or s[name] < 0 or
-                (name == 'temperature' and s[name] == 0)):
-            raise bad(name, 'a number > 0' if name == 'temperature' else
-                      'a number >= 0')
-    if s['negative_traces'] not in NEGATIVE_POLICIES:
-        raise bad('negative_traces', f'one of {", ".join(NEGATIVE_POLICIES)}')
-    for name in ('use_cache', 'proposals'):
-        if not isinstance(s[name], bool):
-            raise bad(name, 'True or False')
-    layers = s['decoder_layers']
-    if layers is not None and (
-            isinstance(layers, (str, bytes)) or
-            not isinstance(layers, (list, tuple)) or
-            not layers or not all(_is_int(i) for i in layers)):
-        raise bad('decoder_layers', 'None (every decoder layer) or a list '
-                  'of decoder layer indices')
-    if s['cache_dir'] is not None and not isinstance(s['cache_dir'], str):
-        raise bad('cache_dir', 'None or a folder path')
-    if s['dataset'] is not None and not isinstance(s['dataset'], dict):
-        raise bad('dataset', 'None (the train split) or a dataset config '
-                  'dict')

@@ -143,14 +143,14 @@ def compute_traces(model: nn.Module, weights: Dict[str, nn.Parameter],
         calibration (Calibration): Batches, image ids and class names.
         source (Mapping): ``model`` and ``checkpoint`` identities for the
             cache key (:func:`model_source`).
-        cache_dir (str, optional): Where samples are saved; None (or
-            ``use_cache=False``): not saved.
+        cache_dir (str, optional): Where samples are saved
+            (:meth:`~.settings.QuantSettings.trace_cache`); None: not saved.
         logger (logging.Logger): Progress lines.
 
     Returns:
         TraceResult: Samples of every weight's trace.
     """
-    metric, s = settings.metric, dict(settings.sensitivity)
+    metric, s = settings.metric, settings.trace_settings()
     lambda_kl, temperature = settings.distillation(class_activation(model))
     s.update(lambda_kl=lambda_kl, temperature=temperature)
     critical = None
@@ -163,8 +163,8 @@ def compute_traces(model: nn.Module, weights: Dict[str, nn.Parameter],
     key = cache_key(metric, s, calibration.img_ids, source, axis,
                     next(iter(weights.values())).device,
                     shares_queries(model))
-    path = cache_path(cache_dir, metric, estimator, key) \
-        if s['use_cache'] and cache_dir else None
+    path = cache_path(cache_dir, metric, estimator, key) if cache_dir \
+        else None
     previous = run_on_main(load_cached, path, key) if path else None
     if previous is not None:
         logger.info(f'sensitivity: {previous.num_samples} cached samples '

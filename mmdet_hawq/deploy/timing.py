@@ -115,16 +115,29 @@ def measure_memory(path: str, runtime: str = 'onnxruntime',
     Raises:
         RuntimeError: The process failed (its last lines).
     """
-    cmd = [sys.executable, '-m', 'mmdet_hawq.deploy.timing', path,
-           '--runtime', runtime, '--threads', str(threads),
-           '--options', json.dumps(dict(options or {}))]
+    return run_worker(
+        [sys.executable, '-m', 'mmdet_hawq.deploy.timing', path,
+         '--runtime', runtime, '--threads', str(threads),
+         '--options', json.dumps(dict(options or {}))],
+        threads, f'memory of {path} on {runtime}')
+
+
+def run_worker(cmd: Sequence[str], threads: int, what: str
+               ) -> Dict[str, Any]:
+    """Run ``cmd`` in a fresh process at ``threads`` OpenMP threads; the
+    last JSON line it printed.
+
+    Raises:
+        RuntimeError: The process failed or printed no JSON line (``what``
+            and its last lines).
+    """
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f'memory of {path} on {runtime} failed (exit '
-                           f'{proc.returncode}): {" | ".join(tail)}')
+        raise RuntimeError(f'{what} failed (exit {proc.returncode}): '
+                           f'{" | ".join(tail)}')
     return json.loads(lines[-1])
 
 

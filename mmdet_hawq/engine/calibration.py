@@ -10,16 +10,14 @@ not a DataLoader traceback after minutes of work.
 """
 import copy
 import os.path as osp
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
-from mmengine.dataset import pseudo_collate
-from torch.utils.data import DataLoader, Subset
 
 from mmdet.registry import DATASETS
-from ..api import Calibration
+from ..api import Calibration, CalibrationSettings
 from ..errors import HawqUserError
-from ..sensitivity import preprocess_batches, select_calibration_indices
+from ..sensitivity import calibration_loader
 from .checkpoint import is_local_path
 
 #: The first fix of a missing data file, in the data checks' messages.
@@ -43,16 +41,18 @@ def _dataset_files(ds_cfg: dict) -> Tuple[Optional[str], Optional[str]]:
             local((ds_cfg.get('data_prefix') or {}).get('img')))
 
 
-def check_data_files(cfg, calibration: Optional[dict] = None) -> None:
+def check_data_files(cfg, calibration: Optional[CalibrationSettings] = None
+                     ) -> None:
     """The annotation file and image folder of the test split, and of the
     calibration set when the hook reads one, and the test evaluator's
     annotation file exist; no annotation is read.
 
     Args:
         cfg (mmengine.Config): The run's config.
-        calibration (dict, optional): The hook's ``sensitivity`` settings
-            when it reads calibration images (the sensitivity metrics,
-            GPTQ rounding). Defaults to None: the test split only.
+        calibration (CalibrationSettings, optional): The run's calibration
+            settings when it reads calibration images (the sensitivity
+            metrics, GPTQ rounding, activations). Defaults to None: the
+            test split only.
 
     Raises:
         HawqUserError: One line naming the missing file or folder, the
@@ -62,8 +62,8 @@ def check_data_files(cfg, calibration: Optional[dict] = None) -> None:
                  cfg.test_dataloader.dataset)]
     if calibration is not None:
         datasets.append(
-            ('calibration set', 'sensitivity.dataset', calibration['dataset'])
-            if calibration.get('dataset') else
+            ('calibration set', 'calibration.dataset', calibration.dataset)
+            if calibration.dataset else
             ('calibration set', 'train_dataloader.dataset',
              calibration_dataset_cfg(cfg)))
     evaluators = cfg.get('test_evaluator') or {}
@@ -124,20 +124,21 @@ def calibration_dataset_cfg(cfg) -> dict:
     return ds
 
 
-def calibration_classes(cfg, settings: Optional[dict]) -> Optional[list]:
+def calibration_classes(cfg, settings: Optional[CalibrationSettings]
+                        ) -> Optional[list]:
     """The class names the calibration dataset's config declares (no data
     is loaded), or None when it does not say."""
-    ds_cfg = (settings or {}).get('dataset') or calibration_dataset_cfg(cfg)
+    ds_cfg = (settings and settings.dataset) or calibration_dataset_cfg(cfg)
     return declared_classes(ds_cfg)
 
 
-def build_calibration(cfg, settings: dict):
+def build_calibration(cfg, settings: CalibrationSettings):
     """Dataset subset with the class distribution of the split, and loader.
 
     Returns:
         tuple: (DataLoader, list of image ids chosen).
     """
-    ds_cfg = copy.deepcopy(settings['dataset'] or
+    ds_cfg = copy.deepcopy(settings.dataset or
                            calibration_dataset_cfg(cfg))
     # initialised here: mmengine's serialisation of an empty data list
     # fails with numpy's "need at least one array to concatenate"
@@ -154,26 +155,15 @@ def build_calibration(cfg, settings: dict):
     if empty:
         raise HawqUserError(
             'the calibration dataset is empty: point the train split (or '
-            'sensitivity.dataset) at annotated images')
-    num_classes = len(dataset.metainfo['classes'])
-    cat_ids = [[inst['bbox_label'] for inst in dataset.get_data_info(i)
-                ['instances']] for i in range(len(dataset))]
-    indices = select_calibration_indices(cat_ids, settings['num_images'],
-                                         num_classes, settings['seed'])
+            'calibration.dataset) at annotated images')
+    loader, indices = calibration_loader(dataset, settings.num_images,
+                                         settings.batch_size, settings.seed)
     check_images(dataset, indices, 'calibration set')
-    img_ids = [dataset.get_data_info(i)['img_id'] for i in indices]
-    # not BaseDataset.get_subset: mmengine 0.10's copy behind it keeps one
-    # deepcopy memo for the whole process (a mutable default argument), so
-    # a later copy can get back an object of an earlier one whose id was
-    # reused ("'ShapesDataset' object is not callable" inside the pipeline)
-    subset = Subset(dataset, indices)
-    loader = DataLoader(subset, batch_size=settings['batch_size'],
-                        shuffle=False, collate_fn=pseudo_collate)
-    return loader, img_ids
+    return loader, [dataset.get_data_info(i)['img_id'] for i in indices]
 
 
 def calibration_set(cfg: Any, model: nn.Module,
-                    settings: Mapping[str, Any]) -> Calibration:
+                    settings: CalibrationSettings) -> Calibration:
     """The calibration set of the run, preprocessed by ``model`` (on its
     device).
 
@@ -181,12 +171,11 @@ def calibration_set(cfg: Any, model: nn.Module,
         cfg (mmengine.Config): The run's config (its train split and test
             pipeline are the default calibration dataset).
         model (nn.Module): The detector (its data preprocessor).
-        settings (Mapping): ``num_images``, ``batch_size``, ``seed`` and
-            ``dataset`` (:attr:`~mmdet_hawq.api.QuantSettings.calibration`).
+        settings (CalibrationSettings): Which images
+            (:attr:`~mmdet_hawq.api.QuantSettings.calibration`).
     """
     loader, img_ids = build_calibration(cfg, settings)
-    return Calibration(preprocess_batches(model, loader), img_ids,
-                       list(loader.dataset.dataset.metainfo['classes']))
+    return Calibration.from_loader(model, loader, img_ids)
 
 
 def declared_classes(dataset_cfg) -> Optional[List[str]]:
@@ -217,10 +206,9 @@ def calibration_images(cfg: Any, num_images: int, seed: int,
     import numpy as np
     from mmdet.utils import register_all_modules
 
-    from ..api.settings import SENSITIVITY_DEFAULTS
     register_all_modules()
-    settings = dict(SENSITIVITY_DEFAULTS, num_images=num_images, seed=seed,
-                    batch_size=1)
+    settings = CalibrationSettings(num_images=num_images, seed=seed,
+                                   batch_size=1)
     check_data_files(cfg, settings)
     loader, _ = build_calibration(cfg, settings)
     images = []

@@ -1,14 +1,23 @@
-"""What the command-line tools check before any run: the config file (one
-line naming a syntax error's file and line, also in a ``_base_`` file, or
-the family folder a config of the old flat ``configs/`` layout moved to) and
-the work dir (writable)."""
+"""The steps every command-line script shares, each with its one-line
+errors: read the config with ``--cfg-options`` (a syntax error's file and
+line named, also in a ``_base_`` file, or the family folder a config of the
+old flat ``configs/`` layout moved to), check the checkpoint and the work
+dir, build the detector (:func:`~.detector.build_detector`) and write the
+results JSON. The scripts of tools/, benchmarks/ and experiments/ call
+these and nothing of each other."""
 import ast
 import glob
+import json
 import os
 import os.path as osp
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import HawqUserError
+from .checkpoint import is_local_path
+from .detector import build_detector
+
+__all__ = ['check_checkpoint', 'check_positive', 'check_work_dir',
+           'load_detector', 'read_config', 'write_json']
 
 
 def check_work_dir(path: str) -> str:
@@ -125,11 +134,14 @@ def moved_config(path: str, configs_dir: str = CONFIGS_DIR) -> Optional[str]:
     return hits[0] if rel.startswith('..') else rel
 
 
-def read_config(path: str):
-    """``mmengine.Config.fromfile`` with user errors as one line.
+def read_config(path: str, cfg_options: Optional[Mapping] = None):
+    """``mmengine.Config.fromfile`` with user errors as one line, and the
+    command line's ``--cfg-options`` merged in.
 
     Args:
         path (str): The config file.
+        cfg_options (Mapping, optional): ``key.path -> value`` overrides
+            (mmengine's ``DictAction``). Defaults to None.
 
     Returns:
         mmengine.config.Config: The config.
@@ -150,7 +162,7 @@ def read_config(path: str):
             f'config file {path!r} does not exist: pass a config path '
             'such as configs/detr/detr_tiny_shapes_uniform_8bit.py')
     try:
-        return Config.fromfile(path)
+        cfg = Config.fromfile(path)
     except SyntaxError as err:
         where = config_syntax_error(path)
         if where is None:
@@ -158,6 +170,77 @@ def read_config(path: str):
         raise HawqUserError(
             f'config file {where[0]!r} has a syntax error at line '
             f'{where[1]} ({where[2]}): fix the config') from None
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def check_checkpoint(path: str, option: Optional[str] = None,
+                     urls: bool = True) -> str:
+    """Stop with one line when a checkpoint file is missing.
+
+    Args:
+        path (str): A checkpoint path (or URL: checked by its loader when
+            loaded).
+        option (str, optional): The option that takes it (e.g.
+            ``'--checkpoint'``), named in the fix. Defaults to None.
+        urls (bool): Whether a URL is taken. Defaults to True.
+
+    Returns:
+        str: ``path``.
+
+    Raises:
+        HawqUserError: A local file that does not exist, or a URL where
+            only files are read.
+    """
+    if not is_local_path(path) and urls:
+        return path
+    if not is_local_path(path) or not osp.isfile(osp.expanduser(path)):
+        fix = 'an existing .pth file' + (' or a URL' if urls else '')
+        raise HawqUserError(
+            f'checkpoint file {path!r} does not exist: pass {fix}'
+            + (f' with {option}' if option else ''))
+    return path
+
+
+def load_detector(cfg: Any, checkpoint: str,
+                  option: Optional[str] = None) -> Any:
+    """The config's detector with ``checkpoint`` loaded strictly, in eval
+    mode (:func:`~.detector.build_detector`), after mmdet's modules are
+    registered and the file checked (:func:`check_checkpoint`).
+
+    Args:
+        cfg (mmengine.Config): The config.
+        checkpoint (str): A checkpoint file or URL.
+        option (str, optional): The option that took it, for the message.
+
+    Returns:
+        nn.Module: The detector.
+    """
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    return build_detector(cfg, check_checkpoint(checkpoint, option))
+
+
+def write_json(path: str, record: Any) -> str:
+    """Write a script's results as indented JSON (numpy and torch scalars
+    as floats), creating the folder; atomically (a file that is there is
+    whole, for the scripts that resume from theirs).
+
+    Args:
+        path (str): The JSON file.
+        record: Its content.
+
+    Returns:
+        str: ``path``.
+    """
+    folder = osp.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(record, f, indent=1, default=float)
+    os.replace(path + '.tmp', path)
+    return path
 
 
 def check_positive(args: Any, names: Sequence[str]) -> None:

@@ -47,11 +47,10 @@ def quantize_in_runner(runner, settings: QuantSettings, out_dir: str,
         warnings logged meanwhile) in its summary.
     """
     model, cfg, s = unwrap(runner.model), runner.cfg, settings
-    cache_dir = s.sensitivity['cache_dir'] or osp.join(out_dir, 'cache')
+    cache_dir = s.trace_cache(osp.join(out_dir, 'cache'))
     if s.uses_traces:
         set_interrupt_note(
-            (lambda: saved_samples_note(cache_dir))
-            if s.sensitivity['use_cache'] else
+            (lambda: saved_samples_note(cache_dir)) if cache_dir else
             (lambda: 'the sensitivity cache is off (use_cache=False), '
              'nothing was saved; rerun the same command to start again'))
     with logged_warnings(runner.logger) as warned:
@@ -105,11 +104,11 @@ def check_run(settings: QuantSettings, model: nn.Module, cfg: Any,
     """
     source = source or cfg.get('load_from')
     weights = check_model(model, settings, calibration_classes(
-        cfg, settings.sensitivity) if settings.uses_traces else None)
+        cfg, settings.calibration) if settings.uses_traces else None)
     check_finite({n: p.data for n, p in weights.items()},
                  'the weights to quantize' +
                  (f' (from {source!r})' if source else ''))
-    check_data_files(cfg, settings.sensitivity
+    check_data_files(cfg, settings.calibration
                      if settings.reads_calibration else None)
 
 

@@ -1,3 +1,6 @@
+"""What differs between DETR-family detectors, behind one adapter per
+family (heads, outputs, queries, floors), and the kernels the estimators
+need (twice-differentiable deformable attention, compiled-op checks)."""
 from .adapters import ADAPTERS, DetrAdapter, adapter_of
 from .adapters.deformable_detr import DEFORMABLE_ATTENTION_FLOORS
 from .adapters.official_detr import (COCO_CATEGORY_IDS, convert_official_detr,

@@ -1,3 +1,6 @@
+"""Quantization primitives: the symmetric per-tensor quantizer (Eq. 6),
+weight selection, precision plans applied by one function (nearest or
+GPTQ), packed low-bit checkpoints, and activation quantizers."""
 from .gptq import GptqResult, gptq_apply, gptq_error_ratios, gptq_quantize
 from .gptq_inputs import hessian_bytes
 from .packing import (is_packed, pack_codes, pack_state_dict,
@@ -8,7 +11,7 @@ from .plan import (ROUNDINGS, PlanEntry, PrecisionPlan, apply_plan,
                    uniform_plan, validate_plan)
 from .quantizer import (QuantizedWeight, check_bits, choose_scale, dequantize,
                         error_terms, fake_quantize, quantization_error,
-                        quantize, quantize_weight)
+                        quantize_codes, quantize_weight)
 from .selection import (DEFAULT_EXCLUDE, WeightInfo, bit_floors,
                         list_weights,
                         quantizable_weights, weight_group)
@@ -22,7 +25,7 @@ __all__ = [
     'quantize_weights_', 'save_plan', 'temporarily_quantized',
     'uniform_plan', 'validate_plan', 'QuantizedWeight', 'check_bits',
     'choose_scale', 'dequantize', 'error_terms', 'fake_quantize',
-    'quantization_error', 'quantize', 'quantize_weight', 'DEFAULT_EXCLUDE',
-    'WeightInfo', 'bit_floors', 'list_weights', 'quantizable_weights',
-    'weight_group'
+    'quantization_error', 'quantize_codes', 'quantize_weight',
+    'DEFAULT_EXCLUDE', 'WeightInfo', 'bit_floors', 'list_weights',
+    'quantizable_weights', 'weight_group'
 ]

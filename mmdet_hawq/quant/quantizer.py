@@ -103,8 +103,8 @@ def choose_scale(weight: torch.Tensor, bits: int,
     return torch.where(max_abs > 0, scale, torch.ones_like(scale))
 
 
-def quantize(weight: torch.Tensor, scale: torch.Tensor,
-             bits: int) -> torch.Tensor:
+def quantize_codes(weight: torch.Tensor, scale: torch.Tensor,
+                   bits: int) -> torch.Tensor:
     """Integer codes ``round(W / scale)``, clamped to ``±(2^(n-1) - 1)``.
 
     Args:
@@ -176,7 +176,7 @@ def quantize_weight(weight: torch.Tensor, bits: int,
     if w.dtype != torch.float64:
         w = w.float()  # fp16/bf16 weights are quantized in fp32
     scale = choose_scale(w, bits, axis)
-    return QuantizedWeight(quantize(w, scale, bits), scale, bits, axis)
+    return QuantizedWeight(quantize_codes(w, scale, bits), scale, bits, axis)
 
 
 def fake_quantize(weight: torch.Tensor, bits: int,

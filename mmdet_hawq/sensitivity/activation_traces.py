@@ -18,7 +18,7 @@ import torch
 
 from ..errors import HawqUserError
 from .sharding import Shard, batch_generator
-from .traces import TraceResult, sample_traces, start_result
+from .sampling import TraceResult, sample_traces, start_result
 
 Capture = Callable[[], ContextManager[List[tuple]]]
 

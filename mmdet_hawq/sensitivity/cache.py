@@ -13,7 +13,7 @@ import os
 import os.path as osp
 from typing import Any, Dict, List, Optional, Sequence
 
-from .traces import TraceResult
+from .sampling import TraceResult
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import HawqUserError
 from .sharding import Shard, batch_generator
-from .traces import TraceResult, note_unused, sample_traces, start_result
+from .sampling import TraceResult, note_unused, sample_traces, start_result
 
 SampleFn = Callable[[Any, torch.Generator], torch.Tensor]
 

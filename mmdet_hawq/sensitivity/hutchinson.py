@@ -32,7 +32,7 @@ import torch
 from ..errors import HawqUserError
 from .double_backward import double_backward_kernels
 from .sharding import Shard
-from .traces import TraceResult, sample_traces, start_result
+from .sampling import TraceResult, sample_traces, start_result
 
 LossFn = Callable[[Any], torch.Tensor]
 

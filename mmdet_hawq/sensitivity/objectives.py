@@ -55,14 +55,14 @@ NONFINITE_FIX = (
     'check that the checkpoint fits the config and does not come from a '
     'diverged training run (finite weights can still overflow), and that '
     "these images are intact, or calibrate on other images (the hook's "
-    'sensitivity.dataset)')
+    'calibration.dataset)')
 #: The same for the detector's loss, which also reads the annotations.
 DETECTOR_LOSS_FIX = (
     "check these images' annotations (boxes of zero or negative size), that "
     'the checkpoint fits the config and does not come from a diverged '
     'training run (finite weights can still overflow), and that the images '
     "are intact, or calibrate on other images (the hook's "
-    'sensitivity.dataset)')
+    'calibration.dataset)')
 
 
 @contextmanager

@@ -9,7 +9,7 @@ float64 sum.
 
 The estimators receive a :class:`Shard` (plain data plus a sum callable) and
 know nothing of ``torch.distributed``;
-:func:`mmdet_hawq.engine.dist.process_shard` builds the one of the current
+:func:`mmdet_hawq.api.dist.process_shard` builds the one of the current
 mmengine process group.
 """
 from dataclasses import dataclass

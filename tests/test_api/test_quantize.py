@@ -5,20 +5,21 @@ import os
 import pytest
 import torch
 
-from mmdet_hawq import Calibration, QuantSettings, quantize
+from mmdet_hawq import (Calibration, CalibrationSettings, QuantSettings,
+                        quantize)
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.quant import (fake_quantize, list_weights,
                               quantizable_weights)
 
-SENS = dict(num_images=4, batch_size=2, min_samples=2, max_samples=2)
+CAL = dict(num_images=4, batch_size=2)
+SENS = dict(min_samples=2, max_samples=2)
 
 
 @pytest.fixture
 def calibration(tiny_cfg, build_tiny_model):
     from mmdet_hawq.engine.calibration import calibration_set
     model = build_tiny_model()
-    return calibration_set(tiny_cfg, model, QuantSettings(
-        target_bits=4, sensitivity=SENS).calibration)
+    return calibration_set(tiny_cfg, model, CalibrationSettings(**CAL))
 
 
 def test_uniform_plan_and_codes(build_tiny_model):
@@ -42,7 +43,7 @@ def test_uniform_plan_and_codes(build_tiny_model):
 def test_outquant_meets_the_budget_and_resumes_from_its_cache(
         build_tiny_model, calibration, tmp_path):
     settings = QuantSettings(target_bits=4, bit_range=(3, 6),
-                             sensitivity=SENS)
+                             calibration=CAL, sensitivity=SENS)
     first = quantize(build_tiny_model(), calibration, settings,
                      cache_dir=str(tmp_path))
     assert first.summary['avg_bits'] <= 4 + 1e-9
@@ -65,7 +66,7 @@ def test_calibration_is_needed_where_it_is_read(build_tiny_model):
 
 def test_calibration_is_plain_data(calibration):
     assert isinstance(calibration, Calibration)
-    assert len(calibration.img_ids) == SENS['num_images']
+    assert len(calibration.img_ids) == CAL['num_images']
     assert len(calibration.batches) == 2
 
 
@@ -196,7 +197,7 @@ def test_clipping_ranges_are_warned_of_and_measured(
     its sites alone quantized, which the choice reads."""
     import logging
 
-    import mmdet_hawq.api.activations as api_activations
+    import mmdet_hawq.api.activation_sites as api_activations
     from mmdet_hawq.quant.activations import ActivationRange
     original = api_activations.calibrate_range
 
@@ -220,3 +221,41 @@ def test_clipping_ranges_are_warned_of_and_measured(
     for r in rows:
         assert r['layer_damage'] == max(r['layer_measured_damage'], 0.0)
     assert any(r['layer_measured_damage'] > 0 for r in rows)
+
+
+def test_calibration_from_a_dataset_or_loader_needs_no_config(
+        tiny_cfg, tiny_data, build_tiny_model):
+    """``Calibration.from_dataset`` (a plain mmdet dataset) and
+    ``Calibration.from_loader`` (any loader) give the set the hook builds
+    from the config: the same images, the same preprocessed batches."""
+    from mmengine.dataset import pseudo_collate
+    from torch.utils.data import DataLoader
+
+    from mmdet_hawq.datasets import ShapesDataset
+    from mmdet_hawq.engine.calibration import calibration_set
+    model = build_tiny_model()
+    dataset = ShapesDataset(
+        data_root=f'{tiny_data}/', ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='train/'), pipeline=[
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=(128, 128), keep_ratio=True),
+            dict(type='LoadAnnotations', with_bbox=True),
+            dict(type='PackDetInputs', meta_keys=(
+                'img_id', 'img_path', 'ori_shape', 'img_shape',
+                'scale_factor'))])
+    settings = CalibrationSettings(**CAL)
+    ours = Calibration.from_dataset(model, dataset, settings)
+    hooks = calibration_set(tiny_cfg, model, settings)
+    assert ours.img_ids == hooks.img_ids and ours.classes == hooks.classes
+    assert len(ours.batches) == len(hooks.batches) == 2
+    for a, b in zip(ours.batches, hooks.batches):
+        assert torch.equal(a['inputs'], b['inputs'])
+    # any loader: ids from the data samples, classes from its dataset
+    loader = DataLoader(dataset, batch_size=3, collate_fn=pseudo_collate)
+    every = Calibration.from_loader(model, loader)
+    assert len(every.img_ids) == len(dataset) and \
+        set(hooks.img_ids) <= set(every.img_ids)
+    assert every.classes == list(dataset.metainfo['classes'])
+    result = quantize(model, every, QuantSettings(
+        metric='uniform', bits=4, rounding='gptq'))
+    assert result.summary['rounding'] == 'gptq'

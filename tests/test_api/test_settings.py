@@ -2,8 +2,8 @@
 bad value."""
 import pytest
 
-from mmdet_hawq.api import (CALIBRATION_KEYS, GPTQ_DEFAULTS,
-                            SENSITIVITY_DEFAULTS, QuantSettings)
+from mmdet_hawq.api import (ActivationSettings, CalibrationSettings,
+                            GptqSettings, QuantSettings, SensitivitySettings)
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.models import DISTILLATION_DEFAULTS
 
@@ -11,11 +11,11 @@ from mmdet_hawq.models import DISTILLATION_DEFAULTS
 def test_defaults_are_resolved_when_built():
     s = QuantSettings(target_bits=5)
     assert s.metric == 'outquant' and s.axis is None
-    assert set(s.sensitivity) == set(SENSITIVITY_DEFAULTS)
-    assert s.sensitivity['estimator'] == 'gauss_newton'
-    assert QuantSettings(metric='losssen', target_bits=5).sensitivity[
-        'estimator'] == 'hutchinson'
-    assert s.gptq == GPTQ_DEFAULTS
+    assert s.sensitivity == SensitivitySettings(estimator='gauss_newton')
+    assert QuantSettings(metric='losssen', target_bits=5).sensitivity \
+        .estimator == 'hutchinson'
+    assert s.gptq == GptqSettings() and s.calibration == CalibrationSettings()
+    assert s.activations is None
     assert s.uses_traces and s.reads_calibration
     u = QuantSettings(metric='uniform', bits=4, per_channel=True)
     assert u.axis == 0 and not u.uses_traces and not u.reads_calibration
@@ -24,10 +24,10 @@ def test_defaults_are_resolved_when_built():
 
 
 def test_calibration_and_distillation_settings():
-    s = QuantSettings(target_bits=5, sensitivity=dict(num_images=7,
-                                                      temperature=2.0))
-    assert list(s.calibration) == list(CALIBRATION_KEYS)
-    assert s.calibration['num_images'] == 7
+    s = QuantSettings(target_bits=5,
+                      calibration=dict(num_images=7),
+                      sensitivity=dict(temperature=2.0))
+    assert s.calibration == CalibrationSettings(num_images=7)
     lam, _ = DISTILLATION_DEFAULTS['sigmoid']
     assert s.distillation('sigmoid') == (lam, 2.0)
 
@@ -64,3 +64,83 @@ def test_bad_settings_are_one_line(kwargs, match):
     with pytest.raises(HawqUserError, match=match) as err:
         QuantSettings(**kwargs)
     assert '\n' not in str(err.value)
+
+
+def test_typed_settings_and_config_dicts_are_the_same():
+    """A config's dicts and the typed settings build equal settings; the
+    typed ones are checked when built, alone too."""
+    from_dicts = QuantSettings.from_kwargs(dict(
+        target_bits=4, rounding='gptq', gptq=dict(act_order=True),
+        calibration=dict(num_images=8, seed=3),
+        sensitivity=dict(max_samples=20),
+        activations=dict(method='minmax', float_sites=('*offsets*', ))))
+    typed = QuantSettings(
+        target_bits=4, rounding='gptq', gptq=GptqSettings(act_order=True),
+        calibration=CalibrationSettings(num_images=8, seed=3),
+        sensitivity=SensitivitySettings(max_samples=20),
+        activations=ActivationSettings(method='minmax',
+                                       float_sites=['*offsets*']))
+    assert from_dicts == typed
+    assert typed.activations.float_sites == ['*offsets*']
+    assert typed.trace_settings()['num_images'] == 8
+    with pytest.raises(HawqUserError, match='batch_size=0 is not valid'):
+        CalibrationSettings(batch_size=0)
+    with pytest.raises(HawqUserError, match='stage_size 0 is not a positive'):
+        GptqSettings(stage_size=0)
+
+
+def test_the_calibration_settings_stand_on_their_own():
+    """A W8A8 or GPTQ run chooses its images with ``calibration``, not
+    under ``sensitivity``; a calibration key there says where it goes."""
+    s = QuantSettings(metric='uniform', bits=8,
+                      calibration=dict(num_images=16),
+                      activations=dict(method='mse'))
+    assert s.reads_calibration and s.calibration.num_images == 16
+    with pytest.raises(HawqUserError) as err:
+        QuantSettings(target_bits=4, sensitivity=dict(num_images=16))
+    assert str(err.value) == (
+        'num_images is a calibration setting, not a sensitivity one: pass '
+        'calibration=dict(num_images=...)')
+
+
+def test_cache_dir_is_settled_in_one_place():
+    s = QuantSettings(target_bits=4)
+    assert s.trace_cache('/run/cache') == '/run/cache'
+    assert QuantSettings(target_bits=4, sensitivity=dict(
+        cache_dir='/shared')).trace_cache('/run/cache') == '/shared'
+    assert QuantSettings(target_bits=4, sensitivity=dict(
+        use_cache=False, cache_dir='/shared')).trace_cache('/x') is None
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(calibration=dict(num_image=4)),
+     r"unknown calibration setting\(s\) \['num_image'\]"),
+    (dict(calibration=4), 'calibration 4 is not a dict'),
+    (dict(gptq=dict(damp=0.1)), "gptq settings are given but rounding is "
+     "'nearest'"),
+    (dict(rounding='gptq', gptq=dict(damp=2)), 'damp 2 is not a number'),
+    (dict(activations=dict(int8_macs=0.5)), 'pass sensitivity=True too'),
+    (dict(activations=dict(method='max')), "method 'max' is unknown"),
+    (dict(activations=['mse']), 'activations .* is not a dict'),
+    (dict(sensitivity=dict(min_samples=5, max_samples=2)), 'do not fit'),
+])
+def test_bad_typed_settings_are_one_line(kwargs, match):
+    with pytest.raises(HawqUserError, match=match) as err:
+        QuantSettings(target_bits=4, **kwargs)
+    assert '\n' not in str(err.value)
+
+
+def test_max_samples_alone_caps_the_default_min_samples():
+    """``max_samples`` below the default ``min_samples`` is taken as the
+    cap (no error), and the sampling loop stops there."""
+    import torch
+
+    from mmdet_hawq.sensitivity import hutchinson_traces
+    s = QuantSettings(target_bits=4, sensitivity=dict(max_samples=3,
+                                                      tol=0.0)).sensitivity
+    assert (s.min_samples, s.max_samples) == (10, 3)
+    w = torch.nn.Parameter(torch.ones(3))
+    result = hutchinson_traces(
+        {'w': w}, lambda i: (w ** 2).sum(), [0], tol=s.tol,
+        min_samples=s.min_samples, max_samples=s.max_samples)
+    assert result.num_samples == 3

@@ -1,7 +1,7 @@
 """The trace cache key: per kind of device, CPU keys as before."""
 import torch
 
-from mmdet_hawq.api.settings import resolve_sensitivity
+from mmdet_hawq.api import QuantSettings
 from mmdet_hawq.api.traces import DRAWS_VERSION, cache_key
 
 SOURCE = dict(model='m', checkpoint=None)
@@ -10,7 +10,7 @@ SOURCE = dict(model='m', checkpoint=None)
 def test_cache_key_names_the_device_type_of_the_draws():
     """A CUDA run resumes only from CUDA samples (its generator draws
     another stream); a CPU run's key is the one earlier releases wrote."""
-    s = resolve_sensitivity('outquant', None)
+    s = QuantSettings(target_bits=4).trace_settings()
     cpu = cache_key('outquant', s, [1, 2], SOURCE, None, torch.device('cpu'))
     assert cpu['draws'] == DRAWS_VERSION
     cuda = cache_key('outquant', s, [1, 2], SOURCE, None,
@@ -27,7 +27,7 @@ def test_cache_key_changes_with_what_changes_the_samples():
     """Another calibration set, model, checkpoint or per-channel 8-bit
     point is another key; the stopping rule and the cache folder are not
     part of it."""
-    s = resolve_sensitivity('outquant', None)
+    s = QuantSettings(target_bits=4).trace_settings()
     cpu = torch.device('cpu')
     base = cache_key('outquant', s, [1, 2], SOURCE, None, cpu)
     assert base != cache_key('outquant', s, [1, 3], SOURCE, None, cpu)
@@ -46,7 +46,7 @@ def test_caches_of_an_earlier_release_are_found_not_read(tmp_path):
     neither is read as this run's samples."""
     from mmdet_hawq.sensitivity import (TraceResult, cache_path, load_cached,
                                         older_caches, save_cached)
-    s = resolve_sensitivity('outquant', None)
+    s = QuantSettings(target_bits=4).trace_settings()
     key = cache_key('outquant', s, [1, 2], SOURCE, None, torch.device('cpu'))
     older = dict(key, settings={k: v for k, v in key['settings'].items()
                                 if k != 'proposals'})

@@ -8,6 +8,7 @@ import pytest
 from mmengine.config import Config
 
 from mmdet.registry import HOOKS
+from mmdet_hawq.api import ActivationSettings
 
 from ..conftest import ROOT
 
@@ -60,13 +61,22 @@ GPTQ_CONFIGS = sorted(glob.glob(
     osp.join(ROOT, 'configs', '*', '*bit_gptq.py')))
 
 
-def test_gptq_configs_cover_the_small_models_and_r50():
-    names = {osp.basename(c) for c in GPTQ_CONFIGS}
-    for model in ('detr_r50', 'dino_r50', 'deformable_detr_r50',
-                  'ddq_detr_r50', 'detr_tiny_shapes', 'dino_tiny_shapes',
-                  'deformable_detr_tiny_shapes'):
-        for bits in (4, 3):
-            assert f'{model}_outquant_{bits}bit_gptq.py' in names
+@pytest.mark.parametrize('model', [
+    'detr_r50', 'dino_r50', 'deformable_detr_r50', 'ddq_detr_r50',
+    'detr_tiny_shapes', 'dino_tiny_shapes', 'deformable_detr_tiny_shapes'])
+@pytest.mark.parametrize('bits', [4, 3])
+def test_gptq_configs_cover_the_small_models_and_r50(model, bits):
+    """Each model has an Out Sen Quant GPTQ config at 4 and 3 bits, in its
+    family folder, whose hook rounds with GPTQ at that budget."""
+    (path, ) = [c for c in GPTQ_CONFIGS
+                if osp.basename(c) == f'{model}_outquant_{bits}bit_gptq.py']
+    family = re.match(r'(\w+?)_(r50|tiny_shapes)$', model).group(1)
+    assert osp.basename(osp.dirname(path)) == family
+    (hook_cfg, ) = [h for h in Config.fromfile(path).custom_hooks
+                    if h['type'] == 'DistillSensitivityHook']
+    s = HOOKS.build(dict(hook_cfg)).settings
+    assert (s.metric, s.target_bits, s.rounding) == ('outquant', bits,
+                                                     'gptq')
 
 
 @pytest.mark.parametrize('path', GPTQ_CONFIGS, ids=osp.basename)
@@ -103,8 +113,8 @@ def test_activation_config_quantizes_the_inputs_at_8_bits(path):
     (hook_cfg, ) = [h for h in cfg.custom_hooks
                     if h['type'] == 'DistillSensitivityHook']
     s = HOOKS.build(dict(hook_cfg)).settings
-    assert s.activations == dict(bits=8, method='mse', sensitivity=True,
-                                 int8_macs=None, float_sites=[])
+    assert s.activations == ActivationSettings(bits=8, method='mse',
+                                               sensitivity=True)
     if path.endswith('w8a8.py'):
         assert (s.metric, s.bits) == ('uniform', 8)
     else:

@@ -351,8 +351,7 @@ def w8a8_export(tiny_cfg, family_cfg, tmp_path_factory):
         cfg = tiny_cfg if family == 'detr' else family_cfg(family)
         model = build_from(cfg)
         settings = QuantSettings(metric='uniform', bits=8,
-                                 sensitivity=dict(num_images=4,
-                                                  batch_size=2),
+                                 calibration=dict(num_images=4, batch_size=2),
                                  activations=dict(method='mse'))
         result = quantize(model, calibration_set(cfg, model,
                                                  settings.calibration),

@@ -12,7 +12,7 @@ from mmengine.runner import Runner
 from mmdet_hawq.datasets import SHAPES_CLASSES
 from mmdet_hawq.engine.hooks import DistillSensitivityHook
 from mmdet_hawq.api import check_model
-from mmdet_hawq.api.settings import resolve_sensitivity
+from mmdet_hawq.api import CalibrationSettings, QuantSettings
 from mmdet_hawq.api.traces import cache_key
 from mmdet_hawq.engine import run
 from mmdet_hawq.engine.calibration import calibration_classes
@@ -30,9 +30,9 @@ def run_hook(cfg, work_dir, **sensitivity):
     cfg.work_dir = work_dir
     cfg.custom_hooks = [dict(
         type='DistillSensitivityHook', metric='outquant', target_bits=4,
-        bit_range=(3, 6), save_packed=False, sensitivity=dict(
-            num_images=4, batch_size=2, min_samples=2, max_samples=2,
-            **sensitivity))]
+        bit_range=(3, 6), save_packed=False,
+        calibration=dict(num_images=4, batch_size=2),
+        sensitivity=dict(min_samples=2, max_samples=2, **sensitivity))]
     Runner.from_cfg(cfg).test()
     out = osp.join(work_dir, 'hawq')
     return (plan_bits(load_plan(osp.join(out, 'plan.json'))),
@@ -60,7 +60,7 @@ def test_critical_classes_change_the_traces_in_the_runner(tiny_cfg,
 
 
 def test_default_cache_key_is_unchanged():
-    s = resolve_sensitivity('outquant', None)
+    s = QuantSettings(target_bits=4).trace_settings()
     assert s['critical_classes'] is None
     source, cpu = dict(model='m', checkpoint=None), torch.device('cpu')
     key = cache_key('outquant', s, [1, 2], source, None, cpu)
@@ -82,7 +82,7 @@ def test_unknown_class_name_stops_before_any_data(build_tiny_model,
     hook = DistillSensitivityHook(
         metric='outquant', target_bits=4,
         sensitivity=dict(critical_classes=['triangle', 'crss']))
-    classes = calibration_classes(tiny_cfg, hook.settings.sensitivity)
+    classes = calibration_classes(tiny_cfg, hook.settings.calibration)
     assert classes == list(SHAPES_CLASSES)
     with pytest.raises(HawqUserError) as err:
         check_model(model, hook.settings, classes)
@@ -112,20 +112,24 @@ def test_unknown_name_is_caught_at_the_dataset_without_declared_classes(
 ])
 def test_bad_forms_are_one_line(value, match):
     with pytest.raises(HawqUserError, match=match) as err:
-        resolve_sensitivity('outquant', dict(critical_classes=value))
+        QuantSettings(target_bits=4,
+                      sensitivity=dict(critical_classes=value))
     one_line(err)
 
 
 def test_one_name_and_the_metrics_it_applies_to():
-    s = resolve_sensitivity('outfloat', dict(critical_classes='cross'))
-    assert s['critical_classes'] == ['cross']
+    s = QuantSettings(metric='outfloat', target_bits=4,
+                      sensitivity=dict(critical_classes='cross')).sensitivity
+    assert s.critical_classes == ['cross']
     with pytest.raises(HawqUserError, match="metric 'losssen'") as err:
-        resolve_sensitivity('losssen', dict(critical_classes=['cross']))
+        QuantSettings(metric='losssen', target_bits=4,
+                      sensitivity=dict(critical_classes=['cross']))
     one_line(err)
 
 
-def test_declared_classes_follow_the_sensitivity_dataset(tiny_cfg):
+def test_declared_classes_follow_the_calibration_dataset(tiny_cfg):
     ds = copy.deepcopy(tiny_cfg.train_dataloader.dataset)
     ds['metainfo'] = dict(classes=('a', 'b'))
-    assert calibration_classes(tiny_cfg, dict(dataset=ds)) == ['a', 'b']
+    assert calibration_classes(tiny_cfg, CalibrationSettings(
+        dataset=ds)) == ['a', 'b']
     assert calibration_classes(tiny_cfg, None) == list(SHAPES_CLASSES)

@@ -36,7 +36,7 @@ from mmdet_hawq.quant.packing import unpack_checkpoint
 from mmdet_hawq.sensitivity import (DistillationObjective, batch_dots,
                                     hessian_mode)
 from ..conftest import FAMILY_CONFIGS, build_from
-from .test_dist import check_sharded_traces
+from .test_process_group import check_sharded_traces
 from .test_family_hook import batches_of
 
 pytestmark = pytest.mark.cuda
@@ -174,8 +174,8 @@ def check_packed_loads_on_cpu(run: Dict) -> None:
 def test_hook_on_gpu_matches_cpu(family_cfg, tmp_path, gpu_device, name):
     cfg = family_cfg(name)
     settings = dict(metric='outquant', target_bits=4, bit_range=(3, 6),
-                    sensitivity=dict(num_images=4, batch_size=2, tol=0.0,
-                                     min_samples=6, max_samples=6))
+                    calibration=dict(num_images=4, batch_size=2),
+                    sensitivity=dict(tol=0.0, min_samples=6, max_samples=6))
     cpu = run_hook(cfg, str(tmp_path / 'cpu'), 'cpu', **settings)
     gpu = run_hook(cfg, str(tmp_path / 'gpu'), gpu_device, **settings)
     ok = within_se(cached_traces(cpu), cached_traces(gpu))
@@ -198,11 +198,11 @@ def test_gptq_and_activations_on_gpu_match_cpu(family_cfg, tmp_path,
     sensitivity: nothing here is drawn but the activation traces."""
     onnx = pytest.importorskip('onnx')
     from mmdet_hawq.deploy.onnx_export import export_onnx
-    from mmdet_hawq.engine.deploy import load_for_export
+    from mmdet_hawq.engine.exported import load_for_export
     from mmdet_hawq.quant.activations import load_ranges
     cfg = family_cfg(name)
     settings = dict(metric='uniform', bits=4, rounding='gptq',
-                    sensitivity=dict(num_images=4, batch_size=2),
+                    calibration=dict(num_images=4, batch_size=2),
                     activations=dict(bits=8, method='minmax',
                                      sensitivity=True))
     cpu = run_hook(cfg, str(tmp_path / 'cpu'), 'cpu', **settings)
@@ -255,8 +255,8 @@ def test_loss_sensitivity_through_deformable_attention_on_gpu(
     GPU (it failed in grid_sample's backward on CUDA before)."""
     gpu = run_hook(family_cfg(name), str(tmp_path), gpu_device,
                    metric='losssen', target_bits=4, bit_range=(3, 6),
-                   sensitivity=dict(num_images=4, batch_size=2, tol=0.0,
-                                    min_samples=2, max_samples=2))
+                   calibration=dict(num_images=4, batch_size=2),
+                   sensitivity=dict(tol=0.0, min_samples=2, max_samples=2))
     traces = cached_traces(gpu)['mean']
     assert np.isfinite(traces).all() and np.abs(traces).max() > 0
     assert gpu['summary']['avg_bits'] <= 4 + 1e-9

@@ -9,6 +9,7 @@ import pytest
 import torch
 from mmengine.runner import Runner
 
+from mmdet_hawq.api import CalibrationSettings
 from mmdet_hawq.models import class_activation, detection_head
 from mmdet_hawq.quant import fake_quantize, quantizable_weights
 from mmdet_hawq.sensitivity import (DistillationObjective, hessian_mode,
@@ -22,8 +23,8 @@ FAMILIES = sorted(FAMILY_CONFIGS)
 
 def batches_of(model, cfg):
     from mmdet_hawq.engine.calibration import build_calibration
-    loader, _ = build_calibration(cfg, dict(dataset=None, num_images=4,
-                                            seed=0, batch_size=2))
+    loader, _ = build_calibration(cfg, CalibrationSettings(
+        num_images=4, batch_size=2))
     return preprocess_batches(model, loader)
 
 
@@ -56,8 +57,10 @@ def test_family_member_through_the_hook(family_cfg, tmp_path, name, metric):
     if metric == 'uniform':
         hook.update(bits=4)
     else:
-        hook.update(target_bits=4, bit_range=(3, 6), sensitivity=dict(
-            num_images=4, batch_size=2, min_samples=2, max_samples=2))
+        hook.update(target_bits=4,
+                    bit_range=(3, 6),
+                    calibration=dict(num_images=4, batch_size=2),
+                    sensitivity=dict(min_samples=2, max_samples=2))
     cfg.custom_hooks = [hook]
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()
@@ -111,9 +114,8 @@ def test_two_stage_with_proposals_gives_memory_trans_fc_a_trace(
     cfg.work_dir = str(tmp_path)
     cfg.custom_hooks = [dict(
         type='DistillSensitivityHook', metric='outquant', target_bits=4,
-        bit_range=(3, 6), sensitivity=dict(
-            num_images=4, batch_size=2, min_samples=2, max_samples=2,
-            proposals=True))]
+        bit_range=(3, 6), calibration=dict(num_images=4, batch_size=2),
+        sensitivity=dict(min_samples=2, max_samples=2, proposals=True))]
     Runner.from_cfg(cfg).test()
     out = osp.join(cfg.work_dir, 'hawq')
     rows = {r['name']: r for r in json.load(open(osp.join(out,
@@ -146,8 +148,8 @@ def test_default_floors_bound_a_3bit_plan(family_cfg, tmp_path):
     cfg.work_dir = str(tmp_path)
     cfg.custom_hooks = [dict(
         type='DistillSensitivityHook', metric='outquant', target_bits=3,
-        bit_range=(2, 5), sensitivity=dict(
-            num_images=4, batch_size=2, min_samples=2, max_samples=2))]
+        bit_range=(2, 5), calibration=dict(num_images=4, batch_size=2),
+        sensitivity=dict(min_samples=2, max_samples=2))]
     Runner.from_cfg(cfg).test()
     plan = {n: e['bits'] for n, e in json.load(open(
         osp.join(cfg.work_dir, 'hawq', 'plan.json'))).items()}
@@ -167,7 +169,7 @@ def test_family_member_rounds_with_gptq_in_the_runner(family_cfg, tmp_path,
     cfg.work_dir = str(tmp_path)
     cfg.custom_hooks = [dict(type='DistillSensitivityHook', metric='uniform',
                              bits=3, rounding='gptq',
-                             sensitivity=dict(num_images=4, batch_size=2))]
+                             calibration=dict(num_images=4, batch_size=2))]
     runner = Runner.from_cfg(cfg)
     assert 'coco/bbox_mAP' in runner.test()
     out = osp.join(cfg.work_dir, 'hawq')

@@ -9,6 +9,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
+from mmdet_hawq.api import CalibrationSettings
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.models import decoder_outputs
 from mmdet_hawq.api import check_model
@@ -21,8 +22,8 @@ from mmdet_hawq.sensitivity import (DistillationObjective,
 
 def batches_of(model, cfg, n=2):
     from mmdet_hawq.engine.calibration import build_calibration
-    loader, _ = build_calibration(cfg, dict(dataset=None, num_images=n * 2,
-                                            seed=0, batch_size=2))
+    loader, _ = build_calibration(cfg, CalibrationSettings(
+        num_images=n * 2, batch_size=2))
     from mmdet_hawq.sensitivity import preprocess_batches
     return preprocess_batches(model, loader)
 
@@ -192,12 +193,17 @@ def test_every_metric_runs_in_the_runner(tiny_cfg, tmp_path, metric,
                                          estimator, include):
     cfg = copy.deepcopy(tiny_cfg)
     cfg.work_dir = str(tmp_path / metric)
-    cfg.custom_hooks = [dict(
-        type='DistillSensitivityHook', metric=metric, target_bits=4,
-        include=include,
-        bit_range=(3, 6), sensitivity=dict(
-            estimator=estimator, num_images=4, batch_size=2,
-            min_samples=2, max_samples=2))]
+    cfg.custom_hooks = [
+        dict(type='DistillSensitivityHook',
+             metric=metric,
+             target_bits=4,
+             include=include,
+             bit_range=(3, 6),
+             calibration=dict(num_images=4, batch_size=2),
+             sensitivity=dict(estimator=estimator,
+                              min_samples=2,
+                              max_samples=2))
+    ]
     runner = Runner.from_cfg(cfg)
     runner.test()
     out = osp.join(cfg.work_dir, 'hawq')
@@ -233,8 +239,8 @@ def test_plan_does_not_depend_on_the_thread_count(tiny_cfg, tmp_path):
             cfg.custom_hooks = [dict(
                 type='DistillSensitivityHook', metric='outquant',
                 target_bits=5, bit_range=(3, 6), save_packed=False,
-                sensitivity=dict(num_images=4, batch_size=2, min_samples=3,
-                                 max_samples=3))]
+                calibration=dict(num_images=4, batch_size=2),
+                sensitivity=dict(min_samples=3, max_samples=3))]
             runner = Runner.from_cfg(cfg)
             runner.test()
             out = osp.join(cfg.work_dir, 'hawq')
@@ -279,8 +285,9 @@ def test_min_bits_bounds_the_plan(tiny_cfg, tmp_path):
     floors = {'backbone.*': 5, 'encoder.*': 4}
     cfg.custom_hooks = [dict(
         type='DistillSensitivityHook', metric='outquant', target_bits=4,
-        bit_range=(3, 6), min_bits=floors, sensitivity=dict(
-            num_images=4, batch_size=2, min_samples=2, max_samples=2))]
+        bit_range=(3, 6), min_bits=floors,
+        calibration=dict(num_images=4, batch_size=2),
+        sensitivity=dict(min_samples=2, max_samples=2))]
     Runner.from_cfg(cfg).test()
     out = osp.join(cfg.work_dir, 'hawq')
     plan = plan_bits(load_plan(osp.join(out, 'plan.json')))
@@ -305,7 +312,7 @@ def test_calibration_subset_does_not_use_mmengines_shared_copy_memo(
     memo = BaseDataset._copy_without_annotation.__defaults__[0]
     before = len(memo)
     loader, img_ids = build_calibration(tiny_cfg, QuantSettings(
-        target_bits=4, sensitivity=dict(num_images=4)).calibration)
+        target_bits=4, calibration=dict(num_images=4)).calibration)
     assert len(memo) == before
     assert len(loader.dataset) == len(img_ids) == 4
     batch = next(iter(loader))

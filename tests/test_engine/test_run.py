@@ -15,7 +15,8 @@ from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.quant import (quantizable_weights, quantize_weight,
                               unpack_checkpoint)
 
-SENS = dict(num_images=4, batch_size=2, min_samples=2, max_samples=2)
+CAL = dict(num_images=4, batch_size=2)
+SENS = dict(min_samples=2, max_samples=2)
 
 
 def run_hook(cfg, work_dir, **hook):
@@ -33,7 +34,8 @@ def run_hook(cfg, work_dir, **hook):
                                     'outfloat', 'outquant'])
 def test_every_metric_rounds_with_gptq(tiny_cfg, build_tiny_model, tmp_path,
                                        metric):
-    kwargs = dict(metric=metric, rounding='gptq', sensitivity=dict(SENS))
+    kwargs = dict(metric=metric, rounding='gptq', calibration=CAL,
+                  sensitivity=SENS)
     if metric == 'uniform':
         kwargs['bits'] = 3
     elif metric == 'plan':
@@ -80,7 +82,7 @@ def test_every_metric_rounds_with_gptq(tiny_cfg, build_tiny_model, tmp_path,
 def test_gptq_error_terms_scale_the_nearest_terms(tiny_cfg, tmp_path):
     sens = dict(SENS, cache_dir=str(tmp_path / 'cache'))
     common = dict(metric='outquant', target_bits=4, bit_range=(3, 5),
-                  sensitivity=sens, save_packed=False)
+                  calibration=CAL, sensitivity=sens, save_packed=False)
     _, _, near = run_hook(tiny_cfg, tmp_path / 'near', rounding='gptq',
                           **common)
     _, _, scaled = run_hook(tiny_cfg, tmp_path / 'gptq', rounding='gptq',
@@ -130,7 +132,7 @@ def test_one_calibration_set_per_run(tiny_cfg, tmp_path, monkeypatch, metric):
     from mmdet_hawq.engine import calibration
     built, resolved = [], []
     build = calibration.build_calibration
-    resolve = settings_module.resolve_sensitivity
+    resolve = settings_module.SensitivitySettings.resolved
 
     def counted(*args, **kwargs):
         built.append(1)
@@ -141,9 +143,10 @@ def test_one_calibration_set_per_run(tiny_cfg, tmp_path, monkeypatch, metric):
         return resolve(*args, **kwargs)
 
     monkeypatch.setattr(calibration, 'build_calibration', counted)
-    monkeypatch.setattr(settings_module, 'resolve_sensitivity',
+    monkeypatch.setattr(settings_module.SensitivitySettings, 'resolved',
                         counted_resolve)
-    kwargs = dict(metric=metric, rounding='gptq', sensitivity=dict(SENS))
+    kwargs = dict(metric=metric, rounding='gptq', calibration=CAL,
+                  sensitivity=SENS)
     kwargs.update(bits=3) if metric == 'uniform' else kwargs.update(
         target_bits=4, bit_range=(3, 6), gptq=dict(error_terms='gptq'))
     _, _, load = run_hook(tiny_cfg, tmp_path, **kwargs)

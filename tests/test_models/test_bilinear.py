@@ -5,6 +5,7 @@ import pytest
 import torch
 from mmcv.ops import multi_scale_deform_attn as msda
 
+from mmdet_hawq.api import CalibrationSettings
 from mmdet_hawq.models import bilinear as bilinear_module
 from mmdet_hawq.sensitivity import hutchinson_traces
 from mmdet_hawq.models.bilinear import \
@@ -154,8 +155,8 @@ def test_hutchinson_traces_of_the_small_dino_match_grid_sample(
             if isinstance(m, MultiScaleDeformableAttention):
                 for lin in (m.sampling_offsets, m.attention_weights):
                     lin.weight.normal_(0, 0.02, generator=gen)
-    loader, _ = build_calibration(cfg, dict(dataset=None, num_images=2,
-                                            seed=0, batch_size=2))
+    loader, _ = build_calibration(cfg, CalibrationSettings(
+        num_images=2, batch_size=2))
     batches = preprocess_batches(model, loader)
     weights = quantizable_weights(model)
     calls = {}

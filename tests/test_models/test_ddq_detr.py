@@ -3,6 +3,7 @@ float and reached by Loss Sen's loss only with the detector's, decoder's and
 head's training flags set (the hook runs are in test_family_hook)."""
 import torch
 
+from mmdet_hawq.api import CalibrationSettings
 from mmdet_hawq.models import detection_head, detector_family
 from mmdet_hawq.models.adapters import DINOAdapter
 from mmdet_hawq.quant import list_weights
@@ -25,8 +26,8 @@ def test_dense_branch_is_float_and_in_the_loss(family_cfg):
              if id(params[i.name]) in dense}
     assert notes == {'dense auxiliary branch of the head (DDQDETRHead), '
                      'training only'}
-    loader, _ = build_calibration(cfg, dict(dataset=None, num_images=1,
-                                            seed=0, batch_size=1))
+    loader, _ = build_calibration(cfg, CalibrationSettings(
+        num_images=1, batch_size=1))
     batches = preprocess_batches(model, loader)
     calls = []
     handle = head.aux_cls_branches[0].register_forward_hook(

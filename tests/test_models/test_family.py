@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mmdet_hawq.api import CalibrationSettings
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.models import (class_activation, decoder_outputs,
                                detection_head, detector_family,
@@ -26,8 +27,8 @@ EXPECTED = {
 
 def batch_of(model, cfg):
     from mmdet_hawq.engine.calibration import build_calibration
-    loader, _ = build_calibration(cfg, dict(dataset=None, num_images=2,
-                                            seed=0, batch_size=2))
+    loader, _ = build_calibration(cfg, CalibrationSettings(
+        num_images=2, batch_size=2))
     return preprocess_batches(model, loader)[0]
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mmdet_hawq.api import CalibrationSettings
 from mmdet_hawq.quant import (make_plan, quantizable_weights,
                               quantize_weights_)
 from mmdet_hawq.quant.gptq import (gptq_apply, gptq_error_ratios,
@@ -373,8 +374,8 @@ def test_hessian_bytes_counts_blocks_and_stages():
 def calibration(model, cfg):
     from mmdet_hawq.engine.calibration import build_calibration
     from mmdet_hawq.sensitivity import preprocess_batches
-    loader, _ = build_calibration(cfg, dict(dataset=None, num_images=4,
-                                            seed=0, batch_size=2))
+    loader, _ = build_calibration(cfg, CalibrationSettings(
+        num_images=4, batch_size=2))
     return preprocess_batches(model, loader)
 
 

@@ -16,13 +16,14 @@ from ..conftest import ROOT
 
 
 def test_detr_r50_all_metrics(tiny_cfg):
+    from mmdet_hawq.api import CalibrationSettings
     from mmdet_hawq.engine.calibration import build_calibration
     cfg = Config.fromfile(osp.join(ROOT, 'configs', '_base_',
                                    'detr_r50_hawq.py'))
     torch.manual_seed(0)
     model = MODELS.build(copy.deepcopy(cfg.model)).eval()
-    loader, _ = build_calibration(tiny_cfg, dict(
-        dataset=None, num_images=1, seed=0, batch_size=1))
+    loader, _ = build_calibration(tiny_cfg, CalibrationSettings(
+        num_images=1, batch_size=1))
     batches = preprocess_batches(model, loader)
     weights = quantizable_weights(model)
     assert len(weights) > 100  # ~130 weights in DETR-R50

@@ -1,12 +1,12 @@
 """Measured damage (sensitivity/measured_damage.py) against the loss written
 out, over one and two processes' shares; the choice's damage
-(api/activations.py::corrected_damage) against its definition."""
+(api/activation_sites.py::corrected_damage) against its definition."""
 from contextlib import contextmanager
 
 import pytest
 import torch
 
-from mmdet_hawq.api.activations import corrected_damage
+from mmdet_hawq.api.activation_sites import corrected_damage
 from mmdet_hawq.sensitivity import Shard
 from mmdet_hawq.sensitivity.measured_damage import measured_damage
 

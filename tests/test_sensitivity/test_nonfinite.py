@@ -88,7 +88,7 @@ def test_student_outputs_name_the_batch_and_images():
                             range(len(batches)), max_samples=2)
     assert str(err.value).startswith(
         "the student's outputs have NaN/Inf values " + WHERE)
-    assert "sensitivity.dataset" in str(err.value)
+    assert "calibration.dataset" in str(err.value)
     with pytest.raises(HawqUserError) as err:
         hutchinson_traces(params, obj.loss, range(len(batches)),
                           max_samples=2)

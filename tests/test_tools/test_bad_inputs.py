@@ -164,9 +164,10 @@ def case_unknown_sensitivity_key(tmp_path, tiny_cfg):
 def case_bad_sensitivity_value(tmp_path, tiny_cfg):
     # once found only after the whole sensitivity sampling
     cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
-        metric='outquant', target_bits=4, sensitivity=dict(
-            num_images=4, batch_size=2, min_samples=2, max_samples=2,
-            negative_traces='clip')))
+        metric='outquant', target_bits=4,
+        calibration=dict(num_images=4, batch_size=2),
+        sensitivity=dict(min_samples=2, max_samples=2,
+                         negative_traces='clip')))
     return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
             ["negative_traces='clip'", 'ucb, zero, abs, error'])
 
@@ -174,8 +175,9 @@ def case_bad_sensitivity_value(tmp_path, tiny_cfg):
 def case_zero_batch_size(tmp_path, tiny_cfg):
     # once a torch DataLoader traceback after the calibration set was built
     cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
-        metric='outquant', target_bits=4, sensitivity=dict(
-            num_images=4, batch_size=0, min_samples=2, max_samples=2)))
+        metric='outquant', target_bits=4,
+        calibration=dict(num_images=4, batch_size=0),
+        sensitivity=dict(min_samples=2, max_samples=2)))
     return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg],
             ['batch_size=0', 'an integer of at least 1'])
 
@@ -266,8 +268,9 @@ def case_empty_calibration_set(tmp_path, tiny_cfg):
         json.dumps(dict(ann, images=[], annotations=[])))
     (empty / 'train').mkdir()
     cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
-        metric='outquant', target_bits=4, sensitivity=dict(
-            num_images=4, batch_size=2, min_samples=2, max_samples=2)))
+        metric='outquant', target_bits=4,
+        calibration=dict(num_images=4, batch_size=2),
+        sensitivity=dict(min_samples=2, max_samples=2)))
     return ([str(cfg), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
              f'train_dataloader.dataset.data_root={empty}/'],
             [cfg], ['calibration dataset is empty'])
@@ -294,9 +297,9 @@ def case_nonfinite_outputs(tmp_path, tiny_cfg):
     torch.save(state, ckpt)
     cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', load_from=str(ckpt),
                     hook=dict(metric='outquant', target_bits=4,
-                              save_packed=False, sensitivity=dict(
-                                  num_images=4, batch_size=2, min_samples=2,
-                                  max_samples=2)))
+                              save_packed=False,
+                              calibration=dict(num_images=4, batch_size=2),
+                              sensitivity=dict(min_samples=2, max_samples=2)))
     return ([str(cfg), '--work-dir', str(tmp_path / 'w')], [cfg, ckpt],
             ["the student's outputs have NaN/Inf values on calibration "
              'batch 1 of 2 (images ', '.png', 'check that the checkpoint'])
@@ -331,8 +334,9 @@ def case_missing_calibration_images(tmp_path, tiny_cfg):
         tmp_path, tiny_cfg, 'train',
         ["calibration set image folder '{root}/train/' does not exist",
          'make data', 'train_dataloader.dataset'],
-        hook=dict(metric='outquant', target_bits=4, sensitivity=dict(
-            num_images=4, batch_size=2, min_samples=2, max_samples=2)))
+        hook=dict(metric='outquant', target_bits=4,
+                  calibration=dict(num_images=4, batch_size=2),
+                  sensitivity=dict(min_samples=2, max_samples=2)))
 
 
 def case_empty_image_folder(tmp_path, tiny_cfg):
@@ -467,7 +471,7 @@ def test_moved_config_finds_the_family_folder(tmp_path, monkeypatch):
     (dict(sensitivity=dict(min_samples=20, max_samples=10)),
      'min_samples <= max_samples'),
     (dict(sensitivity=dict(tol=-0.1)), 'tol=-0.1'),
-    (dict(sensitivity=dict(num_images='100')), "num_images='100'"),
+    (dict(calibration=dict(num_images='100')), "num_images='100'"),
     (dict(sensitivity=dict(temperature=0)), 'temperature=0'),
     (dict(sensitivity=dict(use_cache='no')), "use_cache='no'"),
     (dict(sensitivity=dict(decoder_layers=5)), 'decoder_layers=5'),
@@ -484,12 +488,6 @@ def test_option_values_are_checked_when_the_hook_is_built(kwargs,
     with pytest.raises(HawqUserError, match=re.escape(expected)):
         DistillSensitivityHook(**dict(dict(metric='outquant',
                                            target_bits=4), **kwargs))
-
-
-def test_max_samples_alone_caps_the_default_min_samples():
-    from mmdet_hawq.engine.hooks import DistillSensitivityHook
-    DistillSensitivityHook(metric='outquant', target_bits=4,
-                           sensitivity=dict(max_samples=3))
 
 
 def test_plan_file_is_read_when_the_hook_is_built(tmp_path):
@@ -767,8 +765,8 @@ def test_interrupted_sensitivity_step_is_one_line(tiny_cfg, tmp_path,
                                                   signum, status, tool):
     cfg = write_cfg(tiny_cfg, tmp_path / 'cfg.py', hook=dict(
         metric='outquant', target_bits=4, save_packed=False,
-        sensitivity=dict(num_images=4, batch_size=2, tol=0.0,
-                         min_samples=10000, max_samples=10000)))
+        calibration=dict(num_images=4, batch_size=2),
+        sensitivity=dict(tol=0.0, min_samples=10000, max_samples=10000)))
     work = tmp_path / 'w'
     cache = work / 'hawq' / 'cache'
     inputs = [cfg, tiny_cfg.load_from]

@@ -38,7 +38,7 @@ def sensitivity_run(cfg, folder: str):
     from ..conftest import build_from
     model = build_from(cfg)
     settings = QuantSettings(metric='uniform', bits=8,
-                             sensitivity=dict(num_images=4, batch_size=2),
+                             calibration=dict(num_images=4, batch_size=2),
                              activations=dict(sensitivity=True))
     result = quantize(model, calibration_set(cfg, model,
                                              settings.calibration), settings)

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 VAL = osp.join(ROOT, 'data', 'shapes', 'annotations', 'instances_val.json')
 SMALL = ['test_dataloader.dataset.indices=40',
-         'custom_hooks.0.sensitivity.num_images=8',
-         'custom_hooks.0.sensitivity.batch_size=2',  # 4 batches, 2 per rank
+         'custom_hooks.0.calibration.num_images=8',
+         'custom_hooks.0.calibration.batch_size=2',  # 4 batches, 2 per rank
          'custom_hooks.0.sensitivity.min_samples=3',
          'custom_hooks.0.sensitivity.max_samples=3']
 ONE_THREAD = dict(OMP_NUM_THREADS='1')

@@ -114,8 +114,8 @@ def test_gptq_config_and_its_uniform_baseline(tmp_path, tiny_data):
         '--uniform-baseline', '--work-dir', str(tmp_path / 'w'),
         '--cfg-options', *data,
         f'test_evaluator.ann_file={tiny_data}/annotations/'
-        'instances_val.json', 'custom_hooks.0.sensitivity.num_images=4',
-        'custom_hooks.0.sensitivity.batch_size=2',
+        'instances_val.json', 'custom_hooks.0.calibration.num_images=4',
+        'custom_hooks.0.calibration.batch_size=2',
         'custom_hooks.0.sensitivity.min_samples=2',
         'custom_hooks.0.sensitivity.max_samples=2', timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,7 +131,7 @@ def test_gptq_warnings_are_repeated_in_the_summary(tmp_path, tiny_cfg):
     cfg.custom_hooks = [dict(
         type='DistillSensitivityHook', metric='uniform', bits=4,
         rounding='gptq', save_packed=False,
-        sensitivity=dict(num_images=1, batch_size=1))]
+        calibration=dict(num_images=1, batch_size=1))]
     path = tmp_path / 'gptq.py'
     cfg.dump(str(path))
     proc = run_tool('tools/ptq.py', str(path), '--work-dir',

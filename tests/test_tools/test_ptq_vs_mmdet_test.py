@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 VAL = osp.join(ROOT, 'data', 'shapes', 'annotations', 'instances_val.json')
 SUBSET = ['test_dataloader.dataset.indices=60',
-          'custom_hooks.0.sensitivity.num_images=8',
+          'custom_hooks.0.calibration.num_images=8',
           'custom_hooks.0.sensitivity.min_samples=3',
           'custom_hooks.0.sensitivity.max_samples=3']
 

@@ -27,6 +27,11 @@ from ..checkpoint import prepare_state_dict
 from ..run import check_run, quantize_in_runner, unwrap
 
 
+#: The hook's own arguments in a config (mmengine's ``priority`` too); every
+#: other key is a field of :class:`~mmdet_hawq.api.QuantSettings`.
+HOOK_ARGS = ('type', 'priority', 'save_packed', 'out_subdir')
+
+
 @HOOKS.register_module()
 class DistillSensitivityHook(Hook):
     """Quantize the model's weights before the test loop.
@@ -36,12 +41,11 @@ class DistillSensitivityHook(Hook):
             Defaults to True.
         out_subdir (str): Folder under the work dir for the outputs.
             Defaults to 'hawq'.
-        **settings: The quantization settings (``metric``,
-            ``target_bits``, ``bits``, ``plan_file``, ``bit_range``,
-            ``sensitivity``, ``include``, ``exclude``, ``min_bits``,
-            ``per_channel``, ``rounding``, ``gptq``): see
-            :class:`~mmdet_hawq.api.QuantSettings`. An unknown name stops
-            with one line naming the closest valid one.
+        **settings: The fields of :class:`~mmdet_hawq.api.QuantSettings`
+            (``metric``, ``target_bits``, ...; ``calibration``,
+            ``sensitivity``, ``gptq`` and ``activations`` as dicts of their
+            typed settings' fields). An unknown name stops with one line
+            naming the closest valid one.
     """
 
     priority = 'LOW'
@@ -49,7 +53,7 @@ class DistillSensitivityHook(Hook):
     def __init__(self, save_packed: bool = True, out_subdir: str = 'hawq',
                  **settings: Any) -> None:
         self.settings = QuantSettings.from_kwargs(
-            settings, 'DistillSensitivityHook', ('save_packed', 'out_subdir'))
+            settings, 'DistillSensitivityHook', HOOK_ARGS[2:])
         self.save_packed = save_packed
         self.out_subdir = out_subdir
 

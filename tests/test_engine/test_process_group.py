@@ -1,4 +1,4 @@
-"""engine/dist.py, api/dist.py and the sharded estimators, on 2 CPU
+"""engine/process_group.py, api/dist.py and the sharded estimators, on 2 CPU
 processes over gloo (loopback only): sharded traces equal one process's,
 rank 0's results and errors reach every rank, and a silent rank makes the
 others stop."""
@@ -12,7 +12,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from mmdet_hawq.api.dist import process_shard, run_on_main
-from mmdet_hawq.engine.dist import init_cpu_process_group
+from mmdet_hawq.engine.process_group import init_cpu_process_group
 from mmdet_hawq.errors import HawqUserError
 from mmdet_hawq.sensitivity import (Shard, gauss_newton_traces,
                                     hutchinson_traces, softmax_fisher_draw)

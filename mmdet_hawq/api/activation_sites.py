@@ -72,14 +72,14 @@ def quantize_activations(model: nn.Module, names: Sequence[str],
         with observe_sites(sites, outputs) as seen:
             for batch in batches:
                 decoder_outputs(model, batch)
-    ranges = {n: calibrate_range(o, settings['method'], settings['bits'])
+    ranges = {n: calibrate_range(o, settings.method, settings.bits)
               for n, o in seen.items()}
     every = {**sites, **outputs}
     layer_of = {n: n for n in ranges if not n.endswith(OUTPUT)}
     layer_of.update({f'{o}{OUTPUT}': c for c, o in where.items()})
     macs = site_macs(sites, seen, where)
     inputs = [n for n in ranges if not n.endswith(OUTPUT)]
-    keep_float = _float_sites(settings['float_sites'], ranges, layer_of)
+    keep_float = _float_sites(settings.float_sites, ranges, layer_of)
     damage: Dict[str, float] = {}
     columns: Dict[str, Dict[str, float]] = {n: {} for n in ranges}
     with eval_mode(model):
@@ -89,7 +89,7 @@ def quantize_activations(model: nn.Module, names: Sequence[str],
         db = sqnr_db(error, energy)
         columns[n].update(sqnr_db=None if math.isinf(db) else round(db, 2),
                           clipped_share=clipped / energy if energy else 0.0)
-    if settings['sensitivity']:
+    if settings.sensitivity:
         objective = DistillationObjective(
             model, teacher, batches, {}, distillation[0], distillation[1],
             activation=class_activation(model))
@@ -111,11 +111,11 @@ def quantize_activations(model: nn.Module, names: Sequence[str],
         for n in ranges:  # the layer's values, which the choice reads
             columns[n].update(layer_measured_damage=measured[layer_of[n]],
                               layer_damage=damage[layer_of[n]])
-    if settings['int8_macs'] is None:
+    if settings.int8_macs is None:
         int8 = set(inputs) - set(keep_float)
     else:
         int8 = choose_int8_sites({n: damage.get(n, 0.0) for n in inputs},
-                                 macs, settings['int8_macs'], keep_float)
+                                 macs, settings.int8_macs, keep_float)
     chosen = {n: r for n, r in ranges.items() if layer_of[n] in int8}
     attach_activation_quantizers(every, chosen)
     rows = [dict(site=n, layer=layer_of[n],
@@ -127,7 +127,7 @@ def quantize_activations(model: nn.Module, names: Sequence[str],
     logger.info(
         f"activations: {len(chosen)} of {len(ranges)} sites int8 "
         f"({len(outputs)} convolution outputs; {share:.1%} of the MACs), "
-        f"{settings['bits']} bits, {settings['method']} ranges from "
+        f"{settings.bits} bits, {settings.method} ranges from "
         f'{len(batches)} calibration batches, in '
         f'{time.time() - start:.1f} s')
     return chosen, rows

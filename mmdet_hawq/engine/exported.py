@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from ..errors import HawqUserError
 from ..quant.packing import is_packed
-from .checkpoint import is_local_path, load_checkpoint_file
+from .checkpoint import load_checkpoint_file
+from .cli import check_checkpoint
 
 __all__ = [
     'benchmark_inputs', 'build_packed_detector', 'coco_metrics',
@@ -30,13 +31,6 @@ __all__ = [
 #: What runs one image: (1, 3, H, W) float32 → scores (L, 1, Q, C) and
 #: normalised boxes (L, 1, Q, 4).
 Outputs = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]
-
-
-def _check_file(checkpoint: str) -> None:
-    if not is_local_path(checkpoint) or not osp.isfile(checkpoint):
-        raise HawqUserError(
-            f'checkpoint file {checkpoint!r} does not exist: pass an existing '
-            '.pth file (a float checkpoint or a packed.pth)')
 
 
 def load_for_export(cfg: Any, checkpoint: str
@@ -58,7 +52,7 @@ def load_for_export(cfg: Any, checkpoint: str
     from mmdet.utils import register_all_modules
 
     from .detector import build_detector
-    _check_file(checkpoint)
+    check_checkpoint(checkpoint, urls=False)
     register_all_modules()
     model = build_detector(cfg, checkpoint)
     raw = load_checkpoint_file(checkpoint)
@@ -83,7 +77,7 @@ def build_packed_detector(cfg: Any, checkpoint: str) -> nn.Module:
     from mmdet.utils import register_all_modules
 
     from ..deploy.packed_weights import load_packed
-    _check_file(checkpoint)
+    check_checkpoint(checkpoint, urls=False)
     register_all_modules()
     model = MODELS.build(copy.deepcopy(cfg.model))
     return load_packed(model, load_checkpoint_file(checkpoint),
@@ -424,7 +418,7 @@ def benchmark_inputs(cfg: Any, checkpoint: Optional[str],
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
-    from ..api.settings import SENSITIVITY_DEFAULTS
+    from ..api import CalibrationSettings
     from .calibration import calibration_images
     register_all_modules()
     torch.manual_seed(0)
@@ -434,9 +428,9 @@ def benchmark_inputs(cfg: Any, checkpoint: Optional[str],
         return (model.eval(), random_images(shape, calib_count or 4, 0),
                 random_images(shape, timed_count, 1))
     model = load_for_export(cfg, checkpoint)[0]
-    calib = calibration_images(
-        cfg, calib_count or SENSITIVITY_DEFAULTS['num_images'],
-        SENSITIVITY_DEFAULTS['seed'], shape)
+    default = CalibrationSettings()
+    calib = calibration_images(cfg, calib_count or default.num_images,
+                               default.seed, shape)
     timed = [img.cpu().numpy().astype(np.float32)[None] for img, _ in
              test_images(test_loader(cfg), timed_count)]
     return model, calib, timed

@@ -7,9 +7,10 @@ deterministically: from a seeded random pool it adds, one at a time, the
 image that brings the selected set's class histogram closest (L1) to the
 split's.
 """
-from typing import List, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from torch.utils.data import DataLoader, Subset
 
 
 def class_histogram(cat_ids: Sequence[Sequence[int]],
@@ -64,3 +65,45 @@ def select_calibration_indices(cat_ids: Sequence[Sequence[int]],
         current += hists[k]
         chosen.append(int(pool[k]))
     return sorted(chosen)
+
+
+def dataset_class_ids(dataset: Any) -> List[List[int]]:
+    """Per image, the 0-based class of each object of an mmdet dataset
+    (``get_data_info(i)['instances'][k]['bbox_label']``); no image is
+    read."""
+    return [[inst['bbox_label'] for inst in
+             dataset.get_data_info(i)['instances']]
+            for i in range(len(dataset))]
+
+
+def calibration_loader(dataset: Any, num_images: int, batch_size: int,
+                       seed: int = 0,
+                       collate_fn: Optional[Callable] = None
+                       ) -> Tuple[DataLoader, List[int]]:
+    """A loader over ``num_images`` images of an mmdet dataset whose class
+    distribution matches the dataset's (:func:`select_calibration_indices`).
+
+    Args:
+        dataset: An mmdet dataset (``metainfo['classes']``,
+            ``get_data_info``), fully initialised.
+        num_images (int): How many images.
+        batch_size (int): Images per batch.
+        seed (int): Seed of the choice. Defaults to 0.
+        collate_fn (Callable, optional): Defaults to mmengine's
+            ``pseudo_collate`` (what mmdet's data preprocessors take).
+
+    Returns:
+        tuple: (DataLoader in index order, the chosen indices).
+    """
+    if collate_fn is None:
+        from mmengine.dataset import pseudo_collate as collate_fn
+    indices = select_calibration_indices(
+        dataset_class_ids(dataset), num_images,
+        len(dataset.metainfo['classes']), seed)
+    # not BaseDataset.get_subset: mmengine 0.10's copy behind it keeps one
+    # deepcopy memo for the whole process (a mutable default argument), so
+    # a later copy can get back an object of an earlier one whose id was
+    # reused ("'ShapesDataset' object is not callable" inside the pipeline)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size,
+                        shuffle=False, collate_fn=collate_fn)
+    return loader, indices
