@@ -59,6 +59,34 @@ def is_local_path(path: str) -> bool:
     return '://' not in str(path)
 
 
+def check_checkpoint(path: str, option: Optional[str] = None,
+                     urls: bool = True) -> str:
+    """Stop with one line when a checkpoint file is missing.
+
+    Args:
+        path (str): A checkpoint path (or URL: checked by its loader when
+            loaded).
+        option (str, optional): The option that takes it (e.g.
+            ``'--checkpoint'``), named in the fix. Defaults to None.
+        urls (bool): Whether a URL is taken. Defaults to True.
+
+    Returns:
+        str: ``path``.
+
+    Raises:
+        HawqUserError: A local file that does not exist, or a URL where
+            only files are read.
+    """
+    if not is_local_path(path) and urls:
+        return path
+    if not is_local_path(path) or not osp.isfile(osp.expanduser(path)):
+        fix = 'an existing .pth file' + (' or a URL' if urls else '')
+        raise HawqUserError(
+            f'checkpoint file {path!r} does not exist: pass {fix}'
+            + (f' with {option}' if option else ''))
+    return path
+
+
 def load_checkpoint_file(filename: str,
                          map_location: Optional[Union[str, Callable]] = 'cpu'
                          ) -> Any:
@@ -75,11 +103,7 @@ def load_checkpoint_file(filename: str,
     Raises:
         HawqUserError: The file is missing or is not a torch checkpoint.
     """
-    filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise HawqUserError(
-            f'checkpoint file {filename!r} does not exist: pass the path of '
-            'an existing .pth file (e.g. checkpoints/detr_tiny_shapes.pth)')
+    filename = check_checkpoint(osp.expanduser(filename), urls=False)
     try:
         return torch.load(filename, map_location=map_location,
                           weights_only=True)

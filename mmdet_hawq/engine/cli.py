@@ -13,7 +13,7 @@ import os.path as osp
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import HawqUserError
-from .checkpoint import is_local_path
+from .checkpoint import check_checkpoint
 from .detector import build_detector
 
 __all__ = ['check_checkpoint', 'check_positive', 'check_work_dir',
@@ -173,34 +173,6 @@ def read_config(path: str, cfg_options: Optional[Mapping] = None):
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg
-
-
-def check_checkpoint(path: str, option: Optional[str] = None,
-                     urls: bool = True) -> str:
-    """Stop with one line when a checkpoint file is missing.
-
-    Args:
-        path (str): A checkpoint path (or URL: checked by its loader when
-            loaded).
-        option (str, optional): The option that takes it (e.g.
-            ``'--checkpoint'``), named in the fix. Defaults to None.
-        urls (bool): Whether a URL is taken. Defaults to True.
-
-    Returns:
-        str: ``path``.
-
-    Raises:
-        HawqUserError: A local file that does not exist, or a URL where
-            only files are read.
-    """
-    if not is_local_path(path) and urls:
-        return path
-    if not is_local_path(path) or not osp.isfile(osp.expanduser(path)):
-        fix = 'an existing .pth file' + (' or a URL' if urls else '')
-        raise HawqUserError(
-            f'checkpoint file {path!r} does not exist: pass {fix}'
-            + (f' with {option}' if option else ''))
-    return path
 
 
 def load_detector(cfg: Any, checkpoint: str,
