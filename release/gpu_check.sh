@@ -32,7 +32,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# a pinned version, from its one source (setup.py, requirements.txt)
+pin() { grep -ho "$1==[0-9][0-9a-z.]*" setup.py requirements.txt | head -1 \
+          | cut -d= -f3; }
+
 if [ "${1:-}" = wheels ]; then
+  MMCV=$(pin mmcv)
   mkdir -p .whl
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || {
     mkdir -p .git/info; echo /.whl/ >> .git/info/exclude; }
@@ -46,17 +51,18 @@ if [ "${1:-}" = wheels ]; then
   # six too, but a rehearsal's venv may not)
   python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp $plat -d .whl \
-    mmengine==0.10.7 mmdet==3.3.0 pycocotools shapely addict yapf \
+    "mmengine==$(pin mmengine)" "mmdet==$(pin mmdet)" pycocotools shapely \
+    addict yapf \
     termcolor terminaltables platformdirs six
   # mmcv: the venv's own build (pip's cache, or a build from the sdist),
   # its compiled ops taken out and the wheel retagged pure Python
   rm -rf /tmp/mmcv-wheel
   .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation \
-    mmcv==2.1.0 -w /tmp/mmcv-wheel
-  .venv/bin/python - /tmp/mmcv-wheel/mmcv-2.1.0-*.whl <<'EOF'
+    "mmcv==$MMCV" -w /tmp/mmcv-wheel
+  .venv/bin/python - /tmp/mmcv-wheel/mmcv-"$MMCV"-*.whl "$MMCV" <<'EOF'
 import sys, zipfile
 src = sys.argv[1]
-dst = '.whl/mmcv-2.1.0-py3-none-any.whl'
+dst = f'.whl/mmcv-{sys.argv[2]}-py3-none-any.whl'
 with zipfile.ZipFile(src) as zin, zipfile.ZipFile(
         dst, 'w', zipfile.ZIP_DEFLATED) as zout:
     for item in zin.infolist():
