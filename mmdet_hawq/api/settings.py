@@ -167,7 +167,11 @@ class SensitivitySettings:
             raise HawqUserError(
                 "metric 'losssen' has no Gauss-Newton form (Hungarian "
                 "matching, GIoU): use estimator='hutchinson'")
-        self.check(given)
+        if 'min_samples' in given and self.min_samples > self.max_samples:
+            raise HawqUserError(
+                f'sensitivity settings min_samples={self.min_samples} and '
+                f'max_samples={self.max_samples} do not fit: give '
+                'min_samples <= max_samples')
         return replace(self, estimator=estimator,
                        critical_classes=check_critical_form(
                            self.critical_classes, metric))
@@ -177,17 +181,12 @@ class SensitivitySettings:
             f'sensitivity setting {name}={getattr(self, name)!r} is not '
             f'valid: give {want}')
 
-    def check(self, given: Sequence[str]) -> None:
+    def __post_init__(self) -> None:
         """Raise unless the values are usable (one line naming the
         setting, its value and what to give instead)."""
         for name in ('min_samples', 'max_samples'):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise self.bad(name, 'an integer of at least 1')
-        if 'min_samples' in given and self.min_samples > self.max_samples:
-            raise HawqUserError(
-                f'sensitivity settings min_samples={self.min_samples} and '
-                f'max_samples={self.max_samples} do not fit: give '
-                'min_samples <= max_samples')
         if not _is_number(self.tol) or self.tol < 0:
             raise self.bad('tol', 'a number >= 0 (the relative standard '
                            'error at which sampling stops; 0: always '
@@ -410,8 +409,12 @@ class QuantSettings:
                     f'bit_range {self.bit_range} is empty: give (low, high) '
                     'with low <= high')
             check_budget(self.target_bits, low, high)
+        # the names the user set (a typed object: those off their default)
         given = list(self.sensitivity) if isinstance(
-            self.sensitivity, Mapping) else []
+            self.sensitivity, Mapping) else [
+                f.name for f in fields(SensitivitySettings)
+                if isinstance(self.sensitivity, SensitivitySettings) and
+                getattr(self.sensitivity, f.name) != f.default]
         self.sensitivity = typed(
             SensitivitySettings, self.sensitivity, 'sensitivity',
             'dict(max_samples=20)').resolved(self.metric, given)

@@ -87,6 +87,14 @@ def test_typed_settings_and_config_dicts_are_the_same():
         CalibrationSettings(batch_size=0)
     with pytest.raises(HawqUserError, match='stage_size 0 is not a positive'):
         GptqSettings(stage_size=0)
+    with pytest.raises(HawqUserError, match='tol=-1 is not valid'):
+        SensitivitySettings(tol=-1)
+    with pytest.raises(HawqUserError, match='do not fit'):  # as a dict
+        QuantSettings(target_bits=4, sensitivity=SensitivitySettings(
+            min_samples=20, max_samples=10))
+    # a max_samples alone below the default min_samples caps it
+    assert QuantSettings(target_bits=4, sensitivity=SensitivitySettings(
+        max_samples=3)).sensitivity.max_samples == 3
 
 
 def test_the_calibration_settings_stand_on_their_own():
