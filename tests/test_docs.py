@@ -131,9 +131,12 @@ def test_the_documented_settings_are_the_settings_fields():
     from mmdet_hawq.api import (ActivationSettings, CalibrationSettings,
                                 GptqSettings, QuantSettings,
                                 SensitivitySettings)
-    from mmdet_hawq.engine.hooks.quantization_hook import HOOK_ARGS
+    import inspect
+
+    from mmdet_hawq.engine.hooks.quantization_hook import (
+        OWN_ARGS, DistillSensitivityHook)
     sections = {
-        '### Hook arguments': (QuantSettings, ('save_packed', )),
+        '### Hook arguments': (QuantSettings, OWN_ARGS),
         '### Calibration settings': (CalibrationSettings, ()),
         '### Sensitivity settings': (SensitivitySettings, ()),
         '### GPTQ settings': (GptqSettings, ()),
@@ -146,8 +149,10 @@ def test_the_documented_settings_are_the_settings_fields():
         missing += [f'{heading}: {n}' for n in names
                     if not re.search(r'`' + n + r'\b', text)]
     assert not missing, missing
-    assert set(HOOK_ARGS) == {'type', 'priority', 'save_packed',
-                              'out_subdir'}
+    # the hook takes its own arguments and the settings, nothing else
+    params = inspect.signature(DistillSensitivityHook).parameters
+    assert tuple(n for n, p in params.items()
+                 if p.kind is not p.VAR_KEYWORD) == OWN_ARGS
 
 
 def pins():

@@ -67,8 +67,8 @@ class Calibration:
             model (nn.Module): The detector (its data preprocessor, its
                 device).
             loader (Iterable): The batches.
-            img_ids (Sequence, optional): The images' ids; None: each data
-                sample's ``img_id``.
+            img_ids (Sequence, optional): The images' ids (part of the
+                trace cache key); None: each data sample's ``img_id``.
             classes (Sequence[str], optional): The class names; None: the
                 loader's dataset's ``metainfo['classes']`` (through a
                 ``Subset``).
@@ -81,6 +81,11 @@ class Calibration:
             img_ids = [sample.metainfo.get('img_id')
                        for batch in batches
                        for sample in batch['data_samples']]
+            if None in img_ids:  # the cache key would not tell sets apart
+                raise HawqUserError(
+                    'a calibration data sample has no img_id in its '
+                    "metainfo: keep 'img_id' in PackDetInputs' meta_keys or "
+                    'pass img_ids=[...] to Calibration.from_loader')
         if classes is None:
             dataset = getattr(loader, 'dataset', None)
             dataset = getattr(dataset, 'dataset', dataset)  # a Subset's

@@ -259,3 +259,17 @@ def test_calibration_from_a_dataset_or_loader_needs_no_config(
     result = quantize(model, every, QuantSettings(
         metric='uniform', bits=4, rounding='gptq'))
     assert result.summary['rounding'] == 'gptq'
+
+
+def test_calibration_from_a_loader_needs_image_ids(build_tiny_model):
+    """Without ids the trace cache could not tell two sets apart: one
+    line, unless the caller gives them."""
+    from mmdet.structures import DetDataSample
+    model = build_tiny_model()
+    batch = dict(inputs=[torch.zeros(3, 32, 32, dtype=torch.uint8)],
+                 data_samples=[DetDataSample(metainfo=dict(
+                     img_shape=(32, 32), ori_shape=(32, 32)))])
+    with pytest.raises(HawqUserError, match="no img_id.*pass img_ids"):
+        Calibration.from_loader(model, [batch], classes=['a'])
+    assert Calibration.from_loader(model, [batch], img_ids=[7],
+                                   classes=['a']).img_ids == [7]

@@ -27,9 +27,11 @@ from ..checkpoint import prepare_state_dict
 from ..run import check_run, quantize_in_runner, unwrap
 
 
-#: The hook's own arguments in a config (mmengine's ``priority`` too); every
-#: other key is a field of :class:`~mmdet_hawq.api.QuantSettings`.
-HOOK_ARGS = ('type', 'priority', 'save_packed', 'out_subdir')
+#: The hook's own arguments; every other key of its config is a field of
+#: :class:`~mmdet_hawq.api.QuantSettings`.
+OWN_ARGS = ('save_packed', 'out_subdir')
+#: The keys of a hook config that are not settings (mmengine's too).
+HOOK_ARGS = ('type', 'priority') + OWN_ARGS
 
 
 @HOOKS.register_module()
@@ -53,7 +55,7 @@ class DistillSensitivityHook(Hook):
     def __init__(self, save_packed: bool = True, out_subdir: str = 'hawq',
                  **settings: Any) -> None:
         self.settings = QuantSettings.from_kwargs(
-            settings, 'DistillSensitivityHook', HOOK_ARGS[2:])
+            settings, 'DistillSensitivityHook', OWN_ARGS)
         self.save_packed = save_packed
         self.out_subdir = out_subdir
 
